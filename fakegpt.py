@@ -1,0 +1,2254 @@
+"""fakegpt: a one-file, standard-library client for FakeGpt "shared token" ChatGPT proxies.
+
+A drop-in for gpt4free's ``FakeGpt`` provider: it logs in to the upstream (a random
+shared account from ``/api/loads``, ``/auth/login``, ``/api/auth/session``), keeps the
+``credential`` cookie and the access token, POSTs the conversation and streams the reply
+back as text pieces::
+
+    async for piece in FakeGpt.create_async_generator("", [{"role": "user", "content": "Hi"}]):
+        print(piece, end="")
+
+It speaks HTTP/1.1 over asyncio streams and needs nothing outside the standard library
+(Python 3.9+), so the file can be copied into any code base. The public service it was
+written for (https://chat-shared2.zhile.io) shut down in January 2024: point ``url`` at
+another upstream, or run ``python -m fakegpt --mock "Hello"`` to talk to the bundled mock.
+
+Layers, each under a banner below, in dependency order: constants, errors, pure protocol
+(bytes in, events out, no sockets), transport, session, provider API, command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import email.utils
+import http.cookiejar
+import json
+import logging
+import os
+import queue
+import re
+import secrets
+import socket
+import ssl
+import string
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+import uuid
+import zlib
+from dataclasses import dataclass
+from typing import (
+    Any,
+    AsyncGenerator,
+    AsyncIterator,
+    Callable,
+    Dict,
+    Iterator,
+    List,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Tuple,
+    TypeVar,
+    Union,
+)
+
+__version__ = "1.0.0"
+__all__ = [
+    "AsyncResult",
+    "AuthenticationError",
+    "ChatEvent",
+    "ChatStream",
+    "ConnectError",
+    "ConversationDecoder",
+    "Data",
+    "DEFAULT_MODEL",
+    "DEFAULT_URL",
+    "EndOfMessage",
+    "FakeGpt",
+    "FakeGptError",
+    "HTTPStatusError",
+    "LimitExceeded",
+    "Limits",
+    "Messages",
+    "NEED_DATA",
+    "NoResponseError",
+    "ProtocolError",
+    "RateLimitError",
+    "RequestTimeout",
+    "Response",
+    "ResponseReader",
+    "SSEDecoder",
+    "ServerSentEvent",
+    "Timeouts",
+    "TLSError",
+    "TokenExpiredError",
+    "TransportError",
+    "TruncatedStreamError",
+    "UpstreamError",
+    "UsageError",
+    "format_prompt",
+    "get_random_string",
+    "main",
+]
+
+# ---------------------------------------------------------------------------------------
+# Constants
+# ---------------------------------------------------------------------------------------
+
+DEFAULT_URL = "https://chat-shared2.zhile.io"
+DEFAULT_MODEL = "text-davinci-002-render-sha"
+# Names gpt4free passes for "whatever this provider's default model is".
+_DEFAULT_MODEL_ALIASES = frozenset({"", "gpt-3.5-turbo", DEFAULT_MODEL})
+
+Messages = List[Dict[str, str]]
+AsyncResult = AsyncGenerator[str, None]
+
+_log = logging.getLogger("fakegpt")
+
+# ---------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------
+
+
+class FakeGptError(RuntimeError):
+    """Base of every error this module raises on purpose.
+
+    It is a RuntimeError because that is what the original provider documented.
+    Messages never contain the access token, the ``credential`` cookie or proxy passwords.
+    """
+
+
+class UsageError(FakeGptError, ValueError):
+    """The caller's arguments are wrong: messages, URL, proxy, keyword values."""
+
+
+class ProtocolError(FakeGptError):
+    """The upstream broke HTTP/1.1, Server-Sent Events or the conversation protocol."""
+
+
+class LimitExceeded(ProtocolError):
+    """A response went over one of the configured `Limits`."""
+
+
+class TruncatedStreamError(ProtocolError):
+    """The reply stream ended before ``data: [DONE]``: the answer is incomplete.
+
+    Raised after every piece that did arrive was delivered; ``text`` holds them.
+    """
+
+    def __init__(self, message: str, *, text: str = "") -> None:
+        super().__init__(message)
+        self.text = text
+
+
+class NoResponseError(FakeGptError):
+    """The stream completed but carried no assistant text ("No valid response")."""
+
+
+class TransportError(FakeGptError):
+    """The connection to the upstream or the proxy failed."""
+
+
+class ConnectError(TransportError):
+    """A connection could not be opened (refused, unresolvable host, proxy refused)."""
+
+
+class TLSError(ConnectError):
+    """The TLS handshake failed: untrusted certificate, wrong host name, bad protocol."""
+
+
+class RequestTimeout(TransportError):
+    """A timeout of `Timeouts` ran out; ``phase`` is "connect", "read" or "total"."""
+
+    def __init__(self, message: str, *, phase: str) -> None:
+        super().__init__(message)
+        self.phase = phase
+
+
+class HTTPStatusError(FakeGptError):
+    """The upstream answered with an error status or an error body.
+
+    ``status`` is the HTTP status, ``detail`` the server's message (its JSON ``detail``,
+    ``message`` or an HTML page's title), ``code`` the machine-readable code if any and
+    ``body`` an excerpt of the raw body.
+    """
+
+    def __init__(
+        self, message: str, *, status: int, detail: str = "", code: Optional[str] = None,
+        body: str = "",
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.detail = detail
+        self.code = code
+        self.body = body
+
+
+class TokenExpiredError(HTTPStatusError):
+    """The upstream no longer accepts the access token (401, 403 or ``token_expired``)."""
+
+
+class RateLimitError(HTTPStatusError):
+    """429 Too Many Requests; ``retry_after`` is the server's ``Retry-After`` in seconds."""
+
+    def __init__(self, message: str, *, retry_after: Optional[float] = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.retry_after = retry_after
+
+
+class AuthenticationError(FakeGptError):
+    """The login flow failed: no shared token offered, login refused, no access token."""
+
+
+class UpstreamError(FakeGptError):
+    """An event of the reply stream carried an ``error``; ``code`` is its code if any."""
+
+    def __init__(self, message: str, *, code: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# ---------------------------------------------------------------------------------------
+# Pure protocol: HTTP/1.1 response reader (RFC 9112), bytes in, events out
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Size limits on what the upstream may send; going over raises `LimitExceeded`.
+
+    Memory stays bounded by them: an endless line is refused once it passes its limit.
+    """
+
+    max_line_size: int = 64 * 1024
+    """Longest HTTP status, header or chunk-size line, in bytes."""
+    max_header_count: int = 128
+    """Most header (and trailer) fields in one response."""
+    max_sse_line_size: int = 16 * 1024 * 1024
+    """Longest line of the event stream, in bytes."""
+    max_event_size: int = 16 * 1024 * 1024
+    """Largest event (all its ``data`` lines), in bytes."""
+    max_error_body_size: int = 64 * 1024
+    """Most bytes of a non-stream body (JSON or an error page) that are read."""
+
+
+@dataclass(frozen=True)
+class Response:
+    """The head of a response. Header names are lower case, in the order received."""
+
+    status: int
+    reason: str
+    headers: Tuple[Tuple[str, str], ...]
+
+    def get(self, name: str) -> Optional[str]:
+        """The field's value, several fields joined with ", ", or None."""
+        values = self.get_all(name)
+        return ", ".join(values) if values else None
+
+    def get_all(self, name: str, default: Optional[List[str]] = None) -> List[str]:
+        """Every value of the field (`http.cookiejar` reads ``Set-Cookie`` this way)."""
+        name = name.lower()
+        values = [value for key, value in self.headers if key == name]
+        return values if values else ([] if default is None else default)
+
+
+class Data(NamedTuple):
+    """A piece of the body, after transfer and content codings are removed."""
+
+    data: bytes
+
+
+class EndOfMessage(NamedTuple):
+    """The body is complete."""
+
+
+class _NeedData:
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA: Any = _NeedData()
+"""`ResponseReader.next_event` has nothing to give until more bytes are fed."""
+
+ReaderEvent = Union[Response, Data, EndOfMessage]
+
+_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-5][0-9][0-9])(?: ([\t \x21-\x7e\x80-\xff]*))?")
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_BAD_FIELD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[^\x00-\x08\x0a-\x1f\x7f]*)?")
+_CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
+_DECOMPRESS_STEP = 1024 * 1024
+
+
+class ResponseReader:
+    """Reads one HTTP/1.1 response from bytes, h11-style, never touching a socket.
+
+    ``feed(data)`` buffers bytes (``b""`` means the peer closed); ``next_event()`` returns a
+    `Response`, then `Data` pieces, then `EndOfMessage`, or `NEED_DATA`. Interim 1xx
+    responses are skipped. Bodies are framed by Content-Length, chunked coding or the end
+    of the connection; gzip and deflate content codings are removed. Anything malformed
+    raises `ProtocolError`, anything oversized `LimitExceeded`.
+    """
+
+    def __init__(
+        self, *, method: str = "GET", limits: Limits = Limits(), decode_content: bool = True
+    ) -> None:
+        self._buf = bytearray()
+        self._eof = False
+        self._method = method.upper()
+        self._limits = limits
+        self._decode_content = decode_content
+        self._status: Optional[Tuple[int, str]] = None
+        self._fields: List[Tuple[str, str]] = []
+        self._remaining = 0
+        self._decoder: Any = None
+        self._compressed_seen = False
+        self._compressed_tail = b""
+        self._trailer_count = 0
+        self._step: Callable[[], Any] = self._read_head
+        self.response: Optional[Response] = None
+
+    def feed(self, data: bytes) -> None:
+        """Add received bytes; ``b""`` marks the end of the connection."""
+        if self._eof and data:
+            raise ProtocolError("bytes fed after the end of the connection")
+        if data:
+            self._buf += data
+        else:
+            self._eof = True
+
+    @property
+    def unconsumed(self) -> bytes:
+        """Bytes fed but not part of the response (after a tunnel's head, for instance)."""
+        return bytes(self._buf)
+
+    def next_event(self) -> Union[ReaderEvent, _NeedData]:
+        """The next event, or `NEED_DATA` until more is fed."""
+        result: Union[ReaderEvent, _NeedData] = self._step()
+        return result
+
+    # -- lines -------------------------------------------------------------------------
+
+    def _take_line(self, what: str) -> Optional[bytes]:
+        buf = self._buf
+        end = buf.find(b"\n", 0, self._limits.max_line_size + 2)
+        if end < 0:
+            if len(buf) > self._limits.max_line_size:
+                raise LimitExceeded(f"{what} longer than {self._limits.max_line_size} bytes")
+            if self._eof:
+                raise TruncatedStreamError(f"connection closed in the middle of the {what}")
+            return None
+        line = bytes(buf[:end])
+        del buf[: end + 1]
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if len(line) > self._limits.max_line_size:
+            raise LimitExceeded(f"{what} longer than {self._limits.max_line_size} bytes")
+        return line
+
+    # -- head --------------------------------------------------------------------------
+
+    def _read_head(self) -> Union[ReaderEvent, _NeedData]:
+        while True:
+            if self._status is None:
+                if self._eof and not self._buf:
+                    raise TruncatedStreamError("connection closed before a response arrived")
+                line = self._take_line("status line")
+                if line is None:
+                    return NEED_DATA
+                self._status = _parse_status_line(line)
+                continue
+            line = self._take_line("header line")
+            if line is None:
+                return NEED_DATA
+            if line:
+                self._fields.append(_parse_field_line(line))
+                if len(self._fields) > self._limits.max_header_count:
+                    raise LimitExceeded(f"more than {self._limits.max_header_count} header fields")
+                continue
+            status, reason = self._status
+            headers, self._status, self._fields = tuple(self._fields), None, []
+            if status == 101:
+                raise ProtocolError("unexpected 101 Switching Protocols")
+            if status < 200:
+                continue  # an interim response: the real one follows
+            self.response = Response(status, reason, headers)
+            self._choose_framing(self.response)
+            return self.response
+
+    def _choose_framing(self, response: Response) -> None:
+        transfer_coding = response.get("transfer-encoding")
+        content_length = response.get("content-length")
+        if self._decode_content:
+            self._decoder = _content_decoder(response.get("content-encoding"))
+        tunnel = self._method == "CONNECT" and 200 <= response.status < 300
+        if tunnel or self._method == "HEAD" or response.status in (204, 304):
+            self._step = self._end_of_message
+        elif transfer_coding is not None:
+            if content_length is not None:
+                raise ProtocolError("both Transfer-Encoding and Content-Length in one response")
+            if transfer_coding.strip().lower() != "chunked":
+                raise ProtocolError(f"unsupported Transfer-Encoding {transfer_coding!r}")
+            self._step = self._read_chunk_size
+        elif content_length is not None:
+            self._remaining = _parse_content_length(content_length)
+            self._step = self._read_length_body
+        else:
+            self._step = self._read_until_close
+
+    # -- bodies ------------------------------------------------------------------------
+
+    def _read_length_body(self) -> Union[ReaderEvent, _NeedData]:
+        while self._remaining:
+            if not self._buf:
+                if self._eof:
+                    raise TruncatedStreamError(
+                        f"connection closed with {self._remaining} bytes of the body missing"
+                    )
+                return NEED_DATA
+            piece = self._take(self._remaining)
+            self._remaining -= len(piece)
+            event = self._decoded(piece)
+            if event is not None:
+                return event
+        return self._end_of_message()
+
+    def _read_until_close(self) -> Union[ReaderEvent, _NeedData]:
+        while self._buf:
+            event = self._decoded(self._take(len(self._buf)))
+            if event is not None:
+                return event
+        if self._eof:
+            return self._end_of_message()
+        return NEED_DATA
+
+    def _read_chunk_size(self) -> Union[ReaderEvent, _NeedData]:
+        line = self._take_line("chunk size line")
+        if line is None:
+            return NEED_DATA
+        match = _CHUNK_SIZE.fullmatch(line)
+        if match is None:
+            raise ProtocolError(f"malformed chunk size line {_excerpt(line)!r}")
+        self._remaining = int(match.group(1), 16)
+        self._step = self._read_chunk_data if self._remaining else self._read_trailers
+        return self._step()
+
+    def _read_chunk_data(self) -> Union[ReaderEvent, _NeedData]:
+        while self._remaining:
+            if not self._buf:
+                if self._eof:
+                    raise TruncatedStreamError("connection closed inside a chunk")
+                return NEED_DATA
+            piece = self._take(self._remaining)
+            self._remaining -= len(piece)
+            event = self._decoded(piece)
+            if event is not None:
+                return event
+        if len(self._buf) < 2:
+            if self._eof:
+                raise TruncatedStreamError("connection closed after a chunk's data")
+            return NEED_DATA
+        if self._buf[:2] != b"\r\n":
+            raise ProtocolError("chunk data not followed by CRLF")
+        del self._buf[:2]
+        self._step = self._read_chunk_size
+        return self._step()
+
+    def _read_trailers(self) -> Union[ReaderEvent, _NeedData]:
+        while True:
+            line = self._take_line("trailer line")
+            if line is None:
+                return NEED_DATA
+            if not line:
+                return self._end_of_message()
+            _parse_field_line(line)  # validated, then dropped
+            self._trailer_count += 1
+            if self._trailer_count > self._limits.max_header_count:
+                raise LimitExceeded(f"more than {self._limits.max_header_count} trailer fields")
+
+    def _end_of_message(self) -> Union[ReaderEvent, _NeedData]:
+        self._step = self._end_of_message
+        if self._decoder is not None:
+            event = self._decoded(b"")
+            if event is not None:
+                return event
+            if self._compressed_seen and not self._decoder.eof:
+                raise TruncatedStreamError("compressed body ended before its end marker")
+            self._decoder = None
+        return EndOfMessage()
+
+    def _take(self, limit: int) -> bytes:
+        buf = self._buf
+        if len(buf) <= limit:
+            piece = bytes(buf)
+            buf.clear()
+        else:
+            piece = bytes(memoryview(buf)[:limit])
+            del buf[:limit]
+        return piece
+
+    def _decoded(self, piece: bytes) -> Optional[Data]:
+        """`piece` with the content coding removed, None when it decodes to nothing."""
+        decoder = self._decoder
+        if decoder is None:
+            return Data(piece) if piece else None
+        self._compressed_seen = self._compressed_seen or bool(piece)
+        # Decompress at most a step at a time so that a small bomb cannot grow memory.
+        while True:
+            pending = self._compressed_tail + piece
+            try:
+                out = decoder.decompress(pending, _DECOMPRESS_STEP)
+            except zlib.error as exc:
+                raise ProtocolError(f"undecodable compressed body: {exc}") from None
+            self._compressed_tail = decoder.unconsumed_tail
+            if out:
+                return Data(out)
+            if not self._compressed_tail:
+                return None
+            piece = b""
+
+
+def _parse_status_line(line: bytes) -> Tuple[int, str]:
+    match = _STATUS_LINE.fullmatch(line)
+    if match is None:
+        raise ProtocolError(f"malformed status line {_excerpt(line)!r}")
+    return int(match.group(2)), (match.group(3) or b"").decode("latin-1")
+
+
+def _parse_field_line(line: bytes) -> Tuple[str, str]:
+    if line[:1] in (b" ", b"\t"):
+        raise ProtocolError("obsolete line folding in a header")
+    name, colon, value = line.partition(b":")
+    if not colon:
+        raise ProtocolError(f"header line without a colon: {_excerpt(line)!r}")
+    if _TOKEN.fullmatch(name) is None:
+        raise ProtocolError(f"invalid header name {_excerpt(name)!r}")
+    value = value.strip(b" \t")
+    if _BAD_FIELD_VALUE.search(value):
+        raise ProtocolError(f"invalid character in header {name.decode('ascii')!r}")
+    return name.decode("ascii").lower(), value.decode("latin-1")
+
+
+def _parse_content_length(value: str) -> int:
+    # Repeated fields or a list are fine only when every value is the same (RFC 9110 8.6).
+    values = {part.strip() for part in value.split(",")}
+    if len(values) != 1:
+        raise ProtocolError(f"conflicting Content-Length values {value!r}")
+    (single,) = values
+    if _CONTENT_LENGTH.fullmatch(single) is None:
+        raise ProtocolError(f"malformed Content-Length {value!r}")
+    return int(single)
+
+
+def _content_decoder(content_coding: Optional[str]) -> Any:
+    coding = (content_coding or "identity").strip().lower()
+    if coding in ("identity", ""):
+        return None
+    if coding in ("gzip", "x-gzip"):
+        return zlib.decompressobj(16 + zlib.MAX_WBITS)
+    if coding == "deflate":
+        return _DeflateDecoder()
+    raise ProtocolError(f"unsupported Content-Encoding {content_coding!r}")
+
+
+class _DeflateDecoder:
+    """zlib-wrapped deflate, falling back to raw deflate, as browsers do."""
+
+    def __init__(self) -> None:
+        self._inner: Any = None
+        self._buffered = b""
+
+    @property
+    def eof(self) -> bool:
+        return bool(self._inner is not None and self._inner.eof)
+
+    @property
+    def unconsumed_tail(self) -> bytes:
+        return b"" if self._inner is None else bytes(self._inner.unconsumed_tail)
+
+    def decompress(self, data: bytes, max_length: int) -> bytes:
+        if self._inner is None:
+            self._buffered += data
+            if len(self._buffered) < 2:
+                return b""
+            # A zlib header is CM=8 with a header checksum divisible by 31 (RFC 1950).
+            cmf, flg = self._buffered[0], self._buffered[1]
+            wrapped = cmf & 0x0F == 8 and (cmf * 256 + flg) % 31 == 0
+            self._inner = zlib.decompressobj(zlib.MAX_WBITS if wrapped else -zlib.MAX_WBITS)
+            data, self._buffered = self._buffered, b""
+        return bytes(self._inner.decompress(data, max_length))
+
+
+def _excerpt(data: Union[bytes, str], limit: int = 80) -> str:
+    text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ---------------------------------------------------------------------------------------
+# Pure protocol: Server-Sent Events decoder (WHATWG HTML, "event stream interpretation")
+# ---------------------------------------------------------------------------------------
+
+
+class ServerSentEvent(NamedTuple):
+    """One dispatched event. ``raw`` is its data as bytes (the ``data`` lines joined with
+    LF); ``data`` decodes it, invalid UTF-8 becoming U+FFFD."""
+
+    event: str = "message"
+    raw: bytes = b""
+    id: str = ""
+    retry: Optional[int] = None
+
+    @property
+    def data(self) -> str:
+        return self.raw.decode("utf-8", "replace")
+
+
+_BOM = b"\xef\xbb\xbf"
+
+
+class SSEDecoder:
+    """Decodes an event stream from bytes, following the WHATWG steps line by line.
+
+    Lines end with LF, CRLF or a lone CR, even when a CRLF is split between two reads.
+    Splitting happens on bytes, before decoding, so U+2028, U+0085 and UTF-8 sequences
+    split across reads never break a line. A leading BOM is skipped, comments ignored,
+    ``data`` lines joined with LF, and blocks without data not dispatched. ``close()``
+    discards an incomplete event, as the standard says.
+    """
+
+    def __init__(self, *, limits: Limits = Limits()) -> None:
+        self._max_line = limits.max_sse_line_size
+        self._max_event = limits.max_event_size
+        self._partial = bytearray()  # an unterminated line
+        self._start: Optional[bytes] = b""  # the first bytes, until the BOM is ruled out
+        self._skip_lf = False  # the last read ended with CR: a LF first in the next is its pair
+        self._data: List[bytes] = []
+        self._data_size = 0
+        self._event_type = ""
+        self._last_event_id = ""
+        self._retry: Optional[int] = None
+
+    def feed(self, chunk: bytes) -> List[ServerSentEvent]:
+        """Events completed by `chunk`, in order."""
+        if self._start is not None:
+            chunk = self._start + chunk
+            if len(chunk) < len(_BOM) and _BOM.startswith(chunk):
+                self._start = chunk
+                return []
+            self._start = None
+            if chunk.startswith(_BOM):
+                chunk = chunk[len(_BOM):]
+        events: List[ServerSentEvent] = []
+        pos, size = 0, len(chunk)
+        if self._skip_lf and size:
+            self._skip_lf = False
+            if chunk[0] == 0x0A:
+                pos = 1
+        has_cr = chunk.find(b"\r", pos) >= 0
+        while pos < size:
+            end = chunk.find(b"\n", pos)
+            after = end + 1
+            if has_cr:
+                cr = chunk.find(b"\r", pos, size if end < 0 else end)
+                if cr >= 0:
+                    end, after = cr, cr + 1
+                    if after == size:
+                        self._skip_lf = True
+                    elif chunk[after] == 0x0A:
+                        after += 1
+            if end < 0:
+                break
+            if self._partial:
+                if len(self._partial) + end - pos > self._max_line:
+                    raise LimitExceeded(f"event stream line longer than {self._max_line} bytes")
+                self._partial += chunk[pos:end]
+                line = bytes(self._partial)
+                self._partial.clear()
+                self._line(line, 0, len(line), events)
+            else:
+                if end - pos > self._max_line:
+                    raise LimitExceeded(f"event stream line longer than {self._max_line} bytes")
+                self._line(chunk, pos, end, events)
+            pos = after
+        if pos < size:
+            if len(self._partial) + size - pos > self._max_line:
+                raise LimitExceeded(f"event stream line longer than {self._max_line} bytes")
+            self._partial += chunk[pos:]
+        return events
+
+    def close(self) -> None:
+        """The stream ended: whatever event is incomplete is discarded."""
+        self._partial.clear()
+        self._data = []
+        self._data_size = 0
+        self._event_type = ""
+
+    def _line(self, buf: bytes, start: int, end: int, events: List[ServerSentEvent]) -> None:
+        if start == end:
+            self._dispatch(events)
+            return
+        if buf.startswith(b"data:", start, end):
+            value_start = start + 5
+            if value_start < end and buf[value_start] == 0x20:
+                value_start += 1
+            self._append_data(buf[value_start:end])
+            return
+        if buf[start] == 0x3A:  # ":" starts a comment
+            return
+        colon = buf.find(b":", start, end)
+        if colon < 0:
+            name, value = buf[start:end], b""
+        else:
+            name, value_start = buf[start:colon], colon + 1
+            if value_start < end and buf[value_start] == 0x20:
+                value_start += 1
+            value = buf[value_start:end]
+        if name == b"event":
+            self._event_type = value.decode("utf-8", "replace")
+        elif name == b"data":
+            self._append_data(value)
+        elif name == b"id":
+            if b"\x00" not in value:
+                self._last_event_id = value.decode("utf-8", "replace")
+        elif name == b"retry":
+            if value.isdigit():
+                self._retry = int(value)
+        # Any other field is ignored, as the standard says.
+
+    def _append_data(self, value: bytes) -> None:
+        self._data_size += len(value) + 1
+        if self._data_size > self._max_event:
+            raise LimitExceeded(f"event larger than {self._max_event} bytes")
+        self._data.append(value)
+
+    def _dispatch(self, events: List[ServerSentEvent]) -> None:
+        if self._data:
+            raw = self._data[0] if len(self._data) == 1 else b"\n".join(self._data)
+            events.append(
+                ServerSentEvent(self._event_type or "message", raw, self._last_event_id, self._retry)
+            )
+        self._data = []
+        self._data_size = 0
+        self._event_type = ""
+        self._retry = None
+
+
+# ---------------------------------------------------------------------------------------
+# Pure protocol: the conversation, from each event's data to text deltas
+# ---------------------------------------------------------------------------------------
+
+
+class ChatEvent:
+    """One update of the assistant's reply.
+
+    ``delta`` is the text this event adds (possibly empty); ``text`` the message's whole
+    text so far; ``status`` is "in_progress" or "finished_successfully";
+    ``finish_reason`` is the final ``finish_details.type`` ("stop", "max_tokens") once
+    sent; ``conversation_id`` and ``message_id`` continue the conversation later.
+    """
+
+    __slots__ = (
+        "delta", "status", "finish_reason", "conversation_id", "message_id", "_pieces", "_count"
+    )
+
+    def __init__(
+        self, delta: str, status: Optional[str], finish_reason: Optional[str],
+        conversation_id: Optional[str], message_id: Optional[str], pieces: List[str],
+    ) -> None:
+        self.delta = delta
+        self.status = status
+        self.finish_reason = finish_reason
+        self.conversation_id = conversation_id
+        self.message_id = message_id
+        # The text is joined only when asked for: a long reply has thousands of events.
+        self._pieces = pieces
+        self._count = len(pieces)
+
+    @property
+    def text(self) -> str:
+        return "".join(self._pieces[: self._count])
+
+    def as_dict(self) -> Dict[str, Optional[str]]:
+        """The event without ``text``, as ``--json`` writes it."""
+        return {
+            "delta": self.delta,
+            "status": self.status,
+            "finish_reason": self.finish_reason,
+            "conversation_id": self.conversation_id,
+            "message_id": self.message_id,
+        }
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ChatEvent):
+            return NotImplemented
+        return self.as_dict() == other.as_dict() and self.text == other.text
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{key}={value!r}" for key, value in self.as_dict().items())
+        return f"ChatEvent({fields})"
+
+
+class _Shape(NamedTuple):
+    """The bytes around ``parts[0]`` of the last event, checked to mean one assistant message."""
+
+    head: bytes
+    tail: bytes
+    status: Optional[str]
+    finish_reason: Optional[str]
+
+
+_PARTS_MARKERS = (b'"parts": ["', b'"parts":["')
+
+
+class ConversationDecoder:
+    """Turns the reply stream's events into `ChatEvent`s; pure, no I/O.
+
+    Only assistant messages of type ``next`` addressed to everyone give text. Their
+    ``parts[0]`` is cumulative; the rule for it: text that extends what was already given
+    yields the new suffix; a repeat or a shorter prefix of it yields nothing; anything
+    else would mean rewriting text already delivered and raises `ProtocolError`. A new
+    message id starts a new message. A truthy ``error`` raises `UpstreamError`
+    (`TokenExpiredError` for ``token_expired``); ``[DONE]`` sets ``done``.
+
+    The fast path: each event repeats the whole text so far, so once an event has been
+    decoded in full, the next one whose bytes around ``parts[0]`` are the same and whose
+    ``parts[0]`` starts with the previous raw string only needs its new suffix decoded.
+    Anything else takes the full ``json.loads``; both give the same results.
+    """
+
+    def __init__(self) -> None:
+        self.done = False
+        self.has_text = False
+        self.conversation_id: Optional[str] = None
+        self.message_id: Optional[str] = None
+        self.status: Optional[str] = None
+        self.finish_reason: Optional[str] = None
+        self._pieces: List[str] = []
+        self._raw = b""  # parts[0] as sent, JSON-escaped, when `_shape` is known
+        self._shape: Optional[_Shape] = None
+
+    @property
+    def text(self) -> str:
+        """The current message's text so far."""
+        if len(self._pieces) > 1:
+            self._pieces = ["".join(self._pieces)]
+        return self._pieces[0] if self._pieces else ""
+
+    def feed(self, event: ServerSentEvent) -> Optional[ChatEvent]:
+        """The `ChatEvent` this event makes, or None if it carries no reply."""
+        if event.event != "message":
+            return None  # "ping" and other named events carry no reply
+        raw = event.raw
+        if len(raw) < 16 and raw.strip() == b"[DONE]":
+            self.done = True
+            return None
+        if self._shape is not None:
+            extended = self._extend(raw, self._shape)
+            if extended is not None:
+                return extended
+        return self._decode(raw)
+
+    def _extend(self, raw: bytes, shape: _Shape) -> Optional[ChatEvent]:
+        start, end = len(shape.head), len(raw) - len(shape.tail)
+        resume = start + len(self._raw)
+        if not (
+            end >= resume
+            and raw.startswith(shape.head)
+            and raw.endswith(shape.tail)
+            and raw.startswith(self._raw, start)
+            and _string_end(raw, resume) == end
+        ):
+            return None
+        try:
+            delta = json.loads('"' + raw[resume:end].decode("utf-8") + '"')
+        except ValueError:
+            return None
+        if delta[:1] and "\udc00" <= delta[0] <= "\udfff":
+            return None  # the second half of a surrogate pair: decoding in full joins them
+        self._raw = raw[start:end]
+        if delta:
+            self._pieces.append(delta)
+            self.has_text = True
+        return ChatEvent(
+            delta, shape.status, shape.finish_reason, self.conversation_id, self.message_id,
+            self._pieces,
+        )
+
+    def _decode(self, raw: bytes) -> Optional[ChatEvent]:
+        self._shape = None
+        try:
+            payload = json.loads(raw.decode("utf-8", "replace"))
+        except ValueError:
+            raise ProtocolError(f"event data is not JSON: {_excerpt(raw)!r}") from None
+        if not isinstance(payload, dict):
+            return None  # bare strings and numbers are keep-alives
+        _raise_for_event_error(payload)
+        conversation_id = payload.get("conversation_id")
+        if isinstance(conversation_id, str):
+            self.conversation_id = conversation_id
+        reply = _assistant_reply(payload.get("message"))
+        if reply is None:
+            return None
+        message_id, text, status, finish_reason = reply
+        if message_id != self.message_id:
+            self.message_id, self._pieces = message_id, []
+        given = self.text
+        if text.startswith(given):
+            delta = text[len(given):]
+        elif given.startswith(text):
+            delta = ""
+        else:
+            raise ProtocolError(
+                f"the reply rewrote text already delivered (at character {_common_prefix(given, text)})"
+            )
+        if delta:
+            self._pieces.append(delta)
+            self.has_text = True
+        self.status = status
+        self.finish_reason = finish_reason or self.finish_reason
+        self._learn_shape(raw, text, status, finish_reason)
+        return ChatEvent(
+            delta, status, finish_reason, self.conversation_id, self.message_id, self._pieces
+        )
+
+    def _learn_shape(
+        self, raw: bytes, text: str, status: Optional[str], finish_reason: Optional[str]
+    ) -> None:
+        """Remember where ``parts[0]`` sits in `raw`, if that can be proved."""
+        if self.text != text:
+            return
+        for marker in _PARTS_MARKERS:
+            found = raw.find(marker)
+            if found >= 0:
+                break
+        else:
+            return
+        start = found + len(marker)
+        end = _string_end(raw, start)
+        if end < 0:
+            return
+        try:
+            raw[start:end].decode("utf-8")
+        except UnicodeDecodeError:
+            return
+        head, tail = raw[:start], raw[end:]
+        # Proof that the string found is message.content.parts[0]: put a different string
+        # there; the message must then read exactly that.
+        probe = "x" if text == "" else ""
+        try:
+            envelope = json.loads((head + probe.encode() + tail).decode("utf-8", "replace"))
+        except ValueError:
+            return
+        if not isinstance(envelope, dict):
+            return
+        probed = _assistant_reply(envelope.get("message"))
+        if probed is None or probed[1] != probe:
+            return
+        self._raw = raw[start:end]
+        self._shape = _Shape(head, tail, status, finish_reason)
+
+
+def _string_end(raw: bytes, pos: int) -> int:
+    """Index of the quote that ends the JSON string whose content resumes at `pos`.
+
+    `pos` is at a token boundary, so only backslashes from `pos` on can escape a quote.
+    """
+    while True:
+        quote = raw.find(b'"', pos)
+        if quote < 0:
+            return -1
+        first = quote
+        while first > pos and raw[first - 1] == 0x5C:
+            first -= 1
+        if (quote - first) % 2 == 0:
+            return quote
+        pos = quote + 1
+
+
+def _common_prefix(a: str, b: str) -> int:
+    index = 0
+    for index, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return index
+    return min(len(a), len(b))
+
+
+def _assistant_reply(
+    message: Any,
+) -> Optional[Tuple[Optional[str], str, Optional[str], Optional[str]]]:
+    """(message id, parts[0], status, finish reason) of an assistant text message, else None."""
+    if not isinstance(message, dict):
+        return None
+    author = message.get("author")
+    metadata = message.get("metadata")
+    if not isinstance(author, dict) or author.get("role") != "assistant":
+        return None
+    if not isinstance(metadata, dict) or metadata.get("message_type") != "next":
+        return None
+    if message.get("recipient", "all") not in ("all", None):
+        return None
+    content = message.get("content")
+    if not isinstance(content, dict):
+        raise ProtocolError("assistant message without content")
+    if content.get("content_type", "text") != "text":
+        return None
+    parts = content.get("parts")
+    if not isinstance(parts, list) or not parts or not isinstance(parts[0], str):
+        raise ProtocolError("assistant message without text in content.parts[0]")
+    finish = metadata.get("finish_details")
+    finish_reason = finish.get("type") if isinstance(finish, dict) else None
+    message_id = message.get("id")
+    status = message.get("status")
+    return (
+        message_id if isinstance(message_id, str) else None,
+        parts[0],
+        status if isinstance(status, str) else None,
+        finish_reason if isinstance(finish_reason, str) else None,
+    )
+
+
+def _raise_for_event_error(payload: Dict[str, Any]) -> None:
+    error = payload.get("error")
+    if not error and isinstance(payload.get("detail"), (str, dict)) and "message" not in payload:
+        error = payload["detail"]  # some proxies send their JSON error body as an event
+    if not error:
+        return
+    detail, code = _detail_and_code(error)
+    if code == "token_expired":
+        raise TokenExpiredError(
+            f"the upstream no longer accepts the access token: {detail}",
+            status=200, detail=detail, code=code,
+        )
+    raise UpstreamError(f"the upstream reported an error: {detail}", code=code)
+
+
+def _detail_and_code(error: Any) -> Tuple[str, Optional[str]]:
+    """A readable message and a code from an ``error`` or ``detail`` value."""
+    if isinstance(error, dict):
+        message = error.get("message") or error.get("detail") or json.dumps(error)[:200]
+        code = error.get("code")
+        return str(message), code if isinstance(code, str) else None
+    return str(error), None
+
+
+# ---------------------------------------------------------------------------------------
+# Transport: URLs, connections, TLS, proxies, timeouts
+# ---------------------------------------------------------------------------------------
+
+_READ_SIZE = 256 * 1024
+_STREAM_LIMIT = 1024 * 1024  # asyncio's read-ahead; larger means fewer pauses on a fast stream
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds to wait, None for no limit.
+
+    ``connect`` covers opening the connection (proxy tunnel and TLS included), ``read``
+    the silence between two reads (a model may think a while before its first token),
+    ``total`` the whole call.
+    """
+
+    connect: Optional[float] = 10.0
+    read: Optional[float] = 120.0
+    total: Optional[float] = None
+
+    @classmethod
+    def coerce(cls, value: Union[None, float, "Timeouts"]) -> "Timeouts":
+        """A `Timeouts` from None (the defaults), itself, or gpt4free's plain number of
+        seconds (the total, which also caps the other two)."""
+        if value is None:
+            return cls()
+        if isinstance(value, Timeouts):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            default = cls()
+            return cls(
+                connect=min(value, default.connect or value),
+                read=min(value, default.read or value),
+                total=float(value),
+            )
+        raise UsageError(f"timeout must be a positive number of seconds or Timeouts, not {value!r}")
+
+
+class _Clock:
+    """The timeouts of one call, with its deadline."""
+
+    def __init__(self, timeouts: Timeouts) -> None:
+        self.timeouts = timeouts
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._deadline = None if timeouts.total is None else loop.time() + timeouts.total
+
+    async def within(self, awaitable: Any, phase: str) -> Any:
+        limit = self.timeouts.connect if phase == "connect" else self.timeouts.read
+        which = phase
+        if self._deadline is not None:
+            remaining = max(self._deadline - self._loop.time(), 0.0)
+            if limit is None or remaining < limit:
+                limit, which = remaining, "total"
+        if limit is None:
+            return await awaitable
+        try:
+            return await _wait_for(awaitable, limit)
+        except asyncio.TimeoutError:
+            what = {"connect": "connecting", "read": "waiting for data", "total": "the whole call"}
+            raise RequestTimeout(
+                f"timed out after {limit:g} s ({what[which]}; {which} timeout)", phase=which
+            ) from None
+
+
+if sys.version_info >= (3, 11):
+
+    async def _wait_for(awaitable: Any, seconds: float) -> Any:
+        async with asyncio.timeout(seconds):  # no extra task per read, unlike wait_for
+            return await awaitable
+
+else:  # pragma: no cover - exercised on Python 3.9 and 3.10
+
+    async def _wait_for(awaitable: Any, seconds: float) -> Any:
+        return await asyncio.wait_for(awaitable, seconds)
+
+
+class _Endpoint(NamedTuple):
+    scheme: str
+    host: str
+    port: int
+
+    @property
+    def tls(self) -> bool:
+        return self.scheme == "https"
+
+    @property
+    def authority(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        default = 443 if self.tls else 80
+        return host if self.port == default else f"{host}:{self.port}"
+
+    @property
+    def origin(self) -> str:
+        return f"{self.scheme}://{self.authority}"
+
+
+def _parse_url(url: str, *, what: str = "url") -> Tuple[_Endpoint, str]:
+    """The endpoint and the base path (no trailing slash) of an upstream URL."""
+    if not isinstance(url, str) or not url:
+        raise UsageError(f"{what} must be a non-empty string")
+    try:
+        parts = urllib.parse.urlsplit(url.strip())
+        port = parts.port
+    except ValueError as exc:
+        raise UsageError(f"invalid {what} {url!r}: {exc}") from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https"):
+        raise UsageError(f"{what} must start with http:// or https://, not {url!r}")
+    if not parts.hostname:
+        raise UsageError(f"{what} {url!r} has no host")
+    if parts.username is not None or parts.password is not None:
+        raise UsageError(f"{what} must not carry user credentials")
+    if parts.query or parts.fragment:
+        raise UsageError(f"{what} must not have a query or a fragment")
+    port = port if port is not None else (443 if scheme == "https" else 80)
+    return _Endpoint(scheme, parts.hostname, port), parts.path.rstrip("/")
+
+
+class _Proxy:
+    """An http:// proxy; ``repr`` and messages never show its credentials."""
+
+    __slots__ = ("endpoint", "authorization")
+
+    def __init__(self, url: str) -> None:
+        try:
+            parts = urllib.parse.urlsplit(url.strip())
+            port = parts.port
+        except ValueError:
+            raise UsageError("invalid proxy URL") from None
+        scheme = parts.scheme.lower()
+        if scheme.startswith("socks"):
+            raise UsageError(f"{scheme}:// proxies are not supported: use an http:// proxy")
+        if scheme != "http" or not parts.hostname:
+            raise UsageError("the proxy must be an http://[user:password@]host:port URL")
+        self.endpoint = _Endpoint("http", parts.hostname, port or 80)
+        self.authorization: Optional[str] = None
+        if parts.username is not None:
+            userinfo = (
+                urllib.parse.unquote(parts.username) + ":"
+                + urllib.parse.unquote(parts.password or "")
+            )
+            self.authorization = "Basic " + base64.b64encode(userinfo.encode()).decode("ascii")
+
+    def __repr__(self) -> str:
+        return f"<proxy {self.endpoint.origin}>"
+
+
+def _proxy_from_environment(endpoint: _Endpoint) -> Optional[_Proxy]:
+    """The proxy HTTPS_PROXY / HTTP_PROXY name for `endpoint`, unless NO_PROXY excludes it."""
+    proxies = urllib.request.getproxies_environment()
+    url = proxies.get(endpoint.scheme)
+    if not url or urllib.request.proxy_bypass_environment(endpoint.host, proxies):
+        return None
+    return _Proxy(url)
+
+
+_default_ssl_context: Optional[ssl.SSLContext] = None
+
+
+def _ssl_context(given: Optional[ssl.SSLContext]) -> ssl.SSLContext:
+    """`given`, or the system's trust store (SSL_CERT_FILE honoured) with host checks."""
+    global _default_ssl_context
+    if given is not None:
+        return given
+    if _default_ssl_context is None:
+        _default_ssl_context = ssl.create_default_context()
+    return _default_ssl_context
+
+
+async def _open_socket(endpoint: _Endpoint) -> socket.socket:
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(endpoint.host, endpoint.port, type=socket.SOCK_STREAM)
+    last_error: Optional[OSError] = None
+    for family, kind, proto, _, address in infos:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, address)
+            return sock
+        except OSError as exc:
+            sock.close()
+            last_error = exc
+        except BaseException:
+            sock.close()
+            raise
+    raise last_error or OSError(f"no address for {endpoint.host}")
+
+
+async def _open_tunnel(proxy: _Proxy, endpoint: _Endpoint, limits: Limits) -> socket.socket:
+    """A socket to `endpoint` through `proxy`'s CONNECT, ready for the TLS handshake."""
+    loop = asyncio.get_running_loop()
+    sock = await _open_socket(proxy.endpoint)
+    try:
+        lines = [f"CONNECT {endpoint.host}:{endpoint.port} HTTP/1.1", f"Host: {endpoint.authority}"]
+        if proxy.authorization:
+            lines.append(f"Proxy-Authorization: {proxy.authorization}")
+        await loop.sock_sendall(sock, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        reader = ResponseReader(method="CONNECT", limits=limits, decode_content=False)
+        while True:
+            data = await loop.sock_recv(sock, 65536)
+            reader.feed(data)
+            event = reader.next_event()
+            if isinstance(event, Response):
+                break
+        if event.status == 407:
+            raise ConnectError(f"the proxy {proxy.endpoint.authority} refused our credentials (407)")
+        if not 200 <= event.status < 300:
+            raise ConnectError(
+                f"the proxy {proxy.endpoint.authority} refused the tunnel to "
+                f"{endpoint.authority}: {event.status} {event.reason}".rstrip()
+            )
+        if reader.unconsumed:
+            raise ProtocolError("the proxy sent data before the TLS handshake")
+        return sock
+    except BaseException:
+        sock.close()
+        raise
+
+
+class _Connection:
+    """One HTTP/1.1 exchange on its own connection, read through `ResponseReader`."""
+
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, clock: _Clock
+    ) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._clock = clock
+
+    @classmethod
+    async def open(
+        cls, endpoint: _Endpoint, *, proxy: Optional[_Proxy], ssl_context: Optional[ssl.SSLContext],
+        clock: _Clock, limits: Limits,
+    ) -> "_Connection":
+        where = endpoint.authority if proxy is None else f"the proxy {proxy.endpoint.authority}"
+        try:
+            streams = await clock.within(
+                cls._connect(endpoint, proxy, ssl_context, limits), "connect"
+            )
+        except ssl.SSLCertVerificationError as exc:
+            raise TLSError(
+                f"TLS certificate of {endpoint.host} not accepted: {exc.verify_message}"
+            ) from None
+        except ssl.SSLError as exc:
+            raise TLSError(f"TLS handshake with {endpoint.host} failed: {exc.reason or exc}") from None
+        except socket.gaierror:
+            raise ConnectError(f"cannot resolve the host name of {where}") from None
+        except OSError as exc:
+            raise ConnectError(f"cannot connect to {where}: {exc.strerror or exc}") from None
+        return cls(streams[0], streams[1], clock)
+
+    @staticmethod
+    async def _connect(
+        endpoint: _Endpoint, proxy: Optional[_Proxy], given: Optional[ssl.SSLContext],
+        limits: Limits,
+    ) -> Tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        context = _ssl_context(given) if endpoint.tls else None
+        if proxy is None:
+            return await asyncio.open_connection(
+                endpoint.host, endpoint.port, ssl=context,
+                server_hostname=endpoint.host if context else None, limit=_STREAM_LIMIT,
+            )
+        if context is None:  # plain http goes to the proxy in absolute form
+            return await asyncio.open_connection(
+                proxy.endpoint.host, proxy.endpoint.port, limit=_STREAM_LIMIT
+            )
+        sock = await _open_tunnel(proxy, endpoint, limits)
+        try:
+            return await asyncio.open_connection(
+                sock=sock, ssl=context, server_hostname=endpoint.host, limit=_STREAM_LIMIT
+            )
+        except BaseException:
+            sock.close()
+            raise
+
+    async def send(self, data: bytes) -> None:
+        try:
+            self._writer.write(data)
+            await self._clock.within(self._writer.drain(), "read")
+        except OSError as exc:
+            raise TransportError(f"connection lost while sending: {exc.strerror or exc}") from None
+
+    async def receive(self) -> bytes:
+        """The next bytes, b"" at the end of the connection."""
+        try:
+            data: bytes = await self._clock.within(self._reader.read(_READ_SIZE), "read")
+        except OSError as exc:
+            raise TruncatedStreamError(f"connection lost: {exc.strerror or exc}") from None
+        return data
+
+    def close(self) -> None:
+        """Close at once: an abandoned stream must not keep its socket."""
+        self._writer.transport.abort()
+
+
+class _HTTPResponse:
+    """A response whose head has arrived; the body is read on demand."""
+
+    def __init__(self, head: Response, parser: ResponseReader, connection: _Connection) -> None:
+        self.head = head
+        self.status = head.status
+        self._parser = parser
+        self._connection = connection
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        parser, connection = self._parser, self._connection
+        while True:
+            event = parser.next_event()
+            if event is NEED_DATA:
+                parser.feed(await connection.receive())
+            elif isinstance(event, Data):
+                yield event.data
+            else:
+                return
+
+    async def read(self, limit: int) -> bytes:
+        """At most `limit` bytes of the body; the rest is left unread."""
+        body = bytearray()
+        async for chunk in self.chunks():
+            body += chunk
+            if len(body) >= limit:
+                break
+        return bytes(body[:limit])
+
+    def close(self) -> None:
+        self._connection.close()
+
+
+class _Client:
+    """HTTP/1.1 requests to one upstream, one connection each, with the call's options."""
+
+    def __init__(self, base_url: str, options: "_Options") -> None:
+        self.endpoint, self.base_path = _parse_url(base_url)
+        self.base_url = f"{self.endpoint.origin}{self.base_path}"
+        self.options = options
+        self.proxy = options.proxy
+        if self.proxy is None and options.trust_env:
+            self.proxy = _proxy_from_environment(self.endpoint)
+        self.clock = _Clock(options.timeouts)
+
+    async def request(
+        self, method: str, path: str, *, headers: Sequence[Tuple[str, str]] = (),
+        body: Optional[bytes] = None, cookie_jar: Optional[http.cookiejar.CookieJar] = None,
+    ) -> _HTTPResponse:
+        endpoint, proxy, limits = self.endpoint, self.proxy, self.options.limits
+        url = f"{self.base_url}{path}"
+        target = url if proxy is not None and not endpoint.tls else f"{self.base_path}{path}"
+        fields = [("Host", endpoint.authority), *_browser_headers(self.base_url), *headers]
+        if proxy is not None and proxy.authorization and not endpoint.tls:
+            fields.append(("Proxy-Authorization", proxy.authorization))
+        if body is not None:
+            fields.append(("Content-Length", str(len(body))))
+        fields.append(("Connection", "close"))
+        cookie_request = _CookieRequest(url, fields)
+        if cookie_jar is not None:
+            cookie_jar.add_cookie_header(cookie_request)
+        head = _serialize_head(method, target, cookie_request.fields)
+        via = f" via {proxy.endpoint.authority}" if proxy is not None else ""
+        _log.debug("%s %s%s", method, url.split("?")[0], via)
+        connection = await _Connection.open(
+            endpoint, proxy=proxy, ssl_context=self.options.ssl_context, clock=self.clock,
+            limits=limits,
+        )
+        try:
+            await connection.send(head + body if body else head)
+            parser = ResponseReader(method=method, limits=limits)
+            while True:
+                event = parser.next_event()
+                if event is NEED_DATA:
+                    try:
+                        parser.feed(await connection.receive())
+                    except TruncatedStreamError as exc:
+                        raise TransportError(str(exc)) from None
+                    continue
+                assert isinstance(event, Response)
+                break
+        except BaseException:
+            connection.close()
+            raise
+        _log.debug("%s %s -> %d %s", method, url.split("?")[0], event.status, event.reason)
+        if cookie_jar is not None:
+            cookie_jar.extract_cookies(_CookieResponse(event), cookie_request)  # type: ignore[arg-type]
+        return _HTTPResponse(event, parser, connection)
+
+    async def json(
+        self, method: str, path: str, *, what: str, body: Optional[bytes] = None,
+        headers: Sequence[Tuple[str, str]] = (), cookie_jar: Optional[http.cookiejar.CookieJar] = None,
+        redact: Sequence[str] = (),
+    ) -> Any:
+        """The JSON answer of a request; error statuses raise through `_status_error`."""
+        response = await self.request(
+            method, path, body=body, cookie_jar=cookie_jar,
+            headers=[("Accept", "application/json"), ("Accept-Encoding", "gzip, deflate"), *headers],
+        )
+        try:
+            raw = await response.read(self.options.limits.max_error_body_size)
+        finally:
+            response.close()
+        if response.status >= 400:
+            raise _status_error(response.head, raw, what=what, redact=redact)
+        try:
+            return json.loads(raw.decode("utf-8", "replace"))
+        except ValueError:
+            raise ProtocolError(f"{what}: the answer is not JSON: {_excerpt(raw)!r}") from None
+
+
+def _serialize_head(method: str, target: str, fields: Sequence[Tuple[str, str]]) -> bytes:
+    lines = [f"{method} {target} HTTP/1.1"]
+    for name, value in fields:
+        if _TOKEN.fullmatch(name.encode("latin-1", "replace")) is None or any(
+            char in value for char in "\r\n\x00"
+        ):
+            raise UsageError(f"invalid request header {name!r}")
+        lines.append(f"{name}: {value}")
+    try:
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    except UnicodeEncodeError:
+        raise UsageError("request headers must be Latin-1 text") from None
+
+
+_USER_AGENT = (
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 "
+    "(KHTML, like Gecko) Chrome/118.0.0.0 Safari/537.36"
+)
+
+
+def _browser_headers(base_url: str) -> List[Tuple[str, str]]:
+    """The browser-like headers the original provider sent with every request."""
+    return [
+        ("User-Agent", _USER_AGENT),
+        ("Accept-Language", "en-US"),
+        ("Referer", f"{base_url}/?v=2"),
+        ("sec-ch-ua", '"Google Chrome";v="117", "Not;A=Brand";v="8", "Chromium";v="117"'),
+        ("sec-ch-ua-platform", '"Linux"'),
+        ("sec-ch-ua-mobile", "?0"),
+    ]
+
+
+def _status_error(
+    head: Response, body: bytes, *, what: str, redact: Sequence[str] = ()
+) -> HTTPStatusError:
+    """The error an error answer stands for: 429, token expiry or another status."""
+    detail, code = _error_detail(head, body)
+    text_body = _excerpt(body, 300)
+    for secret in redact:
+        if secret:
+            detail = detail.replace(secret, "***")
+            text_body = text_body.replace(secret, "***")
+    status = head.status
+    message = f"{what}: HTTP {status}" + (f": {detail}" if detail else "")
+    fields: Dict[str, Any] = {"status": status, "detail": detail, "code": code, "body": text_body}
+    if status == 429:
+        retry_after = _retry_after(head.get("retry-after"))
+        if retry_after is not None:
+            message += f" (retry after {retry_after:g} s)"
+        return RateLimitError(message, retry_after=retry_after, **fields)
+    if status in (401, 403) or code == "token_expired":
+        return TokenExpiredError(message, **fields)
+    return HTTPStatusError(message, **fields)
+
+
+_HTML_TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
+
+
+def _error_detail(head: Response, body: bytes) -> Tuple[str, Optional[str]]:
+    text = body.decode("utf-8", "replace")
+    try:
+        payload = json.loads(text)
+    except ValueError:
+        payload = None
+    if isinstance(payload, dict):
+        for key in ("detail", "error", "message"):
+            if payload.get(key):
+                return _detail_and_code(payload[key])
+        return _excerpt(text, 200), None
+    if "html" in (head.get("content-type") or "").lower() or text.lstrip().startswith("<"):
+        title = _HTML_TITLE.search(text)
+        if title:
+            return _excerpt(title.group(1), 200), None
+    return _excerpt(text, 200), None
+
+
+def _retry_after(value: Optional[str]) -> Optional[float]:
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return max(when.timestamp() - time.time(), 0.0)
+
+
+# ---------------------------------------------------------------------------------------
+# Session: cookies, the shared-token login, the access token
+# ---------------------------------------------------------------------------------------
+
+
+class _CookieRequest:
+    """The parts of a request that `http.cookiejar` reads and writes."""
+
+    def __init__(self, url: str, fields: Sequence[Tuple[str, str]]) -> None:
+        parts = urllib.parse.urlsplit(url)
+        self.full_url = url
+        self.host = parts.netloc
+        self.type = parts.scheme
+        self.origin_req_host = parts.hostname or ""
+        self.unverifiable = False
+        self.fields = list(fields)
+
+    def get_full_url(self) -> str:
+        return self.full_url
+
+    def has_header(self, name: str) -> bool:
+        return any(key.lower() == name.lower() for key, _ in self.fields)
+
+    def get_header(self, name: str, default: Optional[str] = None) -> Optional[str]:
+        for key, value in self.fields:
+            if key.lower() == name.lower():
+                return value
+        return default
+
+    def add_unredirected_header(self, name: str, value: str) -> None:
+        self.fields.append((name, value))
+
+
+class _CookieResponse:
+    """The part of a response that `http.cookiejar` reads: ``info().get_all()``."""
+
+    def __init__(self, head: Response) -> None:
+        self._head = head
+
+    def info(self) -> Response:
+        return self._head
+
+
+def get_random_string(length: int = 10) -> str:
+    """`length` random lowercase letters and digits, drawn with `secrets`."""
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(length))
+
+
+def _session_password() -> str:
+    """A password the upstream accepts: 10 characters with both letters and digits."""
+    while True:
+        password = get_random_string(10)
+        if any(c.isdigit() for c in password) and any(c.isalpha() for c in password):
+            return password
+
+
+def _choose_token_id(payload: Any) -> str:
+    """A shared account from ``/api/loads``, one of the least loaded."""
+    loads = payload.get("loads") if isinstance(payload, dict) else None
+    if not isinstance(loads, list):
+        raise AuthenticationError("GET /api/loads: malformed answer (no 'loads' list)")
+    candidates: Dict[str, int] = {}
+    for entry in loads:
+        if isinstance(entry, dict) and isinstance(entry.get("token_id"), str) and entry["token_id"]:
+            count = entry.get("count")
+            usable = isinstance(count, int) and not isinstance(count, bool)
+            candidates[entry["token_id"]] = count if usable else 0
+    if not candidates:
+        raise AuthenticationError("the upstream offers no shared token (empty /api/loads)")
+    lowest = min(candidates.values())
+    return secrets.choice(sorted(t for t, count in candidates.items() if count == lowest))
+
+
+class _Session:
+    """What one upstream has given us: the cookies and the access token."""
+
+    def __init__(self) -> None:
+        self.cookie_jar = http.cookiejar.CookieJar()
+        self.access_token: Optional[str] = None
+        self._login: Optional["asyncio.Task[str]"] = None
+
+    def secrets(self) -> List[str]:
+        """Values that must never be shown: the access token and the cookies."""
+        values = [cookie.value for cookie in self.cookie_jar if cookie.value]
+        return [self.access_token, *values] if self.access_token else values
+
+    async def token(self, client: _Client) -> str:
+        """The access token, logging in first if there is none; concurrent callers share
+        one login."""
+        if self.access_token:
+            return self.access_token
+        loop = asyncio.get_running_loop()
+        task = self._login
+        if task is None or task.done() or task.get_loop() is not loop:
+            task = loop.create_task(self._log_in(client))
+            task.add_done_callback(_consume_outcome)
+            self._login = task
+        return await asyncio.shield(task)
+
+    def invalidate(self, token: str) -> None:
+        """Forget `token` and the cookies, unless a newer login replaced them already."""
+        if self.access_token == token:
+            self.access_token = None
+            self.cookie_jar.clear()
+
+    async def _log_in(self, client: _Client) -> str:
+        loads = await client.json("GET", f"/api/loads?t={int(time.time())}", what="GET /api/loads")
+        token_id = _choose_token_id(loads)
+        form = urllib.parse.urlencode(
+            {"token_key": token_id, "session_password": _session_password()}
+        ).encode("ascii")
+        response = await client.request(
+            "POST", "/auth/login", body=form, cookie_jar=self.cookie_jar,
+            headers=[
+                ("Content-Type", "application/x-www-form-urlencoded"),
+                ("Accept", "application/json, text/plain, */*"),
+            ],
+        )
+        try:
+            answer = await response.read(client.options.limits.max_error_body_size)
+        finally:
+            response.close()
+        _check_login(response.head, answer, redact=self.secrets())
+        session = await client.json(
+            "GET", "/api/auth/session", what="GET /api/auth/session",
+            cookie_jar=self.cookie_jar, redact=self.secrets(),
+        )
+        token = session.get("accessToken") if isinstance(session, dict) else None
+        if not isinstance(token, str) or not token:
+            has_cookie = any(cookie.name == "credential" for cookie in self.cookie_jar)
+            raise AuthenticationError(
+                "the upstream gave no access token after login (/api/auth/session is empty"
+                + ("" if has_cookie else "; the login set no credential cookie") + ")"
+            )
+        self.access_token = token
+        return token
+
+
+def _consume_outcome(task: "asyncio.Task[str]") -> None:
+    # The login is shared: if every waiter was cancelled, nobody else reads its error.
+    if not task.cancelled():
+        task.exception()
+
+
+def _check_login(head: Response, body: bytes, *, redact: Sequence[str]) -> None:
+    if head.status == 429 or head.status >= 500:
+        raise _status_error(head, body, what="POST /auth/login", redact=redact)
+    try:
+        payload = json.loads(body.decode("utf-8", "replace")) if body.strip() else None
+    except ValueError:
+        payload = None
+    code = payload.get("code") if isinstance(payload, dict) else None
+    if head.status >= 400 or (code is not None and code != 0):
+        detail, _ = _error_detail(head, body)
+        raise AuthenticationError(
+            f"the upstream refused the login (HTTP {head.status}" + (f": {detail})" if detail else ")")
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# Provider API: gpt4free's FakeGpt, the event stream, sync wrappers
+# ---------------------------------------------------------------------------------------
+
+
+def format_prompt(messages: Messages, add_special_tokens: bool = False) -> str:
+    """gpt4free's prompt: one message as is, else ``Role: content`` lines and ``Assistant:``."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise UsageError("messages must be a non-empty list of {'role': ..., 'content': ...}")
+    for index, message in enumerate(messages):
+        if not (
+            isinstance(message, dict)
+            and isinstance(message.get("role"), str)
+            and isinstance(message.get("content"), str)
+        ):
+            raise UsageError(f"messages[{index}] must be a dict with string 'role' and 'content'")
+    if not add_special_tokens and len(messages) <= 1:
+        return messages[0]["content"]
+    formatted = "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
+    return f"{formatted}\nAssistant:"
+
+
+def _upstream_model(model: Optional[str]) -> str:
+    if model is None or model in _DEFAULT_MODEL_ALIASES:
+        return DEFAULT_MODEL
+    if not isinstance(model, str):
+        raise UsageError(f"model must be a string, not {type(model).__name__}")
+    return model
+
+
+@dataclass(frozen=True)
+class _Options:
+    url: str
+    model: str
+    proxy: Optional[_Proxy]
+    trust_env: bool
+    timeouts: Timeouts
+    limits: Limits
+    ssl_context: Optional[ssl.SSLContext]
+    conversation_id: Optional[str]
+    parent_message_id: Optional[str]
+    history_and_training_disabled: bool
+
+
+def _options(
+    provider: type, model: Optional[str], proxy: Optional[str], kwargs: Dict[str, Any]
+) -> _Options:
+    url = kwargs.get("url") or provider.url  # type: ignore[attr-defined]
+    _parse_url(url)
+    context = kwargs.get("ssl")
+    if context is not None and not isinstance(context, ssl.SSLContext):
+        raise UsageError("ssl must be an ssl.SSLContext")
+    limits = kwargs.get("limits") or Limits()
+    if not isinstance(limits, Limits):
+        raise UsageError("limits must be a fakegpt.Limits")
+    for name in ("conversation_id", "parent_message_id"):
+        if kwargs.get(name) is not None and not isinstance(kwargs[name], str):
+            raise UsageError(f"{name} must be a string")
+    return _Options(
+        url=url,
+        model=_upstream_model(model),
+        proxy=_Proxy(proxy) if proxy else None,
+        trust_env=bool(kwargs.get("trust_env", False)),
+        timeouts=Timeouts.coerce(kwargs.get("timeout")),
+        limits=limits,
+        ssl_context=context,
+        conversation_id=kwargs.get("conversation_id"),
+        parent_message_id=kwargs.get("parent_message_id"),
+        history_and_training_disabled=bool(kwargs.get("history_and_training_disabled", True)),
+    )
+
+
+class ChatStream:
+    """The reply as `ChatEvent`s: an async iterator and an async context manager.
+
+    Leaving the ``async with`` block, or ``aclose()``, closes the connection at once,
+    whether or not the reply was read to the end. After the stream, ``text``,
+    ``conversation_id``, ``message_id`` and ``finish_reason`` describe the reply; pass the
+    first and the last two back (``conversation_id=``, ``parent_message_id=``) to continue.
+    """
+
+    def __init__(
+        self, provider: "type[FakeGpt]", model: Optional[str], messages: Messages,
+        proxy: Optional[str] = None, **kwargs: Any,
+    ) -> None:
+        self.prompt = format_prompt(messages)
+        self._provider = provider
+        self._options = _options(provider, model, proxy, kwargs)
+        self._decoder = ConversationDecoder()
+        self._deltas: List[str] = []
+        self._events = self._run()
+
+    @property
+    def text(self) -> str:
+        """All text delivered so far."""
+        return "".join(self._deltas)
+
+    @property
+    def conversation_id(self) -> Optional[str]:
+        return self._decoder.conversation_id
+
+    @property
+    def message_id(self) -> Optional[str]:
+        return self._decoder.message_id
+
+    @property
+    def finish_reason(self) -> Optional[str]:
+        return self._decoder.finish_reason
+
+    def __aiter__(self) -> "ChatStream":
+        return self
+
+    async def __anext__(self) -> ChatEvent:
+        return await self._events.__anext__()
+
+    async def aclose(self) -> None:
+        await self._events.aclose()
+
+    async def __aenter__(self) -> "ChatStream":
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.aclose()
+
+    async def _run(self) -> AsyncGenerator[ChatEvent, None]:
+        provider = self._provider
+        client = _Client(self._options.url, self._options)
+        session = provider._session(client.base_url)
+        for attempt in (1, 2):
+            token = await session.token(client)
+            provider._access_token, provider._cookie_jar = token, session.cookie_jar
+            try:
+                async for event in self._converse(client, session, token):
+                    yield event
+                return
+            except TokenExpiredError:
+                if self._deltas or attempt == 2:
+                    raise
+                _log.debug("the access token was refused: logging in again")
+                session.invalidate(token)
+                if provider._access_token == token:
+                    provider._access_token = None
+
+    async def _converse(
+        self, client: _Client, session: _Session, token: str
+    ) -> AsyncGenerator[ChatEvent, None]:
+        options = self._options
+        body = json.dumps(_conversation_body(self.prompt, options)).encode("ascii")
+        response = await client.request(
+            "POST", "/api/conversation", body=body, cookie_jar=session.cookie_jar,
+            headers=[
+                ("Content-Type", "application/json"),
+                ("Accept", "text/event-stream"),
+                ("Accept-Encoding", "identity"),
+                ("X-Authorization", f"Bearer {token}"),
+            ],
+        )
+        try:
+            await self._expect_event_stream(response, session)
+            decoder = self._decoder = ConversationDecoder()
+            sse = SSEDecoder(limits=options.limits)
+            try:
+                async for chunk in response.chunks():
+                    for sse_event in sse.feed(chunk):
+                        event = decoder.feed(sse_event)
+                        if decoder.done:
+                            break
+                        if event is not None:
+                            if event.delta:
+                                self._deltas.append(event.delta)
+                            yield event
+                    if decoder.done:
+                        break
+            except TruncatedStreamError as exc:
+                raise self._cut(str(exc)) from None
+            if not decoder.done:
+                sse.close()
+                raise self._cut("the stream ended before [DONE]")
+            if not self._deltas:
+                raise NoResponseError("No valid response: the reply finished without any text")
+        finally:
+            response.close()
+
+    async def _expect_event_stream(self, response: _HTTPResponse, session: _Session) -> None:
+        head = response.head
+        content_type = (head.get("content-type") or "").split(";")[0].strip().lower()
+        if head.status < 300 and content_type == "text/event-stream":
+            return
+        raw = await response.read(self._options.limits.max_error_body_size)
+        redact = session.secrets()
+        if head.status >= 300:
+            raise _status_error(head, raw, what="POST /api/conversation", redact=redact)
+        try:
+            payload = json.loads(raw.decode("utf-8", "replace"))
+        except ValueError:
+            payload = None
+        if isinstance(payload, dict):
+            _raise_for_event_error(payload)
+        raise ProtocolError(
+            "POST /api/conversation: expected an event stream, got "
+            f"{content_type or 'no Content-Type'}: {_excerpt(raw)!r}"
+        )
+
+    def _cut(self, reason: str) -> TruncatedStreamError:
+        text = self.text
+        if text:
+            message = f"the reply was cut off after {len(text)} characters: {reason}"
+        else:
+            message = f"the reply was cut off before any text: {reason}"
+        return TruncatedStreamError(message, text=text)
+
+
+def _conversation_body(prompt: str, options: _Options) -> Dict[str, Any]:
+    body: Dict[str, Any] = {
+        "action": "next",
+        "messages": [
+            {
+                "id": str(uuid.uuid4()),
+                "author": {"role": "user"},
+                "content": {"content_type": "text", "parts": [prompt]},
+                "metadata": {},
+            }
+        ],
+        "parent_message_id": options.parent_message_id or str(uuid.uuid4()),
+        "model": options.model,
+        "plugin_ids": [],
+        "timezone_offset_min": -120,
+        "suggestions": [],
+        "history_and_training_disabled": options.history_and_training_disabled,
+        "arkose_token": "",
+        "force_paragen": False,
+    }
+    if options.conversation_id:
+        body["conversation_id"] = options.conversation_id
+    return body
+
+
+class _ClassProperty:
+    """A read-only property of the class (``@classmethod @property`` is gone in 3.13)."""
+
+    def __init__(self, getter: Callable[[Any], Any]) -> None:
+        self._getter = getter
+
+    def __get__(self, instance: Any, owner: Any) -> Any:
+        return self._getter(owner)
+
+
+class FakeGpt:
+    """gpt4free's FakeGpt provider, made to work.
+
+    ``create_async_generator(model, messages, proxy=None, **kwargs)`` streams the reply as
+    text pieces. Keywords: ``url`` (the upstream, default the class's ``url``), ``timeout``
+    (seconds or `Timeouts`), ``ssl`` (an `ssl.SSLContext`), ``trust_env`` (use
+    HTTPS_PROXY / HTTP_PROXY / NO_PROXY), ``limits`` (`Limits`), ``conversation_id`` and
+    ``parent_message_id`` (continue a conversation), ``history_and_training_disabled``.
+    Other keywords (gpt4free passes ``stream``, ...) are accepted and ignored.
+
+    The access token and the cookies are kept on the class, one session per upstream URL:
+    a second call makes one request, not four.
+    """
+
+    url: str = DEFAULT_URL
+    label = "FakeGpt"
+    working = False  # the public service shut down in January 2024
+    supports_stream = True
+    supports_gpt_35_turbo = True
+    supports_gpt_4 = False
+    supports_message_history = True
+    needs_auth = False
+    _access_token: Optional[str] = None
+    _cookie_jar: Optional[http.cookiejar.CookieJar] = None
+    _sessions: Dict[str, _Session] = {}
+
+    @classmethod
+    def _session(cls, base_url: str) -> _Session:
+        return cls._sessions.setdefault(base_url, _Session())
+
+    @classmethod
+    def stream(
+        cls, model: Optional[str], messages: Messages, proxy: Optional[str] = None, **kwargs: Any
+    ) -> ChatStream:
+        """The reply as a `ChatStream` of `ChatEvent`s (same arguments as below)."""
+        return ChatStream(cls, model, messages, proxy, **kwargs)
+
+    @classmethod
+    async def create_async_generator(
+        cls, model: str, messages: Messages, proxy: Optional[str] = None, **kwargs: Any
+    ) -> AsyncResult:
+        """The reply's text, piece by piece, as soon as each piece arrives."""
+        async with cls.stream(model, messages, proxy, **kwargs) as events:
+            async for event in events:
+                if event.delta:
+                    yield event.delta
+
+    @classmethod
+    async def create_async(cls, model: str, messages: Messages, **kwargs: Any) -> str:
+        """The whole reply as one string."""
+        return "".join([piece async for piece in cls.create_async_generator(model, messages, **kwargs)])
+
+    @classmethod
+    def create_completion(
+        cls, model: str, messages: Messages, stream: bool = True, **kwargs: Any
+    ) -> Iterator[str]:
+        """The reply's pieces from synchronous code, even where an event loop is running."""
+        pieces = _iterate_sync(cls.create_async_generator(model, messages, **kwargs))
+        if stream:
+            yield from pieces
+        else:
+            yield "".join(pieces)
+
+    @classmethod
+    def get_dict(cls) -> Dict[str, Any]:
+        return {"name": cls.__name__, "url": cls.url, "label": cls.label}
+
+    @_ClassProperty
+    def params(cls) -> str:  # noqa: N805 - a class property
+        """gpt4free's description of the call's parameters."""
+        import inspect
+
+        signature = inspect.signature(cls.create_async_generator)
+        lines = []
+        for name, parameter in signature.parameters.items():
+            if name in ("self", "kwargs"):
+                continue
+            line = f"    {name}"
+            if parameter.annotation is not inspect.Parameter.empty:
+                line += f": {parameter.annotation}"
+            if parameter.default is not inspect.Parameter.empty:
+                line += f" = {parameter.default!r}"
+            lines.append(line)
+        return f"fakegpt.{cls.__name__} supports: (\n" + ",\n".join(lines) + "\n)"
+
+
+def _iterate_sync(pieces: AsyncIterator[_T]) -> Iterator[_T]:
+    """Iterate an async iterator from synchronous code."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return _iterate_in_new_loop(pieces)
+    return _iterate_in_thread(pieces)  # this thread's loop is busy running our caller
+
+
+def _iterate_in_new_loop(pieces: AsyncIterator[_T]) -> Iterator[_T]:
+    loop = asyncio.new_event_loop()
+    try:
+        while True:
+            try:
+                item = loop.run_until_complete(pieces.__anext__())  # type: ignore[arg-type]
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        try:
+            tasks = asyncio.all_tasks(loop)
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())  # closes `pieces`, and its connection
+        finally:
+            loop.close()
+
+
+def _iterate_in_thread(pieces: AsyncIterator[_T]) -> Iterator[_T]:
+    items: "queue.Queue[Tuple[str, Any]]" = queue.Queue()
+    started = threading.Event()
+    handle: Dict[str, Any] = {}
+
+    async def pump() -> None:
+        handle["loop"], handle["task"] = asyncio.get_running_loop(), asyncio.current_task()
+        started.set()
+        try:
+            async for item in pieces:
+                items.put(("item", item))
+        except Exception as exc:  # handed to the consumer, which raises it
+            items.put(("error", exc))
+        else:
+            items.put(("end", None))
+
+    thread = threading.Thread(target=asyncio.run, args=(pump(),), name="fakegpt", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = items.get()
+            if kind == "item":
+                yield value
+            elif kind == "error":
+                raise value
+            else:
+                return
+    finally:
+        started.wait()
+        if thread.is_alive():
+            try:
+                handle["loop"].call_soon_threadsafe(handle["task"].cancel)
+            except RuntimeError:  # the loop closed in between: nothing left to cancel
+                pass
+        thread.join()
+
+
+# ---------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+_CLI_EPILOG = """\
+exit codes: 0 ok, 1 upstream or protocol error, 2 usage error, 130 interrupted.
+environment: FAKEGPT_URL (the upstream), HTTPS_PROXY, HTTP_PROXY, NO_PROXY.
+With no prompt on a terminal, fakegpt chats: Ctrl-D quits, Ctrl-C stops a reply."""
+
+
+def _cli_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fakegpt",
+        description="Stream a reply from a FakeGpt shared-token ChatGPT proxy.",
+        epilog=_CLI_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("prompt", nargs="?", help="the prompt; '-' or none reads standard input")
+    parser.add_argument("--mock", action="store_true", help="talk to the bundled mock upstream")
+    parser.add_argument("--url", help=f"the upstream (default: $FAKEGPT_URL or {DEFAULT_URL})")
+    parser.add_argument("--proxy", help="an http://[user:password@]host:port proxy")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="the upstream model (default: %(default)s)")
+    parser.add_argument("--timeout", type=float, help="give up after this many seconds")
+    parser.add_argument("--json", action="store_true", help="write one JSON object per event")
+    parser.add_argument("--verbose", action="store_true", help="show each request on stderr")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The command line; returns the exit code."""
+    args = _cli_parser().parse_args(argv)
+    if args.timeout is not None and args.timeout <= 0:
+        return _fail("--timeout must be a positive number of seconds", EXIT_USAGE)
+    if args.verbose:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("fakegpt: %(message)s"))
+        _log.addHandler(handler)
+        _log.setLevel(logging.DEBUG)
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="replace")
+    try:
+        if args.mock:
+            return _with_mock(args)
+        return _run(args, args.url or os.environ.get("FAKEGPT_URL") or DEFAULT_URL, trust_env=True)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        sys.stdout = open(os.devnull, "w")  # the reader left: say nothing more
+        return EXIT_ERROR
+
+
+def _with_mock(args: argparse.Namespace) -> int:
+    try:
+        import mock_server
+    except ImportError:
+        return _fail("--mock needs mock_server.py beside fakegpt.py", EXIT_USAGE)
+    with mock_server.serve_in_thread() as server:
+        return _run(args, server.url, trust_env=False)
+
+
+def _run(args: argparse.Namespace, url: str, *, trust_env: bool) -> int:
+    options: Dict[str, Any] = {"url": url, "trust_env": trust_env}
+    if args.timeout is not None:
+        options["timeout"] = args.timeout
+    if args.proxy:
+        options["proxy"] = args.proxy
+    if args.prompt is None and sys.stdin.isatty():
+        return _chat(args, options)
+    prompt = sys.stdin.read() if args.prompt in (None, "-") else args.prompt
+    if not prompt.strip():
+        return _fail("the prompt is empty", EXIT_USAGE)
+    try:
+        asyncio.run(_print_reply(prompt, args, options))
+    except UsageError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    except FakeGptError as exc:
+        return _fail(_explain(exc, url), EXIT_ERROR)
+    return EXIT_OK
+
+
+async def _print_reply(prompt: str, args: argparse.Namespace, options: Dict[str, Any]) -> ChatStream:
+    """Stream the reply to stdout; the stream is returned for its ids."""
+    out = sys.stdout
+    async with FakeGpt.stream(args.model, [{"role": "user", "content": prompt}], **options) as reply:
+        try:
+            async for event in reply:
+                if args.json:
+                    out.write(json.dumps(event.as_dict(), ensure_ascii=False) + "\n")
+                elif event.delta:
+                    out.write(event.delta)
+                out.flush()
+        finally:
+            if reply.text and not args.json:
+                out.write("\n")
+                out.flush()
+    return reply
+
+
+def _chat(args: argparse.Namespace, options: Dict[str, Any]) -> int:
+    """Interactive chat: each line is a turn of one conversation."""
+    print(
+        f"fakegpt {__version__}, chatting with {options['url']}. "
+        "Ctrl-D quits, Ctrl-C stops a reply.",
+        file=sys.stderr,
+    )
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return EXIT_OK
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            continue
+        if not line.strip():
+            continue
+        try:
+            reply = asyncio.run(_print_reply(line, args, options))
+        except KeyboardInterrupt:
+            print("[reply stopped]", file=sys.stderr)
+            continue
+        except FakeGptError as exc:
+            print(f"fakegpt: error: {_explain(exc, options['url'])}", file=sys.stderr)
+            continue
+        if reply.conversation_id and reply.message_id:
+            options["conversation_id"] = reply.conversation_id
+            options["parent_message_id"] = reply.message_id
+
+
+def _explain(exc: FakeGptError, url: str) -> str:
+    message = str(exc)
+    unreachable = isinstance(exc, ConnectError) or (
+        isinstance(exc, RequestTimeout) and exc.phase == "connect"
+    )
+    if unreachable and url.rstrip("/") == DEFAULT_URL:
+        message += (
+            f" - the public service at {DEFAULT_URL} shut down in January 2024;"
+            " use --url for another upstream, or --mock for the bundled mock"
+        )
+    return message
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"fakegpt: error: {message}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
