@@ -814,8 +814,8 @@ class ConversationDecoder:
     Only assistant messages of type ``next`` addressed to everyone give text. Their
     ``parts[0]`` is cumulative; the rule for it: text that extends what was already given
     yields the new suffix; a repeat or a shorter prefix of it yields nothing; anything
-    else would mean rewriting text already delivered and raises `ProtocolError`. A new
-    message id starts a new message. A truthy ``error`` raises `UpstreamError`
+    else would mean rewriting text already delivered and raises `ProtocolError`, and so
+    does a second message once the first has given text. A truthy ``error`` raises `UpstreamError`
     (`TokenExpiredError` for ``token_expired``); ``[DONE]`` sets ``done``.
 
     The fast path: each event repeats the whole text so far, so once an event has been
@@ -899,7 +899,11 @@ class ConversationDecoder:
             return None
         message_id, text, status, finish_reason = reply
         if message_id != self.message_id:
-            self.message_id, self._pieces = message_id, []
+            if self.text:
+                # One reply is one assistant message; starting another would deliver
+                # its whole text again (a corrupted id looks just like this).
+                raise ProtocolError("the upstream switched to another message in mid-reply")
+            self.message_id = message_id
         given = self.text
         if text.startswith(given):
             delta = text[len(given):]
@@ -1089,7 +1093,8 @@ class _Clock:
         self._deadline = None if timeouts.total is None else loop.time() + timeouts.total
 
     async def within(self, awaitable: Any, phase: str) -> Any:
-        limit = self.timeouts.connect if phase == "connect" else self.timeouts.read
+        timeouts = self.timeouts
+        limit = timeouts.connect if phase == "connect" else timeouts.read
         which = phase
         if self._deadline is not None:
             remaining = max(self._deadline - self._loop.time(), 0.0)
@@ -1100,10 +1105,12 @@ class _Clock:
         try:
             return await _wait_for(awaitable, limit)
         except asyncio.TimeoutError:
-            what = {"connect": "connecting", "read": "waiting for data", "total": "the whole call"}
-            raise RequestTimeout(
-                f"timed out after {limit:g} s ({what[which]}; {which} timeout)", phase=which
-            ) from None
+            message = {
+                "connect": f"could not connect within {timeouts.connect:g} s (connect timeout)",
+                "read": f"the upstream sent nothing for {timeouts.read:g} s (read timeout)",
+                "total": f"the call took longer than {timeouts.total:g} s (total timeout)",
+            }[which]
+            raise RequestTimeout(message, phase=which) from None
 
 
 if sys.version_info >= (3, 11):
