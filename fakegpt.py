@@ -1105,11 +1105,12 @@ class _Clock:
         try:
             return await _wait_for(awaitable, limit)
         except asyncio.TimeoutError:
-            message = {
-                "connect": f"could not connect within {timeouts.connect:g} s (connect timeout)",
-                "read": f"the upstream sent nothing for {timeouts.read:g} s (read timeout)",
-                "total": f"the call took longer than {timeouts.total:g} s (total timeout)",
-            }[which]
+            if which == "connect":
+                message = f"could not connect within {timeouts.connect:g} s (connect timeout)"
+            elif which == "read":
+                message = f"the upstream sent nothing for {timeouts.read:g} s (read timeout)"
+            else:
+                message = f"the call took longer than {timeouts.total:g} s (total timeout)"
             raise RequestTimeout(message, phase=which) from None
 
 

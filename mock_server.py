@@ -367,7 +367,7 @@ class MockServer:
             return keep_alive
         reply = self.options.reply
         text = reply(prompt) if callable(reply) else (reply if reply is not None else default_reply(prompt))
-        events = self._events(body, "" if name == "empty" else text, name, args)
+        events = list(self._events(body, "" if name == "empty" else text, name, args))
         return await self._send_stream(request, reader, writer, events, name, args, keep_alive)
 
     def _fault_for(self, request: RecordedRequest, prompt: str) -> Optional[str]:
@@ -464,7 +464,7 @@ class MockServer:
 
     async def _send_stream(
         self, request: RecordedRequest, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-        events: Iterator[Tuple[bytes, bool]], fault: str, args: List[str], keep_alive: bool,
+        events: List[Tuple[bytes, bool]], fault: str, args: List[str], keep_alive: bool,
     ) -> bool:
         options = self.options
         framing = options.framing
@@ -482,60 +482,68 @@ class MockServer:
             return out
 
         compressor = zlib.compressobj(wbits=31) if self._compress(request) else None
+
+        def encoded(payload: bytes, first: bool) -> bytes:
+            data = (b"\xef\xbb\xbf" if first and options.bom else b"") + sse(payload)
+            if compressor is not None:
+                data = compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH)
+            return data
+
+        pieces = (encoded(payload, index == 0) for index, (payload, _) in enumerate(events))
+        is_assistant = [flag for _, flag in events]
         headers = [("Content-Type", "text/event-stream; charset=utf-8"), ("Cache-Control", "no-cache")]
         if compressor is not None:
             headers.append(("Content-Encoding", "gzip"))
+        tail = b""
         if framing == "length":
-            # The length must be known first: build the whole body (fine for a mock).
-            body = (b"\xef\xbb\xbf" if options.bom else b"") + b"".join(sse(e) for e, _ in events)
-            if compressor is not None:
-                body = compressor.compress(body) + compressor.flush()
-            await _write_head(writer, 200, headers + [("Content-Length", str(len(body)))], keep_alive)
-            await self._write(writer, body)
-            return keep_alive
-        if framing == "chunked":
+            # The length must be known first: build the whole body (fine for a mock); a
+            # fault then leaves it short of what was declared.
+            pieces = list(pieces)
+            tail = compressor.flush() if compressor is not None else b""
+            headers.append(("Content-Length", str(sum(map(len, pieces)) + len(tail))))
+        elif framing == "chunked":
             headers.append(("Transfer-Encoding", "chunked"))
         await _write_head(writer, 200, headers, keep_alive)
         chunked = framing == "chunked"
-        garbage = random.Random(options.seed)
         delay = float(args[0]) if fault == "delay_events" else options.delay
-        count = assistant_count = 0
-        first = b"\xef\xbb\xbf" if options.bom else b""
-        for payload, is_assistant in events:
+        assistant_count = 0
+        for count, data in enumerate(pieces):
             if fault in ("cut", "reset", "garbage", "hang_after") and count == int(args[0]):
-                if fault == "reset":
-                    sock = writer.get_extra_info("socket")
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                    writer.transport.abort()
-                    return False
-                if fault == "garbage":
-                    await self._write(writer, bytes(garbage.getrandbits(8) for _ in range(64)))
-                    return False
-                if fault == "hang_after":
-                    await _wait_for_close(reader)
-                    return False
-                if chunked:
-                    await self._write(writer, b"0\r\n\r\n")
-                return keep_alive and chunked
-            data = first + sse(payload)
-            first = b""
-            if compressor is not None:
-                data = compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH)
+                return await self._break_stream(reader, writer, fault, chunked, keep_alive)
             if chunked:
                 data = b"%x\r\n%b\r\n" % (len(data), data)
             await self._write(writer, data)
-            count += 1
-            assistant_count += is_assistant
-            if fault == "pause_after" and is_assistant and assistant_count == int(args[0]):
+            assistant_count += is_assistant[count]
+            if fault == "pause_after" and is_assistant[count] and assistant_count == int(args[0]):
                 await asyncio.sleep(float(args[1]))
             if delay:
                 await asyncio.sleep(delay)
-        tail = compressor.flush() if compressor is not None else b""
+        if framing != "length" and compressor is not None:
+            tail = compressor.flush()
         if chunked:
             tail = (b"%x\r\n%b\r\n" % (len(tail), tail) if tail else b"") + b"0\r\n\r\n"
         if tail:
             await self._write(writer, tail)
         return keep_alive
+
+    async def _break_stream(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, fault: str,
+        chunked: bool, keep_alive: bool,
+    ) -> bool:
+        """End the stream the way `fault` says; returns whether the connection stays open."""
+        if fault == "reset":
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+        elif fault == "garbage":
+            garbage = random.Random(self.options.seed)
+            await self._write(writer, bytes(garbage.getrandbits(8) for _ in range(64)))
+        elif fault == "hang_after":
+            await _wait_for_close(reader)
+        elif chunked:  # "cut": a clean end of the body, only [DONE] is missing
+            await self._write(writer, b"0\r\n\r\n")
+            return keep_alive
+        return False
 
     async def _write(self, writer: asyncio.StreamWriter, data: bytes) -> None:
         size = self.options.write_size

@@ -580,3 +580,794 @@ def edit_distance(a: str, b: str) -> int:
         for j, y in enumerate(b, 1):
             previous, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, previous + (x != y))
     return row[-1]
+
+
+# ---------------------------------------------------------------------------------------
+# End to end against the mock upstream
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def mock() -> Iterator[mock_server.MockServer]:
+    with mock_server.serve_in_thread() as server:
+        yield server
+
+
+def provider_for(url: str) -> "type[FakeGpt]":
+    """A FakeGpt subclass aimed at `url`, with sessions of its own."""
+    return type("Provider", (FakeGpt,), {"url": url, "_sessions": {}, "_access_token": None, "_cookie_jar": None})
+
+
+@pytest.fixture
+def provider(mock: mock_server.MockServer) -> "type[FakeGpt]":
+    return provider_for(mock.url)
+
+
+async def gather_pieces(provider: "type[FakeGpt]", content: str = "Hello", **kwargs: Any) -> List[str]:
+    return [p async for p in provider.create_async_generator("", [{"role": "user", "content": content}], **kwargs)]
+
+
+def pieces_of(provider: "type[FakeGpt]", content: str = "Hello", **kwargs: Any) -> List[str]:
+    return asyncio.run(gather_pieces(provider, content, **kwargs))
+
+
+def failure(provider: "type[FakeGpt]", content: str = "Hello", **kwargs: Any) -> Tuple[fakegpt.FakeGptError, List[str]]:
+    """The error a call raises and the pieces delivered before it."""
+    pieces: List[str] = []
+
+    async def run() -> None:
+        async for piece in provider.create_async_generator("", [{"role": "user", "content": content}], **kwargs):
+            pieces.append(piece)
+
+    with pytest.raises(fakegpt.FakeGptError) as caught:
+        asyncio.run(run())
+    return caught.value, pieces
+
+
+def run_cli(*args: str, input: Optional[str] = None, env: Optional[Dict[str, str]] = None, timeout: float = 30) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONPATH": str(HERE), "NO_COLOR": "1", **(env or {})}
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "FAKEGPT_URL"):
+        if env is None or name not in env:
+            full_env.pop(name, None)
+    return subprocess.run([sys.executable, "-m", "fakegpt", *args], input=input, capture_output=True,
+                          text=True, encoding="utf-8", env=full_env, cwd=HERE, timeout=timeout)
+
+
+SEED_EXAMPLE = '''\
+import asyncio
+from typing import List, Dict, AsyncGenerator, Optional
+
+from src.endpoints.gpt4free.g4f.Provider.deprecated import FakeGpt
+
+async def main():
+    messages: List[Dict[str, str]] = [{"role": "user", "content": "Hello, how are you?"}]
+    model: str = "text-davinci-002-render-sha"
+    proxy: Optional[str] = None
+
+    generator: AsyncGenerator[str, None] = FakeGpt.create_async_generator(model=model, messages=messages, proxy=proxy)
+    async for message in generator:
+        print(message, end="")
+
+if __name__ == "__main__":
+    asyncio.run(main())
+'''
+
+
+def test_seed_example_runs_verbatim_with_only_the_url_changed(tmp_path: pathlib.Path, mock: mock_server.MockServer) -> None:
+    package = tmp_path / "src" / "endpoints" / "gpt4free" / "g4f" / "Provider" / "deprecated"
+    package.mkdir(parents=True)
+    for folder in [package, *package.parents][: len(package.relative_to(tmp_path).parts)]:
+        (folder / "__init__.py").touch()
+    # The url is the one thing changed: the public service is gone.
+    (package / "__init__.py").write_text(f"from fakegpt import FakeGpt\nFakeGpt.url = {mock.url!r}\n")
+    (tmp_path / "example.py").write_text(SEED_EXAMPLE)
+    result = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True,
+                            encoding="utf-8", env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{HERE}"}, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == mock_server.default_reply("Hello, how are you?")
+
+
+def test_reply_streams_in_pieces_that_join_to_the_mock_reply(provider: "type[FakeGpt]") -> None:
+    pieces = pieces_of(provider, "Hello")
+    assert len(pieces) > 5
+    assert "".join(pieces) == mock_server.default_reply("Hello")
+
+
+def test_provider_attributes_match_the_seed_and_gpt4free() -> None:
+    assert FakeGpt.url == "https://chat-shared2.zhile.io"
+    assert (FakeGpt.supports_gpt_35_turbo, FakeGpt.working, FakeGpt.supports_stream) == (True, False, True)
+    assert (FakeGpt.supports_gpt_4, FakeGpt.supports_message_history, FakeGpt.needs_auth) == (False, True, False)
+    assert FakeGpt.get_dict() == {"name": "FakeGpt", "url": FakeGpt.url, "label": "FakeGpt"}
+    assert "messages: Messages" in FakeGpt.params and "proxy: Optional[str] = None" in FakeGpt.params
+
+
+def test_token_and_cookie_are_cached_so_a_second_call_makes_one_request(provider: "type[FakeGpt]", mock: mock_server.MockServer) -> None:
+    pieces_of(provider)
+    assert [r.path for r in mock.requests] == ["/api/loads", "/auth/login", "/api/auth/session", "/api/conversation"]
+    assert isinstance(provider._cookie_jar, fakegpt.http.cookiejar.CookieJar)
+    assert provider._access_token
+    pieces_of(provider)
+    assert [r.path for r in mock.requests[4:]] == ["/api/conversation"]
+
+
+def test_login_request_and_conversation_request_follow_the_protocol(provider: "type[FakeGpt]", mock: mock_server.MockServer) -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    asyncio.run(provider.create_async("gpt-3.5-turbo", messages))
+    loads, login, session, conversation = mock.requests
+    assert loads.method == "GET" and loads.query.startswith("t=") and abs(int(loads.query[2:]) - time.time()) < 60
+    form = dict(pair.split("=") for pair in login.body.decode().split("&"))
+    assert form["token_key"] in mock.token_ids
+    assert len(form["session_password"]) >= 8
+    assert any(c.isdigit() for c in form["session_password"]) and any(c.isalpha() for c in form["session_password"])
+    assert session.header("cookie", ).startswith("credential=")
+    assert conversation.header("x-authorization") == f"Bearer {provider._access_token}"
+    assert conversation.header("authorization") is None
+    assert conversation.header("content-type") == "application/json"
+    assert conversation.header("accept") == "text/event-stream"
+    assert conversation.header("referer") == f"{mock.url}/?v=2"
+    assert "Chrome/118" in (conversation.header("user-agent") or "")
+    body = json.loads(conversation.body)
+    assert body["messages"][0]["content"]["parts"] == ["System: Be brief.\nUser: Hi\nAssistant:"]
+    assert body["model"] == "text-davinci-002-render-sha" and body["action"] == "next"
+    assert body["history_and_training_disabled"] is True and body["timezone_offset_min"] == -120
+    assert {"plugin_ids", "suggestions", "arkose_token", "force_paragen", "parent_message_id"} <= set(body)
+
+
+def test_format_prompt_has_gpt4free_semantics() -> None:
+    assert fakegpt.format_prompt([{"role": "user", "content": "only"}]) == "only"
+    assert fakegpt.format_prompt([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]) == "User: a\nAssistant: b\nAssistant:"
+    for bad in ([], None, [{"role": "user"}], [{"content": "x"}], ["text"]):
+        with pytest.raises(fakegpt.UsageError):
+            fakegpt.format_prompt(bad)  # type: ignore[arg-type]
+
+
+def test_random_strings_and_session_passwords() -> None:
+    assert len(fakegpt.get_random_string()) == 10 and len(fakegpt.get_random_string(25)) == 25
+    assert set(fakegpt.get_random_string(2000)) <= set("abcdefghijklmnopqrstuvwxyz0123456789")
+    for _ in range(2000):  # the original drew passwords that broke the rule about 1 time in 6
+        password = fakegpt._session_password()
+        assert len(password) >= 8 and any(c.isdigit() for c in password) and any(c.isalpha() for c in password)
+
+
+def test_single_flight_login_for_200_concurrent_first_calls(provider: "type[FakeGpt]", mock: mock_server.MockServer) -> None:
+    async def many() -> List[List[str]]:
+        return await asyncio.gather(*(gather_pieces(provider, f"call {i}") for i in range(200)))
+
+    results = asyncio.run(many())
+    assert ["".join(r) for r in results] == [mock_server.default_reply(f"call {i}") for i in range(200)]
+    assert (mock.count("GET", "/api/loads"), mock.count("POST", "/auth/login"), mock.count("GET", "/api/auth/session")) == (1, 1, 1)
+    assert mock.count("POST", "/api/conversation") == 200
+
+
+def test_expired_token_logs_in_again_once_and_retries(provider: "type[FakeGpt]", mock: mock_server.MockServer) -> None:
+    pieces_of(provider)
+    old_token = provider._access_token
+    mock.expire_tokens()
+    assert "".join(pieces_of(provider)) == mock_server.default_reply("Hello")
+    assert mock.count("POST", "/auth/login") == 2 and mock.count("POST", "/api/conversation") == 3
+    assert provider._access_token != old_token
+
+
+@pytest.mark.parametrize("fault", ["status:401", "status:403", "expired200"])
+def test_a_second_token_failure_raises(provider: "type[FakeGpt]", mock: mock_server.MockServer, fault: str) -> None:
+    mock.fail_next(fault, times=2)
+    error, pieces = failure(provider)
+    assert isinstance(error, fakegpt.TokenExpiredError) and pieces == []
+    assert mock.count("POST", "/auth/login") == 2 and mock.count("POST", "/api/conversation") == 2
+
+
+@pytest.mark.parametrize("options, error, message", [
+    ({"loads": "empty"}, fakegpt.AuthenticationError, "no shared token"),
+    ({"loads": "malformed"}, fakegpt.AuthenticationError, "malformed"),
+    ({"login": "refuse"}, fakegpt.AuthenticationError, "refused the login"),
+    ({"session": "empty"}, fakegpt.AuthenticationError, "no access token"),
+])
+def test_login_flow_failures_each_raise_a_clear_error(options: Dict[str, Any], error: type, message: str) -> None:
+    with mock_server.serve_in_thread(**options) as server:
+        raised, _ = failure(provider_for(server.url))
+    assert isinstance(raised, error) and message in str(raised)
+
+
+FULL_REPLY = mock_server.default_reply("Hello")
+
+
+@pytest.mark.parametrize("fault, error, message", [
+    ("status:429:7", fakegpt.RateLimitError, "HTTP 429: Too many requests in 1 hour. Try again later. (retry after 7 s)"),
+    ("status:500", fakegpt.HTTPStatusError, "HTTP 500: Internal Server Error"),
+    ("status:504", fakegpt.HTTPStatusError, "HTTP 504: 504 Gateway Time-out"),
+    ("status:409", fakegpt.HTTPStatusError, "Only one message at a time"),
+    ("content_type", fakegpt.ProtocolError, "expected an event stream, got text/html"),
+    ("empty", fakegpt.NoResponseError, "No valid response"),
+])
+def test_server_errors_before_text(provider: "type[FakeGpt]", mock: mock_server.MockServer, fault: str, error: type, message: str) -> None:
+    mock.fail_next(fault)
+    raised, pieces = failure(provider)
+    assert type(raised) is error and message in str(raised) and pieces == []
+    if isinstance(raised, fakegpt.RateLimitError):
+        assert raised.retry_after == 7 and raised.status == 429
+
+
+@pytest.mark.parametrize("framing", ["chunked", "length", "close"])
+@pytest.mark.parametrize("fault, error, message", [
+    ("cut:6", fakegpt.TruncatedStreamError, "cut off after"),
+    ("reset:6", fakegpt.TruncatedStreamError, "cut off after"),
+    ("garbage:6", fakegpt.ProtocolError, ""),
+    ("error_event:3", fakegpt.UpstreamError, "Something went wrong"),
+    ("rewrite:3", fakegpt.ProtocolError, "rewrote text"),
+])
+def test_faults_after_text_raise_after_the_text_without_loss_or_duplication(framing: str, fault: str, error: type, message: str) -> None:
+    with mock_server.serve_in_thread(framing=framing) as server:
+        server.fail_next(fault)
+        raised, pieces = failure(provider_for(server.url))
+    assert isinstance(raised, error) and message in str(raised)
+    delivered = "".join(pieces)
+    assert FULL_REPLY.startswith(delivered)
+    if isinstance(raised, fakegpt.TruncatedStreamError):
+        assert raised.text == delivered and delivered and delivered != FULL_REPLY
+
+
+@pytest.mark.parametrize("options", [
+    {"framing": "length"}, {"framing": "close"}, {"newline": "\r\n"}, {"newline": "\r"},
+    {"multiline": True, "data_space": False, "comments": True, "pings": True, "bom": True},
+    {"write_size": 1, "newline": "\r\n"}, {"write_size": 7, "framing": "close", "newline": "\r"},
+    {"gzip": "always"}, {"gzip": "accept"}, {"ascii_json": True}, {"step": 1}, {"finish": "max_tokens"},
+])
+def test_every_framing_of_the_mock_end_to_end(options: Dict[str, Any]) -> None:
+    with mock_server.serve_in_thread(**options) as server:
+        provider = provider_for(server.url)
+
+        async def run() -> fakegpt.ChatStream:
+            async with provider.stream("", USER) as stream:
+                async for _ in stream:
+                    pass
+            return stream
+
+        stream = asyncio.run(run())
+    assert stream.text == FULL_REPLY
+    assert stream.finish_reason == options.get("finish", "stop")
+    assert stream.conversation_id and stream.message_id
+
+
+def test_read_timeout_on_a_stalled_server_is_close_to_the_configured_time(provider: "type[FakeGpt]", mock: mock_server.MockServer) -> None:
+    mock.fail_next("hang_after:5")
+    started = time.monotonic()
+    raised, pieces = failure(provider, timeout=fakegpt.Timeouts(read=0.5))
+    elapsed = time.monotonic() - started
+    assert isinstance(raised, fakegpt.RequestTimeout) and raised.phase == "read"
+    assert "sent nothing for 0.5 s" in str(raised) and 0.45 < elapsed < 3
+    assert FULL_REPLY.startswith("".join(pieces))
+
+
+def test_total_timeout_as_gpt4free_plain_seconds(provider: "type[FakeGpt]", mock: mock_server.MockServer) -> None:
+    mock.fail_next("delay_events:0.2")
+    started = time.monotonic()
+    raised, _ = failure(provider, timeout=1)
+    assert isinstance(raised, fakegpt.RequestTimeout) and raised.phase == "total"
+    assert time.monotonic() - started < 3
+
+
+@contextlib.contextmanager
+def thread_server(handler: Any, ssl_context: Optional[ssl.SSLContext] = None) -> Iterator[Tuple[str, int]]:
+    """An asyncio server with `handler` on a thread; yields its (host, port)."""
+    ready, holder = threading.Event(), {}
+
+    async def run() -> None:
+        server = await asyncio.start_server(handler, "127.0.0.1", 0, ssl=ssl_context)
+        holder["address"], holder["loop"], holder["stop"] = server.sockets[0].getsockname()[:2], asyncio.get_running_loop(), asyncio.Event()
+        ready.set()
+        async with server:
+            await holder["stop"].wait()
+
+    thread = threading.Thread(target=asyncio.run, args=(run(),), daemon=True)
+    thread.start()
+    ready.wait()
+    try:
+        yield holder["address"]
+    finally:
+        holder["loop"].call_soon_threadsafe(holder["stop"].set)
+        thread.join(5)
+
+
+async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.read()  # accepts, then says nothing
+
+
+def test_connect_timeout_covers_a_tls_handshake_that_never_answers() -> None:
+    with thread_server(silent) as (host, port):
+        started = time.monotonic()
+        raised, _ = failure(provider_for(f"https://{host}:{port}"), timeout=fakegpt.Timeouts(connect=0.4))
+    assert isinstance(raised, fakegpt.RequestTimeout) and raised.phase == "connect"
+    assert time.monotonic() - started < 3
+
+
+def test_a_refused_connection_is_a_connect_error() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    raised, _ = failure(provider_for(f"http://127.0.0.1:{port}"))
+    assert isinstance(raised, fakegpt.ConnectError) and f"127.0.0.1:{port}" in str(raised)
+
+
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_abandoned_streams_close_their_connections_at_once(provider: "type[FakeGpt]", mock: mock_server.MockServer) -> None:
+    pieces_of(provider)  # log in first
+    before = open_descriptors()
+
+    async def abandon(index: int) -> str:
+        generator = provider.create_async_generator("", [{"role": "user", "content": f"[[fault delay_events:0.05]] {index}"}])
+        first = await generator.__anext__()
+        await generator.aclose()
+        return first
+
+    async def cancelled() -> None:
+        task = asyncio.ensure_future(gather_pieces(provider, "[[fault hang_after:4]]"))
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    async def many() -> List[str]:
+        firsts = await asyncio.gather(*(abandon(i) for i in range(1000)))
+        await cancelled()
+        assert asyncio.all_tasks() == {asyncio.current_task()}
+        return firsts
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResourceWarning)
+        firsts = asyncio.run(many())
+        gc.collect()
+    assert all(firsts)
+    assert open_descriptors() <= before + 2
+    deadline = time.monotonic() + 5
+    while mock._connections and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not mock._connections  # the server saw every connection close
+
+
+def test_first_piece_arrives_before_the_server_pauses() -> None:
+    with mock_server.serve_in_thread() as server:
+        server.fail_next("pause_after:1:1.5")
+        provider = provider_for(server.url)
+        pieces_of(provider, "warm up")  # log in outside the measurement
+        server.fail_next("pause_after:1:1.5")
+
+        async def timed() -> Tuple[float, float]:
+            started = time.monotonic()
+            generator = provider.create_async_generator("", USER)
+            await generator.__anext__()
+            first = time.monotonic() - started
+            async for _ in generator:
+                pass
+            return first, time.monotonic() - started
+
+        first, total = asyncio.run(timed())
+    assert total >= 1.5 and first < 1.0
+
+
+def test_sessions_are_kept_per_upstream_url() -> None:
+    with mock_server.serve_in_thread(seed=1) as one, mock_server.serve_in_thread(seed=2) as two:
+        provider = provider_for(one.url)
+        pieces_of(provider)
+        pieces_of(provider, url=two.url)
+        pieces_of(provider)
+        one_token = one.requests[3].header("x-authorization")
+        for request in two.requests:
+            assert request.header("x-authorization") != one_token
+            assert one_token and one_token[7:] not in str(request.headers)
+        assert (one.count("POST", "/auth/login"), two.count("POST", "/auth/login")) == (1, 1)
+        assert len(provider._sessions) == 2
+
+
+def test_sync_create_completion_with_and_without_a_running_loop(provider: "type[FakeGpt]") -> None:
+    assert "".join(provider.create_completion("", USER)) == FULL_REPLY
+    assert list(provider.create_completion("", USER, stream=False)) == [FULL_REPLY]
+
+    async def inside_a_loop() -> str:
+        return "".join(provider.create_completion("", USER))
+
+    assert asyncio.run(inside_a_loop()) == FULL_REPLY
+    assert asyncio.run(provider.create_async("", USER)) == FULL_REPLY
+    early = provider.create_completion("", USER)
+    assert next(early)
+    early.close()  # leaves no loop or thread behind
+    assert threading.active_count() <= 3
+
+
+def test_conversation_ids_continue_a_conversation(provider: "type[FakeGpt]", mock: mock_server.MockServer) -> None:
+    async def two_turns() -> Tuple[fakegpt.ChatStream, fakegpt.ChatStream]:
+        async with provider.stream("gpt-4", USER) as first:
+            events = [event async for event in first]
+        assert events[-1].status == "finished_successfully" and events[-1].text == FULL_REPLY
+        async with provider.stream("", USER, conversation_id=first.conversation_id,
+                                   parent_message_id=first.message_id, history_and_training_disabled=False) as second:
+            async for _ in second:
+                pass
+        return first, second
+
+    first, second = asyncio.run(two_turns())
+    body = json.loads(mock.requests[-1].body)
+    assert body["conversation_id"] == first.conversation_id == second.conversation_id
+    assert body["parent_message_id"] == first.message_id
+    assert body["history_and_training_disabled"] is False
+    assert json.loads(mock.requests[-2].body)["model"] == "gpt-4"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"url": "ftp://example.com"}, "http:// or https://"),
+    ({"url": "http://user:pw@127.0.0.1:1"}, "credentials"),
+    ({"proxy": "socks5://127.0.0.1:1080"}, "socks5:// proxies are not supported"),
+    ({"timeout": -1}, "timeout"),
+    ({"ssl": True}, "ssl must be"),
+])
+def test_bad_arguments_give_usage_errors(kwargs: Dict[str, Any], message: str) -> None:
+    raised, _ = failure(FakeGpt, **kwargs)
+    assert isinstance(raised, fakegpt.UsageError) and message in str(raised)
+
+
+def test_unknown_keywords_are_accepted(provider: "type[FakeGpt]") -> None:
+    assert "".join(pieces_of(provider, stream=True, temperature=0.5, web_search=False)) == FULL_REPLY
+
+
+# ---------------------------------------------------------------------------------------
+# Proxies and TLS
+# ---------------------------------------------------------------------------------------
+
+
+class LoopbackProxy:
+    """A small HTTP proxy: CONNECT tunnels and absolute-form forwarding, recording both."""
+
+    def __init__(self, credentials: Optional[str] = None) -> None:
+        self.expected = None if credentials is None else "Basic " + __import__("base64").b64encode(credentials.encode()).decode()
+        self.seen: List[Tuple[str, str, Optional[str]]] = []  # method, target, Proxy-Authorization
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            method, target, _ = lines[0].split(" ")
+            fields = [line.split(":", 1) for line in lines[1:] if line]
+            authorization = next((v.strip() for k, v in fields if k.lower() == "proxy-authorization"), None)
+            self.seen.append((method, target, authorization))
+            if self.expected is not None and authorization != self.expected:
+                writer.write(b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n")
+                return
+            if method == "CONNECT":
+                host, port = target.rsplit(":", 1)
+                upstream_reader, upstream_writer = await asyncio.open_connection(host, int(port))
+                writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            else:
+                url = __import__("urllib.parse").parse.urlsplit(target)
+                upstream_reader, upstream_writer = await asyncio.open_connection(url.hostname, url.port)
+                kept = [line for line in lines[1:] if line and not line.lower().startswith("proxy-authorization")]
+                origin_form = url.path + ("?" + url.query if url.query else "")
+                upstream_writer.write(("\r\n".join([f"{method} {origin_form} HTTP/1.1", *kept]) + "\r\n\r\n").encode("latin-1"))
+            await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+
+async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+
+
+def tls_context(cert: str) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(str(TESTDATA / f"{cert}.pem"), str(TESTDATA / f"{cert}.key"))
+    return context
+
+
+def trusting_test_ca() -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(TESTDATA / "ca.pem"))
+
+
+def test_http_upstream_through_a_proxy_uses_absolute_form_and_keeps_credentials_at_the_proxy(mock: mock_server.MockServer) -> None:
+    proxy = LoopbackProxy("user:pa ss")
+    with thread_server(proxy.handle) as (host, port):
+        pieces = pieces_of(provider_for(mock.url), proxy=f"http://user:pa%20ss@{host}:{port}")
+    assert "".join(pieces) == FULL_REPLY
+    assert [target for _, target, _ in proxy.seen][0] == f"{mock.url}/api/loads?" + mock.requests[0].query
+    assert all(auth == proxy.expected for _, _, auth in proxy.seen)
+    assert all(r.header("proxy-authorization") is None for r in mock.requests)
+
+
+def test_https_upstream_through_a_proxy_uses_connect() -> None:
+    certfile, keyfile = str(TESTDATA / "server.pem"), str(TESTDATA / "server.key")
+    proxy = LoopbackProxy("user:secret")
+    with mock_server.serve_in_thread(certfile=certfile, keyfile=keyfile) as server, thread_server(proxy.handle) as (host, port):
+        assert server.url.startswith("https://127.0.0.1:")
+        pieces = pieces_of(provider_for(server.url), proxy=f"http://user:secret@{host}:{port}", ssl=trusting_test_ca())
+    assert "".join(pieces) == FULL_REPLY
+    assert {method for method, _, _ in proxy.seen} == {"CONNECT"}
+    assert all(r.header("proxy-authorization") is None for r in server.requests)
+
+
+def test_proxy_refusing_credentials_is_a_clear_error(mock: mock_server.MockServer) -> None:
+    proxy = LoopbackProxy("user:right")
+    with thread_server(proxy.handle) as (host, port):
+        raised, _ = failure(provider_for(mock.url.replace("http:", "https:")), proxy=f"http://user:wrong@{host}:{port}")
+    assert isinstance(raised, fakegpt.ConnectError) and "407" in str(raised) and "wrong" not in str(raised)
+
+
+def test_environment_proxies_are_used_behind_trust_env_and_no_proxy_excludes(monkeypatch: pytest.MonkeyPatch, mock: mock_server.MockServer) -> None:
+    proxy = LoopbackProxy()
+    with thread_server(proxy.handle) as (host, port):
+        monkeypatch.setenv("HTTP_PROXY", f"http://{host}:{port}")
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        provider = provider_for(mock.url)
+        pieces_of(provider)
+        assert proxy.seen == []  # the library ignores the environment by default
+        pieces_of(provider, trust_env=True)
+        assert len(proxy.seen) == 1
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        pieces_of(provider, trust_env=True)
+        assert len(proxy.seen) == 1
+
+
+def test_tls_with_a_trusted_test_ca_works() -> None:
+    with mock_server.serve_in_thread(certfile=str(TESTDATA / "server.pem"), keyfile=str(TESTDATA / "server.key")) as server:
+        assert "".join(pieces_of(provider_for(server.url), ssl=trusting_test_ca())) == FULL_REPLY
+
+
+@pytest.mark.parametrize("cert, words", [("selfsigned", "self-signed certificate"), ("wronghost", "IP address mismatch")])
+def test_tls_untrusted_certificate_and_wrong_host_fail_clearly(cert: str, words: str) -> None:
+    with mock_server.serve_in_thread(certfile=str(TESTDATA / f"{cert}.pem"), keyfile=str(TESTDATA / f"{cert}.key")) as server:
+        raised, _ = failure(provider_for(server.url), ssl=trusting_test_ca())
+        default, _ = failure(provider_for(server.url))  # the system store trusts neither
+    assert isinstance(raised, fakegpt.TLSError) and words in str(raised)
+    assert isinstance(default, fakegpt.TLSError)
+
+
+def test_cli_honours_ssl_cert_file() -> None:
+    with mock_server.serve_in_thread(certfile=str(TESTDATA / "server.pem"), keyfile=str(TESTDATA / "server.key")) as server:
+        trusted = run_cli("--url", server.url, "Hello", env={"SSL_CERT_FILE": str(TESTDATA / "ca.pem")})
+        untrusted = run_cli("--url", server.url, "Hello")
+    assert trusted.returncode == 0 and trusted.stdout == FULL_REPLY + "\n"
+    assert untrusted.returncode == 1 and "certificate" in untrusted.stderr
+
+
+# ---------------------------------------------------------------------------------------
+# Secrets
+# ---------------------------------------------------------------------------------------
+
+SENTINEL = "SENTINEL-ACCESS-TOKEN-5f3c"
+
+
+def test_secrets_never_appear_in_logs_errors_repr_or_cli_output(caplog: pytest.LogCaptureFixture) -> None:
+    proxy = LoopbackProxy("user:PROXY-PASSWORD-77")
+    shown: List[str] = []
+    with mock_server.serve_in_thread(access_token=SENTINEL) as server, thread_server(proxy.handle) as (host, port):
+        provider = provider_for(server.url)
+        proxy_url = f"http://user:PROXY-PASSWORD-77@{host}:{port}"
+        with caplog.at_level(logging.DEBUG, logger="fakegpt"):
+            pieces_of(provider, proxy=proxy_url)
+            for fault in ("status:429:3", "status:500", "status:401", "cut:5", "error_event:2", "expired200"):
+                server.fail_next(fault, times=2)  # a token failure is retried once
+                raised, _ = failure(provider, proxy=proxy_url)
+                shown += [str(raised), repr(raised), str(vars(raised))]
+        assert provider._access_token == SENTINEL and provider._cookie_jar is not None
+        credential = next(cookie.value for cookie in provider._cookie_jar)
+        shown += [record.getMessage() for record in caplog.records]
+        shown += [repr(provider), repr(fakegpt._Proxy(proxy_url)), repr(provider.stream("", USER, proxy=proxy_url))]
+        cli = run_cli("--verbose", "--url", server.url, "--proxy", proxy_url, "[[fault status:500]] Hello")
+        shown += [cli.stdout, cli.stderr]
+    assert any("POST" in line for line in shown)  # the requests were logged
+    assert "fakegpt: POST" in cli.stderr and cli.returncode == 1
+    for secret in (SENTINEL, credential, "PROXY-PASSWORD-77"):
+        assert not [text for text in shown if secret in text]
+
+
+def test_error_bodies_that_echo_a_secret_are_redacted() -> None:
+    head = Response(400, "Bad Request", (("content-type", "application/json"),))
+    error = fakegpt._status_error(head, json.dumps({"detail": f"bad token {SENTINEL}"}).encode(), what="POST x", redact=[SENTINEL])
+    assert SENTINEL not in str(error) and SENTINEL not in error.detail and SENTINEL not in error.body
+    assert "bad token ***" in str(error)
+
+
+# ---------------------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------------------
+
+
+def test_cli_mock_hello_is_the_readme_first_command() -> None:
+    result = run_cli("--mock", "Hello")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == FULL_REPLY + "\n" and result.stderr == ""
+
+
+def test_cli_streams_from_url_prompt_from_stdin_and_json(mock: mock_server.MockServer) -> None:
+    assert run_cli("--url", mock.url, "Hello").stdout == FULL_REPLY + "\n"
+    assert run_cli("--url", mock.url, input="Hello").stdout == FULL_REPLY + "\n"
+    assert run_cli("--url", mock.url, "-", input="Hello").stdout == FULL_REPLY + "\n"
+    assert run_cli("Hello", env={"FAKEGPT_URL": mock.url}).stdout == FULL_REPLY + "\n"
+    lines = [json.loads(line) for line in run_cli("--url", mock.url, "--json", "Hello").stdout.splitlines()]
+    assert "".join(line["delta"] for line in lines) == FULL_REPLY
+    assert lines[-1]["finish_reason"] == "stop" and lines[-1]["conversation_id"]
+
+
+def test_cli_output_is_flushed_per_piece(mock: mock_server.MockServer) -> None:
+    process = subprocess.Popen([sys.executable, "-m", "fakegpt", "--url", mock.url, "[[fault pause_after:2:3]] Hi"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=HERE, env={**os.environ, "PYTHONPATH": str(HERE)})
+    try:
+        assert process.stdout is not None
+        ready, _, _ = select.select([process.stdout], [], [], 2.5)
+        assert ready and os.read(process.stdout.fileno(), 100).decode().startswith("Прив")
+    finally:
+        process.kill()
+        process.wait()
+
+
+@pytest.mark.parametrize("args, code, words", [
+    (["--url", "ftp://x", "Hi"], 2, "http:// or https://"),
+    (["--timeout", "0", "Hi"], 2, "--timeout"),
+    (["--proxy", "socks5://127.0.0.1:9", "--mock", "Hi"], 2, "socks5"),
+    (["--mock", ""], 2, "empty"),
+    (["--no-such-flag"], 2, "unrecognized"),
+    (["--mock", "[[fault status:429:7]] Hi"], 1, "HTTP 429"),
+    (["--mock", "[[fault cut:5]] Hi"], 1, "cut off after"),
+])
+def test_cli_errors_are_one_line_without_traceback(args: List[str], code: int, words: str) -> None:
+    result = run_cli(*args)
+    assert result.returncode == code and words in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len([line for line in result.stderr.splitlines() if line.startswith("fakegpt: error")]) <= 1
+
+
+def test_cli_unreachable_upstream_is_one_line_and_the_default_url_points_to_mock() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = run_cli("--url", f"http://127.0.0.1:{port}", "Hi")
+    assert result.returncode == 1 and result.stderr.count("\n") == 1 and "cannot connect" in result.stderr
+    hint = fakegpt._explain(fakegpt.ConnectError("cannot resolve the host name"), fakegpt.DEFAULT_URL)
+    assert "shut down" in hint and "--mock" in hint and "--url" in hint
+
+
+def test_cli_version_and_help() -> None:
+    assert run_cli("--version").stdout.strip() == f"fakegpt {fakegpt.__version__}"
+    help_text = run_cli("--help").stdout
+    for flag in ("--mock", "--url", "--proxy", "--model", "--timeout", "--json", "--verbose", "exit codes"):
+        assert flag in help_text
+
+
+def test_cli_ctrl_c_exits_130_without_traceback(mock: mock_server.MockServer) -> None:
+    process = subprocess.Popen([sys.executable, "-m", "fakegpt", "--url", mock.url, "[[fault hang_after:4]] Hi"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=HERE, env={**os.environ, "PYTHONPATH": str(HERE)})
+    assert process.stdout is not None
+    select.select([process.stdout], [], [], 10)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=10)
+    assert process.returncode == 130 and b"Traceback" not in stderr
+
+
+def read_until(fd: int, marker: bytes, timeout: float = 10) -> bytes:
+    seen, deadline = b"", time.monotonic() + timeout
+    while marker not in seen:
+        ready, _, _ = select.select([fd], [], [], max(deadline - time.monotonic(), 0))
+        if not ready:
+            raise AssertionError(f"{marker!r} not shown; screen: {seen.decode(errors='replace')!r}")
+        seen += os.read(fd, 4096)
+    return seen
+
+
+def test_interactive_chat_in_a_real_terminal(mock: mock_server.MockServer) -> None:
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: fakegpt on the terminal
+        os.chdir(HERE)
+        os.execve(sys.executable, [sys.executable, "-m", "fakegpt", "--url", mock.url],
+                  {**os.environ, "PYTHONPATH": str(HERE), "NO_COLOR": "1"})
+    try:
+        assert b"Ctrl-D quits" in read_until(fd, b"you> ")
+        os.write(fd, b"Hello\n")
+        screen = read_until(fd, b"you> ").decode()
+        assert FULL_REPLY in screen.replace("\r\n", "\n")
+        os.write(fd, b"[[fault delay_events:0.3]] slow\n")
+        read_until(fd, "Привет".encode())
+        os.write(fd, b"\x03")  # Ctrl-C stops this reply only
+        assert b"[reply stopped]" in read_until(fd, b"you> ")
+        os.write(fd, b"Again\n")
+        read_until(fd, b"you> ")
+        os.write(fd, b"\x04")  # Ctrl-D quits
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        with contextlib.suppress(ProcessLookupError, ChildProcessError):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(fd)
+    turns = [json.loads(r.body) for r in mock.requests if r.path == "/api/conversation"]
+    assert "conversation_id" not in turns[0]
+    assert turns[-1]["conversation_id"] and turns[-1]["messages"][0]["content"]["parts"] == ["Again"]
+    assert turns[1]["parent_message_id"] != turns[0]["parent_message_id"]
+
+
+# ---------------------------------------------------------------------------------------
+# The mock server itself, checked with the standard library's own HTTP client
+# ---------------------------------------------------------------------------------------
+
+
+def test_mock_server_command_line_prints_its_url_and_stops_quietly_on_sigterm() -> None:
+    process = subprocess.Popen([sys.executable, "-m", "mock_server", "--port", "0"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, cwd=HERE)
+    try:
+        assert process.stdout is not None
+        url = process.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:")
+        connection = __import__("http.client").client.HTTPConnection(url[7:].split(":")[0], int(url.rsplit(":", 1)[1]), timeout=5)
+        connection.request("GET", "/api/loads?t=1")
+        loads = json.loads(connection.getresponse().read())["loads"]
+        assert len(loads) == 5 and all(len(entry["token_id"]) == 32 for entry in loads)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=10)
+    assert process.returncode == 0 and stderr == "" and stdout == ""
+
+
+def raw_exchange(url: str, request: bytes) -> Tuple[int, Any]:
+    host, port = url[7:].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(request)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ")[1]), json.loads(body)
+
+
+@pytest.mark.parametrize("request_bytes, status", [
+    (b"GET /nowhere HTTP/1.1\r\nConnection: close\r\n\r\n", 404),
+    (b"DELETE /api/loads HTTP/1.1\r\nConnection: close\r\n\r\n", 405),
+    (b"GET /api/conversation HTTP/1.1\r\nConnection: close\r\n\r\n", 405),
+    (b"BROKEN\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nno colon\r\n\r\n", 400),
+    (b"POST /api/conversation HTTP/1.1\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}", 401),
+    (b"POST /api/conversation HTTP/1.1\r\nX-Authorization: Bearer nope\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}", 401),
+    (b"POST /auth/login HTTP/1.1\r\nConnection: close\r\nContent-Length: 7\r\n\r\ntoken_k", 400),
+])
+def test_mock_answers_bad_requests_with_upstream_shaped_json(mock: mock_server.MockServer, request_bytes: bytes, status: int) -> None:
+    got, payload = raw_exchange(mock.url, request_bytes)
+    assert got == status and ("detail" in payload or "message" in payload)
+
+
+def test_mock_rejects_bad_json_and_weak_passwords(provider: "type[FakeGpt]", mock: mock_server.MockServer) -> None:
+    pieces_of(provider)
+    token = provider._access_token
+    for body, status in ((b"{not json", 400), (b'{"action": "next", "messages": []}', 422)):
+        request = b"POST /api/conversation HTTP/1.1\r\nX-Authorization: Bearer %b\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%b" % (
+            token.encode(), len(body), body)
+        assert raw_exchange(mock.url, request)[0] == status
+    weak = f"token_key={mock.token_ids[0]}&session_password=abcdefghij".encode()
+    got, payload = raw_exchange(mock.url, b"POST /auth/login HTTP/1.1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%b" % (len(weak), weak))
+    assert got == 400 and "digits and letters" in payload["message"]
+    assert raw_exchange(mock.url, b"GET /api/auth/session HTTP/1.1\r\nConnection: close\r\n\r\n") == (200, {})
+
+
+def test_mock_reply_is_deterministic_non_ascii_and_scriptable() -> None:
+    assert mock_server.default_reply("x") == mock_server.default_reply("x") != mock_server.default_reply("y")
+    assert any(ord(c) > 127 for c in mock_server.default_reply("x"))
+    with mock_server.serve_in_thread(reply=lambda prompt: prompt.upper() + "!", step=2) as server:
+        assert pieces_of(provider_for(server.url), "abc") == ["AB", "C!"]
+
+
+def test_mock_serves_1000_concurrent_streams() -> None:
+    with mock_server.serve_in_thread(reply="a short reply", step=6) as server:
+        provider = provider_for(server.url)
+
+        async def many() -> List[List[str]]:
+            return await asyncio.gather(*(gather_pieces(provider, f"n{i}", timeout=30) for i in range(1000)))
+
+        results = asyncio.run(many())
+        assert all("".join(r) == "a short reply" for r in results)
+        assert server.count("POST", "/api/conversation") == 1000
