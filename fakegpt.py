@@ -47,6 +47,7 @@ from typing import (
     AsyncIterator,
     Callable,
     Dict,
+    Final,
     Iterator,
     List,
     NamedTuple,
@@ -272,7 +273,7 @@ class _NeedData:
         return "NEED_DATA"
 
 
-NEED_DATA: Any = _NeedData()
+NEED_DATA: Final = _NeedData()
 """`ResponseReader.next_event` has nothing to give until more bytes are fed."""
 
 ReaderEvent = Union[Response, Data, EndOfMessage]
@@ -310,7 +311,7 @@ class ResponseReader:
         self._compressed_seen = False
         self._compressed_tail = b""
         self._trailer_count = 0
-        self._step: Callable[[], Any] = self._read_head
+        self._step: Callable[[], Union[ReaderEvent, _NeedData]] = self._read_head
         self.response: Optional[Response] = None
 
     def feed(self, data: bytes) -> None:
@@ -329,8 +330,7 @@ class ResponseReader:
 
     def next_event(self) -> Union[ReaderEvent, _NeedData]:
         """The next event, or `NEED_DATA` until more is fed."""
-        result: Union[ReaderEvent, _NeedData] = self._step()
-        return result
+        return self._step()
 
     # -- lines -------------------------------------------------------------------------
 
@@ -1117,7 +1117,8 @@ class _Clock:
 if sys.version_info >= (3, 11):
 
     async def _wait_for(awaitable: Any, seconds: float) -> Any:
-        async with asyncio.timeout(seconds):  # no extra task per read, unlike wait_for
+        # Unlike wait_for before 3.12, no extra task per read on the hot path.
+        async with asyncio.timeout(seconds):  # novermin - 3.11+ only, guarded above
             return await awaitable
 
 else:  # pragma: no cover - exercised on Python 3.9 and 3.10
@@ -1201,9 +1202,21 @@ def _proxy_from_environment(endpoint: _Endpoint) -> Optional[_Proxy]:
     """The proxy HTTPS_PROXY / HTTP_PROXY name for `endpoint`, unless NO_PROXY excludes it."""
     proxies = urllib.request.getproxies_environment()
     url = proxies.get(endpoint.scheme)
-    if not url or urllib.request.proxy_bypass_environment(endpoint.host, proxies):
+    if not url or _bypasses_proxy(endpoint, proxies.get("no", "")):
         return None
     return _Proxy(url)
+
+
+def _bypasses_proxy(endpoint: _Endpoint, no_proxy: str) -> bool:
+    """Whether NO_PROXY names the host: "*", the host, a parent domain, or host:port."""
+    host = endpoint.host.lower().rstrip(".")
+    for entry in (e.strip().lower() for e in no_proxy.split(",")):
+        name, _, port = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
+        name = name.lstrip(".").rstrip(".")
+        if entry == "*" or (name and (host == name or host.endswith("." + name))
+                            and (not port or port == str(endpoint.port))):
+            return True
+    return False
 
 
 _default_ssl_context: Optional[ssl.SSLContext] = None
@@ -1405,7 +1418,8 @@ class _Client:
         fields.append(("Connection", "close"))
         cookie_request = _CookieRequest(url, fields)
         if cookie_jar is not None:
-            cookie_jar.add_cookie_header(cookie_request)
+            # http.cookiejar duck-types its request: these adapters are what it reads.
+            cookie_jar.add_cookie_header(cookie_request)  # type: ignore[arg-type]
         head = _serialize_head(method, target, cookie_request.fields)
         via = f" via {proxy.endpoint.authority}" if proxy is not None else ""
         _log.debug("%s %s%s", method, url.split("?")[0], via)
@@ -1611,8 +1625,9 @@ def _choose_token_id(payload: Any) -> str:
     for entry in loads:
         if isinstance(entry, dict) and isinstance(entry.get("token_id"), str) and entry["token_id"]:
             count = entry.get("count")
-            usable = isinstance(count, int) and not isinstance(count, bool)
-            candidates[entry["token_id"]] = count if usable else 0
+            candidates[entry["token_id"]] = (
+                count if isinstance(count, int) and not isinstance(count, bool) else 0
+            )
     if not candidates:
         raise AuthenticationError("the upstream offers no shared token (empty /api/loads)")
     lowest = min(candidates.values())
@@ -2020,7 +2035,7 @@ class FakeGpt:
         return {"name": cls.__name__, "url": cls.url, "label": cls.label}
 
     @_ClassProperty
-    def params(cls) -> str:  # noqa: N805 - a class property
+    def params(cls: "type[FakeGpt]") -> str:  # noqa: N805 - a class property
         """gpt4free's description of the call's parameters."""
         import inspect
 
@@ -2052,7 +2067,7 @@ def _iterate_in_new_loop(pieces: AsyncIterator[_T]) -> Iterator[_T]:
     try:
         while True:
             try:
-                item = loop.run_until_complete(pieces.__anext__())  # type: ignore[arg-type]
+                item = loop.run_until_complete(pieces.__anext__())
             except StopAsyncIteration:
                 return
             yield item
@@ -2079,7 +2094,7 @@ def _iterate_in_thread(pieces: AsyncIterator[_T]) -> Iterator[_T]:
         try:
             async for item in pieces:
                 items.put(("item", item))
-        except Exception as exc:  # handed to the consumer, which raises it
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it
             items.put(("error", exc))
         else:
             items.put(("end", None))

@@ -42,7 +42,7 @@ import time
 import urllib.parse
 import uuid
 import zlib
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple, Union
 
 __version__ = "1.0.0"
 __all__ = [
@@ -167,10 +167,10 @@ class MockServer:
         self.token_ids = [f"{self._random.getrandbits(128):032x}" for _ in range(5)]
         self._credentials: Dict[str, str] = {}  # credential cookie -> token id
         self._access_tokens: Dict[str, str] = {}  # credential cookie -> access token
-        self._expired: set = set()
+        self._expired: Set[str] = set()
         self._queued_faults: List[str] = []
         self._server: Optional[asyncio.AbstractServer] = None
-        self._connections: set = set()
+        self._connections: Set["asyncio.Task[None]"] = set()
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -227,6 +227,7 @@ class MockServer:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         task = asyncio.current_task()
+        assert task is not None
         self._connections.add(task)
         sock = writer.get_extra_info("socket")
         if sock is not None:
@@ -408,7 +409,9 @@ class MockServer:
         user = body["messages"][0]
         model = body.get("model") or "text-davinci-002-render-sha"
         now = time.time()
-        dump = (lambda o: json.dumps(o, ensure_ascii=options.ascii_json, indent=1 if options.multiline else None))
+        def dump(value: Any) -> str:
+            return json.dumps(value, ensure_ascii=options.ascii_json, indent=1 if options.multiline else None)
+
         yield dump({
             "message": {"id": str(uuid.uuid4()), "author": {"role": "system", "name": None, "metadata": {}},
                         "create_time": now, "update_time": None,
@@ -427,7 +430,7 @@ class MockServer:
             metadata: Dict[str, Any] = {"message_type": "next", "model_slug": model}
             if finished:
                 metadata["finish_details"] = {"type": options.finish, "stop": "<|im_end|>"}
-            event = {
+            event: Dict[str, Any] = {
                 "message": {"id": message_id, "author": {"role": "assistant", "name": None, "metadata": {}},
                             "create_time": now, "update_time": None,
                             "content": {"content_type": "text", "parts": ["\x00TEXT\x00"]},
@@ -489,7 +492,7 @@ class MockServer:
                 data = compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH)
             return data
 
-        pieces = (encoded(payload, index == 0) for index, (payload, _) in enumerate(events))
+        pieces: Iterable[bytes] = (encoded(payload, index == 0) for index, (payload, _) in enumerate(events))
         is_assistant = [flag for _, flag in events]
         headers = [("Content-Type", "text/event-stream; charset=utf-8"), ("Cache-Control", "no-cache")]
         if compressor is not None:
@@ -500,7 +503,7 @@ class MockServer:
             # fault then leaves it short of what was declared.
             pieces = list(pieces)
             tail = compressor.flush() if compressor is not None else b""
-            headers.append(("Content-Length", str(sum(map(len, pieces)) + len(tail))))
+            headers.append(("Content-Length", str(sum(len(p) for p in pieces) + len(tail))))
         elif framing == "chunked":
             headers.append(("Transfer-Encoding", "chunked"))
         await _write_head(writer, 200, headers, keep_alive)
@@ -694,7 +697,7 @@ def serve_in_thread(options: Optional[MockOptions] = None, **overrides: Any) -> 
                 holder["server"] = server
                 ready.set()
                 await stop.wait()
-        except BaseException as exc:  # reported to the thread that waits for `ready`
+        except Exception as exc:  # noqa: BLE001 - re-raised in the thread that waits for `ready`
             holder["error"] = exc
             ready.set()
 

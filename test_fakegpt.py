@@ -14,6 +14,7 @@ import os
 import pathlib
 import pty
 import select
+import shutil
 import signal
 import socket
 import ssl
@@ -1116,6 +1117,39 @@ def test_environment_proxies_are_used_behind_trust_env_and_no_proxy_excludes(mon
         assert len(proxy.seen) == 1
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_a_real_proxy_tinyproxy_for_http_and_https(tmp_path: pathlib.Path) -> None:
+    binary = shutil.which("tinyproxy")
+    if binary is None:
+        pytest.skip("tinyproxy is not installed here; .ci/run installs it (LoopbackProxy covers the same paths)")
+    port = free_port()
+    config = tmp_path / "tinyproxy.conf"
+    config.write_text(f"Port {port}\nListen 127.0.0.1\nAllow 127.0.0.1\nTimeout 30\nLogLevel Critical\n")
+    process = subprocess.Popen([binary, "-d", "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            assert time.monotonic() < deadline, "tinyproxy did not start"
+            time.sleep(0.05)
+        proxy = f"http://127.0.0.1:{port}"
+        with mock_server.serve_in_thread() as plain:
+            assert "".join(pieces_of(provider_for(plain.url), proxy=proxy)) == FULL_REPLY
+        certs = {"certfile": str(TESTDATA / "server.pem"), "keyfile": str(TESTDATA / "server.key")}
+        with mock_server.serve_in_thread(**certs) as secure:
+            assert "".join(pieces_of(provider_for(secure.url), proxy=proxy, ssl=trusting_test_ca())) == FULL_REPLY
+            assert secure.count("POST", "/api/conversation") == 1
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
 def test_tls_with_a_trusted_test_ca_works() -> None:
     with mock_server.serve_in_thread(certfile=str(TESTDATA / "server.pem"), keyfile=str(TESTDATA / "server.key")) as server:
         assert "".join(pieces_of(provider_for(server.url), ssl=trusting_test_ca())) == FULL_REPLY
@@ -1371,3 +1405,20 @@ def test_mock_serves_1000_concurrent_streams() -> None:
         results = asyncio.run(many())
         assert all("".join(r) == "a short reply" for r in results)
         assert server.count("POST", "/api/conversation") == 1000
+
+
+def test_pytest_plugin_gives_users_a_mock_fixture(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "test_user.py").write_text(
+        "import asyncio, pytest\n"
+        "def test_default(fakegpt_provider, fakegpt_mock):\n"
+        "    reply = asyncio.run(fakegpt_provider.create_async('', [{'role': 'user', 'content': 'Hi'}]))\n"
+        "    assert reply.startswith('Привет') and fakegpt_mock.count('POST', '/api/conversation') == 1\n"
+        "@pytest.mark.fakegpt_mock(fault='status:429:5', framing='close')\n"
+        "def test_marker(fakegpt_provider):\n"
+        "    with pytest.raises(Exception, match='429'):\n"
+        "        asyncio.run(fakegpt_provider.create_async('', [{'role': 'user', 'content': 'Hi'}]))\n"
+    )
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:fakegpt", "-p", "fakegpt_pytest", "-p", "no:cacheprovider", str(tmp_path)],
+                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(HERE)}, cwd=tmp_path, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 passed" in result.stdout
