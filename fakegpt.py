@@ -282,6 +282,7 @@ _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-5][0-9][0-9])(?: ([\t \x21-\x7e\
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _BAD_FIELD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[^\x00-\x08\x0a-\x1f\x7f]*)?")
+_HEX_DIGITS = b"0123456789abcdefABCDEF"
 _CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
 _DECOMPRESS_STEP = 1024 * 1024
 
@@ -309,6 +310,8 @@ class ResponseReader:
         self._remaining = 0
         self._decoder: Any = None
         self._compressed_seen = False
+        self._chunk_end_pending = False  # chunk data read, its CRLF not yet
+        self._error: Optional[ProtocolError] = None
         self._compressed_tail = b""
         self._trailer_count = 0
         self._step: Callable[[], Union[ReaderEvent, _NeedData]] = self._read_head
@@ -329,7 +332,13 @@ class ResponseReader:
         return bytes(self._buf)
 
     def next_event(self) -> Union[ReaderEvent, _NeedData]:
-        """The next event, or `NEED_DATA` until more is fed."""
+        """The next event, or `NEED_DATA` until more is fed.
+
+        Body bytes that arrived before a protocol error are returned first; the error is
+        raised by the call after.
+        """
+        if self._error is not None:
+            raise self._error
         return self._step()
 
     # -- lines -------------------------------------------------------------------------
@@ -394,7 +403,7 @@ class ResponseReader:
                 raise ProtocolError("both Transfer-Encoding and Content-Length in one response")
             if transfer_coding.strip().lower() != "chunked":
                 raise ProtocolError(f"unsupported Transfer-Encoding {transfer_coding!r}")
-            self._step = self._read_chunk_size
+            self._step = self._read_chunked
         elif content_length is not None:
             self._remaining = _parse_content_length(content_length)
             self._step = self._read_length_body
@@ -427,37 +436,71 @@ class ResponseReader:
             return self._end_of_message()
         return NEED_DATA
 
-    def _read_chunk_size(self) -> Union[ReaderEvent, _NeedData]:
-        line = self._take_line("chunk size line")
-        if line is None:
-            return NEED_DATA
-        match = _CHUNK_SIZE.fullmatch(line)
-        if match is None:
-            raise ProtocolError(f"malformed chunk size line {_excerpt(line)!r}")
-        self._remaining = int(match.group(1), 16)
-        self._step = self._read_chunk_data if self._remaining else self._read_trailers
-        return self._step()
+    def _read_chunked(self) -> Union[ReaderEvent, _NeedData]:
+        """Every complete piece of chunk data in the buffer, as one `Data`.
 
-    def _read_chunk_data(self) -> Union[ReaderEvent, _NeedData]:
-        while self._remaining:
-            if not self._buf:
-                if self._eof:
-                    raise TruncatedStreamError("connection closed inside a chunk")
-                return NEED_DATA
-            piece = self._take(self._remaining)
-            self._remaining -= len(piece)
-            event = self._decoded(piece)
+        One event per read rather than per chunk: servers often send a chunk per SSE
+        event, and per-chunk events would cost more than the parsing itself.
+        """
+        buf, pieces, pos, last_chunk = self._buf, [], 0, False
+        view = memoryview(buf)  # slices of it join with one copy instead of two
+        try:
+            while True:
+                if self._remaining:
+                    take = min(self._remaining, len(buf) - pos)
+                    if take == 0:
+                        break
+                    pieces.append(view[pos:pos + take])
+                    pos += take
+                    self._remaining -= take
+                    if self._remaining:
+                        break
+                    self._chunk_end_pending = True
+                if self._chunk_end_pending:
+                    if len(buf) - pos < 2:
+                        break
+                    if buf[pos] != 0x0D or buf[pos + 1] != 0x0A:
+                        raise ProtocolError("chunk data not followed by CRLF")
+                    pos += 2
+                    self._chunk_end_pending = False
+                end = buf.find(b"\n", pos, pos + self._limits.max_line_size + 2)
+                if end < 0:
+                    if len(buf) - pos > self._limits.max_line_size:
+                        raise LimitExceeded(
+                            f"chunk size line longer than {self._limits.max_line_size} bytes"
+                        )
+                    break
+                line = buf[pos:end - 1] if end > pos and buf[end - 1] == 0x0D else buf[pos:end]
+                size: Union[bytes, bytearray] = line
+                if not (0 < len(line) <= 16 and not line.strip(_HEX_DIGITS)):
+                    # Not plain hex (the usual case, where int() is safe): check it all.
+                    match = _CHUNK_SIZE.fullmatch(line)
+                    if match is None:
+                        raise ProtocolError(f"malformed chunk size line {_excerpt(bytes(line))!r}")
+                    size = match.group(1)
+                pos = end + 1
+                self._remaining = int(size, 16)
+                if not self._remaining:
+                    self._step, last_chunk = self._read_trailers, True
+                    break
+        except ProtocolError as exc:
+            if not pieces:
+                view.release()
+                raise
+            self._error = exc
+        body = b"".join(pieces)
+        pieces.clear()
+        view.release()  # the buffer cannot shrink while a view of it is alive
+        del buf[:pos]
+        if body:
+            event = self._decoded(body)
             if event is not None:
                 return event
-        if len(self._buf) < 2:
-            if self._eof:
-                raise TruncatedStreamError("connection closed after a chunk's data")
-            return NEED_DATA
-        if self._buf[:2] != b"\r\n":
-            raise ProtocolError("chunk data not followed by CRLF")
-        del self._buf[:2]
-        self._step = self._read_chunk_size
-        return self._step()
+        if last_chunk:
+            return self._step()
+        if self._eof:
+            raise TruncatedStreamError("connection closed inside a chunked body")
+        return NEED_DATA
 
     def _read_trailers(self) -> Union[ReaderEvent, _NeedData]:
         while True:
@@ -633,18 +676,34 @@ class SSEDecoder:
         self._event_type = ""
         self._last_event_id = ""
         self._retry: Optional[int] = None
+        self._error: Optional[LimitExceeded] = None
 
     def feed(self, chunk: bytes) -> List[ServerSentEvent]:
-        """Events completed by `chunk`, in order."""
+        """Events completed by `chunk`, in order.
+
+        Events completed before a line that breaks a limit are returned first; the error
+        is raised by the next call (of `feed` or `close`).
+        """
+        if self._error is not None:
+            raise self._error
+        events: List[ServerSentEvent] = []
+        try:
+            self._feed(chunk, events)
+        except LimitExceeded as exc:
+            if not events:
+                raise
+            self._error = exc
+        return events
+
+    def _feed(self, chunk: bytes, events: List[ServerSentEvent]) -> None:
         if self._start is not None:
             chunk = self._start + chunk
             if len(chunk) < len(_BOM) and _BOM.startswith(chunk):
                 self._start = chunk
-                return []
+                return
             self._start = None
             if chunk.startswith(_BOM):
                 chunk = chunk[len(_BOM):]
-        events: List[ServerSentEvent] = []
         pos, size = 0, len(chunk)
         if self._skip_lf and size:
             self._skip_lf = False
@@ -671,19 +730,27 @@ class SSEDecoder:
                 line = bytes(self._partial)
                 self._partial.clear()
                 self._line(line, 0, len(line), events)
+            elif end - pos > self._max_line:
+                raise LimitExceeded(f"event stream line longer than {self._max_line} bytes")
+            elif end == pos:
+                if self._data:
+                    self._dispatch(events)
+                else:
+                    self._event_type, self._retry = "", None
+            elif chunk.startswith(b"data: ", pos, end):  # the usual line, inline
+                self._append_data(chunk[pos + 6:end])
             else:
-                if end - pos > self._max_line:
-                    raise LimitExceeded(f"event stream line longer than {self._max_line} bytes")
                 self._line(chunk, pos, end, events)
             pos = after
         if pos < size:
             if len(self._partial) + size - pos > self._max_line:
                 raise LimitExceeded(f"event stream line longer than {self._max_line} bytes")
             self._partial += chunk[pos:]
-        return events
 
     def close(self) -> None:
         """The stream ended: whatever event is incomplete is discarded."""
+        if self._error is not None:
+            raise self._error
         self._partial.clear()
         self._data = []
         self._data_size = 0
@@ -728,12 +795,13 @@ class SSEDecoder:
         self._data.append(value)
 
     def _dispatch(self, events: List[ServerSentEvent]) -> None:
-        if self._data:
-            raw = self._data[0] if len(self._data) == 1 else b"\n".join(self._data)
+        data = self._data
+        if data:
+            raw = data[0] if len(data) == 1 else b"\n".join(data)
             events.append(
                 ServerSentEvent(self._event_type or "message", raw, self._last_event_id, self._retry)
             )
-        self._data = []
+            data.clear()
         self._data_size = 0
         self._event_type = ""
         self._retry = None
@@ -806,6 +874,8 @@ class _Shape(NamedTuple):
 
 
 _PARTS_MARKERS = (b'"parts": ["', b'"parts":["')
+# A JSON string's bytes that are its text as they stand: no escapes, no control characters.
+_NEEDS_JSON = re.compile(rb"[\x00-\x1f\\]")
 
 
 class ConversationDecoder:
@@ -832,7 +902,7 @@ class ConversationDecoder:
         self.status: Optional[str] = None
         self.finish_reason: Optional[str] = None
         self._pieces: List[str] = []
-        self._raw = b""  # parts[0] as sent, JSON-escaped, when `_shape` is known
+        self._raw: Union[bytes, memoryview] = b""  # parts[0] as sent, JSON-escaped
         self._shape: Optional[_Shape] = None
 
     @property
@@ -857,28 +927,33 @@ class ConversationDecoder:
         return self._decode(raw)
 
     def _extend(self, raw: bytes, shape: _Shape) -> Optional[ChatEvent]:
-        start, end = len(shape.head), len(raw) - len(shape.tail)
-        resume = start + len(self._raw)
+        head, tail, previous = shape.head, shape.tail, self._raw
+        start = len(head)
+        end = len(raw) - len(tail)
+        resume = start + len(previous)
         if not (
             end >= resume
-            and raw.startswith(shape.head)
-            and raw.endswith(shape.tail)
-            and raw.startswith(self._raw, start)
-            and _string_end(raw, resume) == end
+            and raw.startswith(head)
+            and raw.endswith(tail)
+            and raw.startswith(previous, start)
+            and (raw.find(b'"', resume) == end and raw[end - 1] != 0x5C or _string_end(raw, resume) == end)
         ):
             return None
+        suffix = raw[resume:end]
         try:
-            delta = json.loads('"' + raw[resume:end].decode("utf-8") + '"')
+            text = suffix.decode("utf-8")
+            if _NEEDS_JSON.search(suffix) is not None:
+                text = json.loads('"' + text + '"')
         except ValueError:
             return None
-        if delta[:1] and "\udc00" <= delta[0] <= "\udfff":
+        if text[:1] and "\udc00" <= text[0] <= "\udfff":
             return None  # the second half of a surrogate pair: decoding in full joins them
-        self._raw = raw[start:end]
-        if delta:
-            self._pieces.append(delta)
+        self._raw = memoryview(raw)[start:end]  # a view: copying it per event costs more
+        if text:
+            self._pieces.append(text)
             self.has_text = True
         return ChatEvent(
-            delta, shape.status, shape.finish_reason, self.conversation_id, self.message_id,
+            text, shape.status, shape.finish_reason, self.conversation_id, self.message_id,
             self._pieces,
         )
 
@@ -1047,7 +1122,7 @@ def _detail_and_code(error: Any) -> Tuple[str, Optional[str]]:
 # Transport: URLs, connections, TLS, proxies, timeouts
 # ---------------------------------------------------------------------------------------
 
-_READ_SIZE = 256 * 1024
+_READ_SIZE = 64 * 1024  # larger reads cost page faults: each is a fresh allocation
 _STREAM_LIMIT = 1024 * 1024  # asyncio's read-ahead; larger means fewer pauses on a fast stream
 _T = TypeVar("_T")
 
@@ -1084,13 +1159,76 @@ class Timeouts:
 
 
 class _Clock:
-    """The timeouts of one call, with its deadline."""
+    """The timeouts of one call, with its deadline.
+
+    Reads, thousands in a long reply, share one watchdog timer instead of a timeout
+    context each: a read only notes when it started waiting, and the timer, when it
+    fires, cancels the read if that wait has gone on too long, or sets itself again.
+    """
 
     def __init__(self, timeouts: Timeouts) -> None:
         self.timeouts = timeouts
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._deadline = None if timeouts.total is None else loop.time() + timeouts.total
+        self._watchdog: Optional[asyncio.TimerHandle] = None
+        self._reading: Optional["asyncio.Task[Any]"] = None  # the task waiting in a read
+        self._waiting_since = 0.0
+        self._expired: Optional[str] = None
+
+    async def read(self, reader: asyncio.StreamReader, size: int) -> bytes:
+        """``reader.read(size)`` under the read and total timeouts."""
+        if self.timeouts.read is None and self._deadline is None:
+            return await reader.read(size)
+        self._waiting_since = self._loop.time()
+        self._reading = task = asyncio.current_task()
+        if self._watchdog is None:
+            self._arm()
+        try:
+            return await reader.read(size)
+        except asyncio.CancelledError:
+            phase, self._expired = self._expired, None
+            uncancel = getattr(task, "uncancel", None)  # 3.11+: was it only our cancel?
+            if phase is None or (uncancel is not None and uncancel() > 0):
+                raise
+            raise RequestTimeout(self._timeout_message(phase), phase=phase) from None
+        finally:
+            self._reading = None
+
+    def stop(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+
+    def _arm(self) -> None:
+        when = self._deadline
+        if self.timeouts.read is not None:
+            idle_end = self._waiting_since + self.timeouts.read
+            when = idle_end if when is None else min(when, idle_end)
+        assert when is not None
+        self._watchdog = self._loop.call_at(when, self._check)
+
+    def _check(self) -> None:
+        self._watchdog = None
+        if self._reading is None:
+            return  # not waiting: the next read sets the watchdog again
+        now = self._loop.time()
+        if self._deadline is not None and now >= self._deadline:
+            self._expired = "total"
+        elif self.timeouts.read is not None and now - self._waiting_since >= self.timeouts.read:
+            self._expired = "read"
+        else:
+            self._arm()
+            return
+        self._reading.cancel()
+
+    def _timeout_message(self, phase: str) -> str:
+        timeouts = self.timeouts
+        if phase == "connect":
+            return f"could not connect within {timeouts.connect:g} s (connect timeout)"
+        if phase == "read":
+            return f"the upstream sent nothing for {timeouts.read:g} s (read timeout)"
+        return f"the call took longer than {timeouts.total:g} s (total timeout)"
 
     async def within(self, awaitable: Any, phase: str) -> Any:
         timeouts = self.timeouts
@@ -1105,13 +1243,7 @@ class _Clock:
         try:
             return await _wait_for(awaitable, limit)
         except asyncio.TimeoutError:
-            if which == "connect":
-                message = f"could not connect within {timeouts.connect:g} s (connect timeout)"
-            elif which == "read":
-                message = f"the upstream sent nothing for {timeouts.read:g} s (read timeout)"
-            else:
-                message = f"the call took longer than {timeouts.total:g} s (total timeout)"
-            raise RequestTimeout(message, phase=which) from None
+            raise RequestTimeout(self._timeout_message(which), phase=which) from None
 
 
 if sys.version_info >= (3, 11):
@@ -1348,7 +1480,7 @@ class _Connection:
     async def receive(self) -> bytes:
         """The next bytes, b"" at the end of the connection."""
         try:
-            data: bytes = await self._clock.within(self._reader.read(_READ_SIZE), "read")
+            data = await self._clock.read(self._reader, _READ_SIZE)
         except OSError as exc:
             raise TruncatedStreamError(f"connection lost: {exc.strerror or exc}") from None
         return data
@@ -1810,7 +1942,12 @@ class ChatStream:
         self._options = _options(provider, model, proxy, kwargs)
         self._decoder = ConversationDecoder()
         self._deltas: List[str] = []
-        self._events = self._run()
+        # Events travel in batches, one per read of the socket: a long reply has
+        # thousands of events, and a hop through each async generator per event would
+        # cost more than decoding them.
+        self._batches = self._run()
+        self._batch: List[ChatEvent] = []
+        self._taken = 0
 
     @property
     def text(self) -> str:
@@ -1833,10 +1970,21 @@ class ChatStream:
         return self
 
     async def __anext__(self) -> ChatEvent:
-        return await self._events.__anext__()
+        if self._taken == len(self._batch):
+            self._batch, self._taken = await self._batches.__anext__(), 0
+        event = self._batch[self._taken]
+        self._taken += 1
+        return event
 
     async def aclose(self) -> None:
-        await self._events.aclose()
+        await self._batches.aclose()
+
+    async def _text_pieces(self) -> AsyncGenerator[str, None]:
+        """The new text of each batch: every piece that has arrived, as one string."""
+        async for batch in self._batches:
+            text = "".join([event.delta for event in batch])
+            if text:
+                yield text
 
     async def __aenter__(self) -> "ChatStream":
         return self
@@ -1844,7 +1992,7 @@ class ChatStream:
     async def __aexit__(self, *exc_info: Any) -> None:
         await self.aclose()
 
-    async def _run(self) -> AsyncGenerator[ChatEvent, None]:
+    async def _run(self) -> AsyncGenerator[List[ChatEvent], None]:
         provider = self._provider
         client = _Client(self._options.url, self._options)
         session = provider._session(client.base_url)
@@ -1852,8 +2000,8 @@ class ChatStream:
             token = await session.token(client)
             provider._access_token, provider._cookie_jar = token, session.cookie_jar
             try:
-                async for event in self._converse(client, session, token):
-                    yield event
+                async for batch in self._converse(client, session, token):
+                    yield batch
                 return
             except TokenExpiredError:
                 if self._deltas or attempt == 2:
@@ -1865,7 +2013,7 @@ class ChatStream:
 
     async def _converse(
         self, client: _Client, session: _Session, token: str
-    ) -> AsyncGenerator[ChatEvent, None]:
+    ) -> AsyncGenerator[List[ChatEvent], None]:
         options = self._options
         body = json.dumps(_conversation_body(self.prompt, options)).encode("ascii")
         response = await client.request(
@@ -1881,27 +2029,37 @@ class ChatStream:
             await self._expect_event_stream(response, session)
             decoder = self._decoder = ConversationDecoder()
             sse = SSEDecoder(limits=options.limits)
-            try:
-                async for chunk in response.chunks():
+            deltas = self._deltas
+            async for chunk in response.chunks():
+                batch: List[ChatEvent] = []
+                try:
                     for sse_event in sse.feed(chunk):
                         event = decoder.feed(sse_event)
                         if decoder.done:
                             break
                         if event is not None:
                             if event.delta:
-                                self._deltas.append(event.delta)
-                            yield event
-                    if decoder.done:
-                        break
-            except TruncatedStreamError as exc:
-                raise self._cut(str(exc)) from None
+                                deltas.append(event.delta)
+                            batch.append(event)
+                except FakeGptError:
+                    if batch:  # what arrived before the error is delivered first
+                        yield batch
+                    raise
+                if batch:
+                    yield batch
+                if decoder.done:
+                    break
             if not decoder.done:
                 sse.close()
-                raise self._cut("the stream ended before [DONE]")
-            if not self._deltas:
-                raise NoResponseError("No valid response: the reply finished without any text")
+        except TruncatedStreamError as exc:  # the connection or the body ended early
+            raise self._cut(str(exc)) from None
         finally:
             response.close()
+            client.clock.stop()
+        if not decoder.done:
+            raise self._cut("the stream ended before [DONE]")
+        if not deltas:
+            raise NoResponseError("No valid response: the reply finished without any text")
 
     async def _expect_event_stream(self, response: _HTTPResponse, session: _Session) -> None:
         head = response.head
@@ -2010,9 +2168,8 @@ class FakeGpt:
     ) -> AsyncResult:
         """The reply's text, piece by piece, as soon as each piece arrives."""
         async with cls.stream(model, messages, proxy, **kwargs) as events:
-            async for event in events:
-                if event.delta:
-                    yield event.delta
+            async for piece in events._text_pieces():
+                yield piece
 
     @classmethod
     async def create_async(cls, model: str, messages: Messages, **kwargs: Any) -> str:

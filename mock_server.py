@@ -42,7 +42,7 @@ import time
 import urllib.parse
 import uuid
 import zlib
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple, Union
 
 __version__ = "1.0.0"
 __all__ = [
@@ -51,6 +51,7 @@ __all__ = [
     "MockServer",
     "RecordedRequest",
     "default_reply",
+    "mixed_text",
     "main",
     "serve_in_thread",
 ]
@@ -73,7 +74,11 @@ FAULTS = {
     "empty": "a complete stream with no assistant text",
 }
 
+_Bytes = Union[bytes, bytearray]
 _FAULT_IN_PROMPT = re.compile(r"\[\[fault ([^\]\s]+)\]\]")
+_CHARS_IN_PROMPT = re.compile(r"\[\[chars ([0-9]{1,9})\]\]")
+_MIXED_TEXT = 'Hello, мир! 你好世界 👋🏽 "quoted" and back\\slash; Ünïcödé. '
+
 _CDN_PAGE = (
     "<!DOCTYPE html>\n<html><head><title>504 Gateway Time-out</title></head>\n<body>"
     "<h1>Gateway Time-out</h1><p>The origin web server timed out responding to this request."
@@ -144,8 +149,20 @@ class _Closed(Exception):
     """The client went away; nothing more to send."""
 
 
+def mixed_text(length: int) -> str:
+    """`length` characters of ASCII, Cyrillic, CJK, emoji, quotes and backslashes."""
+    repeats = length // len(_MIXED_TEXT) + 1
+    return (_MIXED_TEXT * repeats)[:length]
+
+
 def default_reply(prompt: str) -> str:
-    """The reply to `prompt` when none is scripted: a deterministic, non-ASCII text."""
+    """The reply to `prompt` when none is scripted: a deterministic, non-ASCII text.
+
+    A ``[[chars N]]`` in the prompt asks for a reply of exactly N mixed characters.
+    """
+    chars = _CHARS_IN_PROMPT.search(prompt)
+    if chars:
+        return mixed_text(int(chars.group(1)))
     digest = hashlib.sha256(prompt.encode("utf-8", "surrogatepass")).hexdigest()[:8]
     shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
     return f"Привет! You said “{shown}”. 你好, 世界 👋 Reply {digest}: \"quotes\" and \\ fine."
@@ -368,7 +385,7 @@ class MockServer:
             return keep_alive
         reply = self.options.reply
         text = reply(prompt) if callable(reply) else (reply if reply is not None else default_reply(prompt))
-        events = list(self._events(body, "" if name == "empty" else text, name, args))
+        events = self._events(body, "" if name == "empty" else text, name, args)
         return await self._send_stream(request, reader, writer, events, name, args, keep_alive)
 
     def _fault_for(self, request: RecordedRequest, prompt: str) -> Optional[str]:
@@ -402,8 +419,11 @@ class MockServer:
 
     def _events(
         self, body: Dict[str, Any], text: str, fault: str, args: List[str]
-    ) -> Iterator[Tuple[bytes, bool]]:
-        """The stream's events as (JSON bytes, carries assistant text)."""
+    ) -> Iterator[Tuple[Tuple[_Bytes, ...], bool]]:
+        """The stream's events as (the parts of their JSON, carries assistant text).
+
+        The parts are only valid until the next event: the text grows in place.
+        """
         options = self.options
         conversation_id = body.get("conversation_id") or str(uuid.UUID(int=self._random.getrandbits(128)))
         user = body["messages"][0]
@@ -412,18 +432,18 @@ class MockServer:
         def dump(value: Any) -> str:
             return json.dumps(value, ensure_ascii=options.ascii_json, indent=1 if options.multiline else None)
 
-        yield dump({
+        yield (dump({
             "message": {"id": str(uuid.uuid4()), "author": {"role": "system", "name": None, "metadata": {}},
                         "create_time": now, "update_time": None,
                         "content": {"content_type": "text", "parts": [""]}, "status": "finished_successfully",
                         "end_turn": True, "weight": 0.0, "metadata": {}, "recipient": "all"},
-            "conversation_id": conversation_id, "error": None}).encode(), False
-        yield dump({
+            "conversation_id": conversation_id, "error": None}).encode(),), False
+        yield (dump({
             "message": {"id": user.get("id"), "author": {"role": "user", "name": None, "metadata": {}},
                         "create_time": now, "update_time": None, "content": user["content"],
                         "status": "finished_successfully", "end_turn": None, "weight": 1.0,
                         "metadata": {"timestamp_": "absolute", "message_type": None}, "recipient": "all"},
-            "conversation_id": conversation_id, "error": None}).encode(), False
+            "conversation_id": conversation_id, "error": None}).encode(),), False
         message_id = str(uuid.uuid4())
 
         def assistant(status: str, finished: bool) -> Tuple[bytes, bytes]:
@@ -440,9 +460,9 @@ class MockServer:
             head, tail = dump(event).split(dump("\x00TEXT\x00"))
             return (head + '"').encode(), ('"' + tail).encode()
 
-        # The escaped text grows piece by piece: escaping the whole text for every event
-        # would make the mock quadratic.
-        escaped = b""
+        # The escaped text grows in place, piece by piece: escaping or copying the whole
+        # text for every event would make the mock quadratic and the benchmark's bottleneck.
+        escaped = bytearray()
         head, tail = assistant("in_progress", False)
         step = max(options.step, 1)
         sent = 0
@@ -450,83 +470,104 @@ class MockServer:
             escaped += dump(text[start:start + step])[1:-1].encode()
             sent += 1
             if fault == "error_event" and sent > int(args[0]):
-                yield json.dumps({"message": None, "conversation_id": conversation_id,
-                                  "error": "Something went wrong in the model."}).encode(), False
+                yield (json.dumps({"message": None, "conversation_id": conversation_id,
+                                   "error": "Something went wrong in the model."}).encode(),), False
                 return
             if fault == "rewrite" and sent == int(args[0]) + 1:
-                yield head + b"REWRITTEN " + escaped + tail, True
+                yield (head, b"REWRITTEN ", escaped, tail), True
                 continue
-            yield head + escaped + tail, True
+            yield (head, escaped, tail), True
         if text:
             head, tail = assistant("finished_successfully", True)
-            yield head + escaped + tail, True
-        yield dump({"conversation_id": conversation_id, "message_id": message_id, "is_completion": True,
-                    "moderation_response": {"flagged": False, "blocked": False,
-                                            "moderation_id": "modr-" + message_id[:8]}}).encode(), False
-        yield b"[DONE]", False
+            yield (head, escaped, tail), True
+        yield (dump({"conversation_id": conversation_id, "message_id": message_id, "is_completion": True,
+                     "moderation_response": {"flagged": False, "blocked": False,
+                                             "moderation_id": "modr-" + message_id[:8]}}).encode(),), False
+        yield (b"[DONE]",), False
 
     async def _send_stream(
         self, request: RecordedRequest, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-        events: List[Tuple[bytes, bool]], fault: str, args: List[str], keep_alive: bool,
+        events: Iterator[Tuple[Tuple[_Bytes, ...], bool]], fault: str, args: List[str],
+        keep_alive: bool,
     ) -> bool:
         options = self.options
         framing = options.framing
         keep_alive = keep_alive and framing != "close"
         newline = options.newline.encode()
         prefix = b"data: " if options.data_space else b"data:"
-
-        def sse(payload: bytes) -> bytes:
-            lines = payload.split(b"\n") if options.multiline else (payload,)
-            out = b"".join([prefix + line + newline for line in lines]) + newline
-            if options.pings:
-                out = b"event: ping" + newline + prefix + b'"' + str(time.time()).encode() + b'"' + newline + newline + out
-            if options.comments:
-                out = b": keep-alive" + newline + out
-            return out
-
+        plain = not (options.multiline or options.pings or options.comments)
         compressor = zlib.compressobj(wbits=31) if self._compress(request) else None
+        first = [b"\xef\xbb\xbf"] if options.bom else []
 
-        def encoded(payload: bytes, first: bool) -> bytes:
-            data = (b"\xef\xbb\xbf" if first and options.bom else b"") + sse(payload)
+        def encoded(parts: Tuple[_Bytes, ...]) -> Tuple[_Bytes, ...]:
+            """The event as it goes on the wire, before the transfer coding."""
+            if plain:
+                pieces: Tuple[_Bytes, ...] = (prefix, *parts, newline, newline)
+            else:
+                payload = b"".join(parts)
+                lines = payload.split(b"\n") if options.multiline else [payload]
+                out = b"".join([prefix + line + newline for line in lines]) + newline
+                if options.pings:
+                    stamp = b'"' + str(time.time()).encode() + b'"'
+                    out = b"event: ping" + newline + prefix + stamp + newline + newline + out
+                if options.comments:
+                    out = b": keep-alive" + newline + out
+                pieces = (out,)
+            if first:
+                pieces = (first.pop(), *pieces)
             if compressor is not None:
-                data = compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH)
-            return data
+                joined = b"".join(pieces)
+                pieces = (compressor.compress(joined) + compressor.flush(zlib.Z_SYNC_FLUSH),)
+            return pieces
 
-        pieces: Iterable[bytes] = (encoded(payload, index == 0) for index, (payload, _) in enumerate(events))
-        is_assistant = [flag for _, flag in events]
         headers = [("Content-Type", "text/event-stream; charset=utf-8"), ("Cache-Control", "no-cache")]
         if compressor is not None:
             headers.append(("Content-Encoding", "gzip"))
-        tail = b""
+        flagged: List[Tuple[Tuple[_Bytes, ...], bool]] = []
         if framing == "length":
             # The length must be known first: build the whole body (fine for a mock); a
             # fault then leaves it short of what was declared.
-            pieces = list(pieces)
+            flagged = [((b"".join(encoded(parts)),), flag) for parts, flag in events]
             tail = compressor.flush() if compressor is not None else b""
-            headers.append(("Content-Length", str(sum(len(p) for p in pieces) + len(tail))))
+            if tail:
+                flagged.append(((tail,), False))
+            headers.append(("Content-Length", str(sum(len(p[0][0]) for p in flagged))))
+            events = iter(flagged)
         elif framing == "chunked":
             headers.append(("Transfer-Encoding", "chunked"))
         await _write_head(writer, 200, headers, keep_alive)
         chunked = framing == "chunked"
         delay = float(args[0]) if fault == "delay_events" else options.delay
+        # Events go out in batches of about 64 KiB unless something needs each one on its
+        # own: a delay, a fault, or writes of a given size.
+        each = bool(delay or fault or options.write_size)
+        batch = bytearray()
         assistant_count = 0
-        for count, data in enumerate(pieces):
+        for count, (parts, is_assistant) in enumerate(events):
             if fault in ("cut", "reset", "garbage", "hang_after") and count == int(args[0]):
                 return await self._break_stream(reader, writer, fault, chunked, keep_alive)
+            wire = parts if framing == "length" else encoded(parts)
             if chunked:
-                data = b"%x\r\n%b\r\n" % (len(data), data)
-            await self._write(writer, data)
-            assistant_count += is_assistant[count]
-            if fault == "pause_after" and is_assistant[count] and assistant_count == int(args[0]):
+                batch += b"%x\r\n" % sum(len(piece) for piece in wire)
+            for piece in wire:
+                batch += piece
+            if chunked:
+                batch += b"\r\n"
+            if each or len(batch) >= 65536:
+                await self._write(writer, batch)
+                batch = bytearray()
+            assistant_count += is_assistant
+            if fault == "pause_after" and is_assistant and assistant_count == int(args[0]):
                 await asyncio.sleep(float(args[1]))
             if delay:
                 await asyncio.sleep(delay)
-        if framing != "length" and compressor is not None:
+        if compressor is not None and framing != "length":
             tail = compressor.flush()
+            batch += (b"%x\r\n%b\r\n" % (len(tail), tail)) if chunked and tail else tail
         if chunked:
-            tail = (b"%x\r\n%b\r\n" % (len(tail), tail) if tail else b"") + b"0\r\n\r\n"
-        if tail:
-            await self._write(writer, tail)
+            batch += b"0\r\n\r\n"
+        if batch:
+            await self._write(writer, batch)
         return keep_alive
 
     async def _break_stream(
@@ -548,7 +589,7 @@ class MockServer:
             return keep_alive
         return False
 
-    async def _write(self, writer: asyncio.StreamWriter, data: bytes) -> None:
+    async def _write(self, writer: asyncio.StreamWriter, data: Union[bytes, bytearray]) -> None:
         size = self.options.write_size
         try:
             if size <= 0:

@@ -669,9 +669,11 @@ def test_seed_example_runs_verbatim_with_only_the_url_changed(tmp_path: pathlib.
 
 
 def test_reply_streams_in_pieces_that_join_to_the_mock_reply(provider: "type[FakeGpt]") -> None:
-    pieces = pieces_of(provider, "Hello")
+    # Events that arrive together make one piece; spaced events make a piece each.
+    pieces = pieces_of(provider, "[[fault delay_events:0.005]] Hello")
     assert len(pieces) > 5
-    assert "".join(pieces) == mock_server.default_reply("Hello")
+    assert "".join(pieces) == mock_server.default_reply("[[fault delay_events:0.005]] Hello")
+    assert "".join(pieces_of(provider, "Hello")) == mock_server.default_reply("Hello")
 
 
 def test_provider_attributes_match_the_seed_and_gpt4free() -> None:
@@ -1391,8 +1393,14 @@ def test_mock_rejects_bad_json_and_weak_passwords(provider: "type[FakeGpt]", moc
 def test_mock_reply_is_deterministic_non_ascii_and_scriptable() -> None:
     assert mock_server.default_reply("x") == mock_server.default_reply("x") != mock_server.default_reply("y")
     assert any(ord(c) > 127 for c in mock_server.default_reply("x"))
+    long = mock_server.default_reply("[[chars 1000]]")
+    assert len(long) == 1000 and {"м", "你", "👋", '"', "\\"} <= set(long)
     with mock_server.serve_in_thread(reply=lambda prompt: prompt.upper() + "!", step=2) as server:
-        assert pieces_of(provider_for(server.url), "abc") == ["AB", "C!"]
+        async def deltas() -> List[str]:
+            async with provider_for(server.url).stream("", [{"role": "user", "content": "abc"}]) as stream:
+                return [event.delta async for event in stream]
+
+        assert asyncio.run(deltas()) == ["AB", "C!", ""]
 
 
 def test_mock_serves_1000_concurrent_streams() -> None:
