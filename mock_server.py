@@ -77,6 +77,7 @@ FAULTS = {
 _Bytes = Union[bytes, bytearray]
 _FAULT_IN_PROMPT = re.compile(r"\[\[fault ([^\]\s]+)\]\]")
 _CHARS_IN_PROMPT = re.compile(r"\[\[chars ([0-9]{1,9})\]\]")
+_STEP_IN_PROMPT = re.compile(r"\[\[step ([0-9]{1,9})\]\]")
 _MIXED_TEXT = 'Hello, мир! 你好世界 👋🏽 "quoted" and back\\slash; Ünïcödé. '
 
 _CDN_PAGE = (
@@ -464,7 +465,8 @@ class MockServer:
         # text for every event would make the mock quadratic and the benchmark's bottleneck.
         escaped = bytearray()
         head, tail = assistant("in_progress", False)
-        step = max(options.step, 1)
+        step_in_prompt = _STEP_IN_PROMPT.search(str(user["content"].get("parts", [""])[0]))
+        step = max(int(step_in_prompt.group(1)) if step_in_prompt else options.step, 1)
         sent = 0
         for start in range(0, len(text), step):
             escaped += dump(text[start:start + step])[1:-1].encode()

@@ -1393,6 +1393,12 @@ def test_mock_rejects_bad_json_and_weak_passwords(provider: "type[FakeGpt]", moc
 def test_mock_reply_is_deterministic_non_ascii_and_scriptable() -> None:
     assert mock_server.default_reply("x") == mock_server.default_reply("x") != mock_server.default_reply("y")
     assert any(ord(c) > 127 for c in mock_server.default_reply("x"))
+    with mock_server.serve_in_thread() as server:
+        async def event_sizes() -> List[int]:
+            async with provider_for(server.url).stream("", [{"role": "user", "content": "[[chars 25]] [[step 10]]"}]) as stream:
+                return [len(event.delta) async for event in stream]
+
+        assert asyncio.run(event_sizes()) == [10, 10, 5, 0]
     long = mock_server.default_reply("[[chars 1000]]")
     assert len(long) == 1000 and {"м", "你", "👋", '"', "\\"} <= set(long)
     with mock_server.serve_in_thread(reply=lambda prompt: prompt.upper() + "!", step=2) as server:
@@ -1430,3 +1436,45 @@ def test_pytest_plugin_gives_users_a_mock_fixture(tmp_path: pathlib.Path) -> Non
                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(HERE)}, cwd=tmp_path, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 passed" in result.stdout
+
+
+# ---------------------------------------------------------------------------------------
+# Text that arrived before an error is delivered before the error
+# ---------------------------------------------------------------------------------------
+
+
+def test_sse_returns_events_before_an_oversized_line_then_raises() -> None:
+    decoder = SSEDecoder(limits=Limits(max_sse_line_size=100))
+    assert decoder.feed(b"data: a\n\ndata: b\n\ndata: " + b"x" * 200 + b"\n\n") == [E(raw=b"a"), E(raw=b"b")]
+    with pytest.raises(fakegpt.LimitExceeded):
+        decoder.feed(b"data: c\n\n")
+    with pytest.raises(fakegpt.LimitExceeded):
+        decoder.close()
+
+
+def test_http_reader_returns_chunks_before_a_malformed_one_then_raises() -> None:
+    reader = ResponseReader()
+    reader.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\nzz\r\n")
+    assert isinstance(reader.next_event(), Response)
+    assert reader.next_event() == Data(b"abcde")
+    with pytest.raises(fakegpt.ProtocolError, match="chunk size"):
+        reader.next_event()
+
+
+def test_events_in_the_same_read_as_an_error_event_are_delivered_first() -> None:
+    events = [assistant_event("Hel"), assistant_event("Hello"), json.dumps({"error": "model overloaded"}).encode(), b"[DONE]"]
+    body = b"".join(b"data: " + e + b"\n\n" for e in events)
+    response = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body)
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(response)  # one write: the events and the error arrive in one read
+        await writer.drain()
+        writer.close()
+
+    with thread_server(serve) as (host, port):
+        provider = provider_for(f"http://{host}:{port}")
+        provider._session(f"http://{host}:{port}").access_token = "preset"
+        raised, pieces = failure(provider)
+    assert isinstance(raised, fakegpt.UpstreamError) and "model overloaded" in str(raised)
+    assert "".join(pieces) == "Hello"

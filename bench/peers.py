@@ -1,0 +1,232 @@
+"""The clients the benchmark compares, each a faithful implementation of the same flow.
+
+Every client logs in once (GET /api/loads, POST /auth/login, GET /api/auth/session) and
+then streams conversations, returning the reply's text. `fakegpt` is the project's
+client; `aiohttp` and `httpx` are peers; `floor` and `limit` bound what any client can do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import string
+import time
+import uuid
+from typing import Any, Dict, List, Optional
+
+HEADERS = {
+    "Accept-Language": "en-US",
+    "User-Agent": "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/118.0.0.0 Safari/537.36",
+    "sec-ch-ua": '"Google Chrome";v="117", "Not;A=Brand";v="8", "Chromium";v="117"',
+    "sec-ch-ua-platform": '"Linux"',
+    "sec-ch-ua-mobile": "?0",
+}
+BIG_LIMITS = 256 * 1024 * 1024  # W4 sends a 50-million-character event (about 70 MB)
+
+
+def password() -> str:
+    return "".join(random.choice(string.ascii_lowercase) for _ in range(8)) + "42"
+
+
+def conversation_body(prompt: str) -> Dict[str, Any]:
+    return {
+        "action": "next",
+        "messages": [{"id": str(uuid.uuid4()), "author": {"role": "user"},
+                      "content": {"content_type": "text", "parts": [prompt]}, "metadata": {}}],
+        "parent_message_id": str(uuid.uuid4()), "model": "text-davinci-002-render-sha",
+        "plugin_ids": [], "timezone_offset_min": -120, "suggestions": [],
+        "history_and_training_disabled": True, "arkose_token": "", "force_paragen": False,
+    }
+
+
+def new_suffix(data: bytes, last: str) -> Optional[str]:
+    """The text an event adds, as every peer computes it: decode the whole event."""
+    message = json.loads(data).get("message")
+    if not message or message["author"]["role"] != "assistant" or message["metadata"].get("message_type") != "next":
+        return None
+    text = message["content"]["parts"][0]
+    return text if text.startswith(last) else None
+
+
+class FakeGptClient:
+    def __init__(self, url: str) -> None:
+        import fakegpt
+
+        self.fakegpt = fakegpt
+        self.provider = type("Bench", (fakegpt.FakeGpt,), {"url": url, "_sessions": {}})
+        self.limits = fakegpt.Limits(max_sse_line_size=BIG_LIMITS, max_event_size=BIG_LIMITS)
+
+    async def login(self) -> None:
+        await self.conversation("hi")
+
+    async def conversation(self, prompt: str) -> str:
+        pieces = [piece async for piece in self.provider.create_async_generator(
+            "", [{"role": "user", "content": prompt}], limits=self.limits, timeout=600)]
+        return "".join(pieces)
+
+    async def close(self) -> None:
+        pass
+
+
+class AiohttpClient:
+    """The original provider's way: a ClientSession per call, response.content line by line."""
+
+    def __init__(self, url: str) -> None:
+        import aiohttp
+
+        self.aiohttp = aiohttp
+        self.url = url
+        self.token: Optional[str] = None
+        self.cookie_jar = aiohttp.CookieJar(unsafe=True)  # the mock is on an IP address
+
+    async def login(self) -> None:
+        async with self.aiohttp.ClientSession(headers=HEADERS, cookie_jar=self.cookie_jar) as session:
+            async with session.get(f"{self.url}/api/loads", params={"t": int(time.time())}) as response:
+                response.raise_for_status()
+                token_ids = [t["token_id"] for t in (await response.json())["loads"]]
+            data = {"token_key": random.choice(token_ids), "session_password": password()}
+            async with session.post(f"{self.url}/auth/login", data=data) as response:
+                response.raise_for_status()
+            async with session.get(f"{self.url}/api/auth/session") as response:
+                response.raise_for_status()
+                self.token = (await response.json())["accessToken"]
+
+    async def conversation(self, prompt: str) -> str:
+        headers = {"Content-Type": "application/json", "Accept": "text/event-stream",
+                   "X-Authorization": f"Bearer {self.token}"}
+        timeout = self.aiohttp.ClientTimeout(total=600)
+        last = ""
+        async with self.aiohttp.ClientSession(headers=HEADERS, cookie_jar=self.cookie_jar, timeout=timeout,
+                                              read_bufsize=2**16) as session:
+            async with session.post(f"{self.url}/api/conversation", json=conversation_body(prompt), headers=headers) as response:
+                response.raise_for_status()
+                async for line in response.content:
+                    if line.startswith(b"data: "):
+                        data = line[6:].rstrip(b"\r\n")
+                        if data == b"[DONE]":
+                            break
+                        text = new_suffix(data, last)
+                        if text is not None:
+                            last = text
+        return last
+
+    async def close(self) -> None:
+        pass
+
+
+class HttpxClient:
+    """httpx with httpx-sse, one AsyncClient for the run."""
+
+    def __init__(self, url: str) -> None:
+        import httpx
+        import httpx_sse
+
+        self.httpx_sse = httpx_sse
+        self.client = httpx.AsyncClient(base_url=url, headers=HEADERS, timeout=600,
+                                        limits=httpx.Limits(max_connections=None, max_keepalive_connections=100))
+        self.token: Optional[str] = None
+
+    async def login(self) -> None:
+        response = await self.client.get("/api/loads", params={"t": int(time.time())})
+        response.raise_for_status()
+        token_ids = [t["token_id"] for t in response.json()["loads"]]
+        response = await self.client.post("/auth/login", data={"token_key": random.choice(token_ids), "session_password": password()})
+        response.raise_for_status()
+        response = await self.client.get("/api/auth/session")
+        self.token = response.json()["accessToken"]
+
+    async def conversation(self, prompt: str) -> str:
+        headers = {"X-Authorization": f"Bearer {self.token}"}
+        last = ""
+        async with self.httpx_sse.aconnect_sse(self.client, "POST", "/api/conversation", json=conversation_body(prompt), headers=headers) as source:
+            source.response.raise_for_status()
+            async for event in source.aiter_sse():
+                if event.data == "[DONE]":
+                    break
+                text = new_suffix(event.data.encode(), last)
+                if text is not None:
+                    last = text
+        return last
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+class LimitClient:
+    """What moving the bytes costs: the same request over asyncio streams, nothing parsed."""
+
+    def __init__(self, url: str) -> None:
+        self.host, port = url[len("http://"):].rsplit(":", 1)
+        self.port = int(port)
+        self.url = url
+        self.token: Optional[str] = None
+
+    async def login(self) -> None:
+        helper = FakeGptClient(self.url)
+        await helper.login()
+        self.token = helper.provider._access_token
+
+    async def raw_conversation(self, prompt: str) -> bytes:
+        body = json.dumps(conversation_body(prompt)).encode()
+        reader, writer = await asyncio.open_connection(self.host, self.port, limit=2**20)
+        writer.write((f"POST /api/conversation HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+                      f"Content-Type: application/json\r\nAccept: text/event-stream\r\n"
+                      f"X-Authorization: Bearer {self.token}\r\nConnection: close\r\n"
+                      f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
+        received: List[bytes] = []
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                break
+            received.append(data)
+        writer.close()
+        return b"".join(received)
+
+    async def conversation(self, prompt: str) -> str:
+        body = json.dumps(conversation_body(prompt)).encode()
+        reader, writer = await asyncio.open_connection(self.host, self.port, limit=2**20)
+        writer.write((f"POST /api/conversation HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+                      f"Content-Type: application/json\r\nAccept: text/event-stream\r\n"
+                      f"X-Authorization: Bearer {self.token}\r\nConnection: close\r\n"
+                      f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
+        size = 0
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                break
+            size += len(data)
+        writer.close()
+        return f"{size} bytes"
+
+    async def close(self) -> None:
+        pass
+
+
+class FloorClient(LimitClient):
+    """The least work a client that decodes every event can do: the SSE bytes already in
+    memory, split into lines, each event's JSON decoded, the new suffix taken."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.streams: Dict[str, bytes] = {}
+
+    async def prepare(self, prompt: str) -> None:
+        raw = await self.raw_conversation(prompt)
+        self.streams[prompt] = raw.partition(b"\r\n\r\n")[2]
+
+    async def conversation(self, prompt: str) -> str:
+        last = ""
+        for line in self.streams[prompt].split(b"\n"):
+            if line.startswith(b"data: "):
+                data = line[6:]
+                if data == b"[DONE]":
+                    break
+                text = new_suffix(data, last)
+                if text is not None:
+                    last = text
+        return last
+
+
+CLIENTS = {"fakegpt": FakeGptClient, "aiohttp": AiohttpClient, "httpx": HttpxClient,
+           "floor": FloorClient, "limit": LimitClient}

@@ -1,0 +1,131 @@
+"""The benchmark: every workload with every client, in turn, against one mock upstream.
+
+    python -m pip install -e ".[bench]" && python bench/run.py [--rounds N]
+
+W1: one long reply (4,000 events growing by 4 characters, about 48 MB of SSE).
+W2: 1,000 concurrent conversations of 50 events each, in one event loop.
+W3: cold start, the whole process, and the import time alone.
+W4: peak memory in W1 and W2, and with one 50 MB event.
+
+Clients run in turn (A B C ... A B C ...), each in a process of its own; the mock runs in
+another process, and its share of the CPU is reported for each workload. The tables are
+medians and ratios from this one run, printed as Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Dict, List, Tuple
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+CLIENTS = ["fakegpt", "aiohttp", "httpx", "floor", "limit"]
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def worker(client: str, workload: str, url: str, repeats: int, mock_pid: int) -> Tuple[Dict, float]:
+    before = cpu_seconds(mock_pid)
+    output = subprocess.run([sys.executable, os.path.join(HERE, "worker.py"), client, workload, url, str(repeats)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=900).stdout
+    result = json.loads(output.strip().splitlines()[-1])
+    busy = sum(result["times"])
+    return result, ((cpu_seconds(mock_pid) - before) / busy if busy else float("nan"))
+
+
+def measure(workload: str, clients: List[str], url: str, repeats: int, rounds: int, mock_pid: int) -> Dict[str, Dict]:
+    table: Dict[str, Dict] = {c: {"times": [], "errors": 0, "rss": 0.0, "mock": [], "failure": ""} for c in clients}
+    for _ in range(rounds):
+        for client in clients:
+            result, mock_share = worker(client, workload, url, repeats, mock_pid)
+            row = table[client]
+            row["times"] += result["times"]
+            row["errors"] += result["errors"]
+            row["rss"] = max(row["rss"], result["maxrss_mb"])
+            row["mock"].append(mock_share)
+            row["failure"] = row["failure"] or result.get("failure", "")
+    return table
+
+
+def process_seconds(command: List[str], rounds: int) -> float:
+    # As installed: bytecode cached (pip compiles aiohttp's on install; PYTHONDONTWRITEBYTECODE,
+    # set on some machines, would make only fakegpt recompile its source every time).
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    times = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        subprocess.run(command, capture_output=True, cwd=ROOT, check=True, timeout=120, env=env)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def median_ms(row: Dict) -> float:
+    return statistics.median(row["times"]) * 1000 if row["times"] else float("nan")
+
+
+def print_table(title: str, table: Dict[str, Dict]) -> None:
+    limit = median_ms(table["limit"]) if "limit" in table else float("nan")
+    aiohttp = median_ms(table["aiohttp"])
+    print(f"\n{title}\n")
+    print("| client | median | x limit | x aiohttp | peak RSS | errors | mock CPU share |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for client, row in table.items():
+        ms = median_ms(row)
+        failure = f" ({row['failure']})" if row["failure"] else ""
+        print(f"| {client} | {ms:.1f} ms | {ms / limit:.2f} | {ms / aiohttp:.2f} | {row['rss']:.0f} MB | "
+              f"{row['errors']}{failure} | {statistics.median(row['mock']):.0%} |")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3, help="turns of every client (default 3)")
+    args = parser.parse_args()
+    mock = subprocess.Popen([sys.executable, "-m", "mock_server", "--port", "0"], cwd=ROOT,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert mock.stdout is not None
+        url = mock.stdout.readline().strip()
+        print(f"fakegpt benchmark, {datetime.date.today()}, Python {platform.python_version()}, "
+              f"{os.cpu_count()} cores, {platform.machine()}; mock at {url} in its own process")
+        w1 = measure("W1", CLIENTS, url, repeats=5, rounds=args.rounds, mock_pid=mock.pid)
+        print_table("W1: one reply of 4,000 events (about 48 MB), per conversation", w1)
+        w2 = measure("W2", ["fakegpt", "aiohttp", "httpx", "limit"], url, repeats=1, rounds=args.rounds, mock_pid=mock.pid)
+        print_table("W2: 1,000 concurrent conversations of 50 events, wall time", w2)
+        w4 = measure("W4", ["fakegpt", "aiohttp", "httpx", "limit"], url, repeats=1, rounds=1, mock_pid=mock.pid)
+        print_table("W4: one 50 MB event (peak RSS is the point)", w4)
+        rounds = max(args.rounds * 3, 5)
+        subprocess.run([sys.executable, "-m", "compileall", "-q", "fakegpt.py", "mock_server.py"], cwd=ROOT, check=True)
+        python = process_seconds([sys.executable, "-c", "pass"], rounds)
+        cold = {
+            "fakegpt CLI (python -m fakegpt --url URL hi)": process_seconds([sys.executable, "-m", "fakegpt", "--url", url, "hi"], rounds),
+            "aiohttp flow (bench/aiohttp_cli.py URL hi)": process_seconds([sys.executable, os.path.join(HERE, "aiohttp_cli.py"), url, "hi"], rounds),
+            "import fakegpt": process_seconds([sys.executable, "-c", "import fakegpt"], rounds) - python,
+            "import aiohttp": process_seconds([sys.executable, "-c", "import aiohttp"], rounds) - python,
+            "import httpx, httpx_sse": process_seconds([sys.executable, "-c", "import httpx, httpx_sse"], rounds) - python,
+        }
+        print("\nW3: cold start, median of whole processes (imports: less a bare `python -c pass`)\n")
+        print("| what | median |")
+        print("| --- | ---: |")
+        for what, seconds in cold.items():
+            print(f"| {what} | {seconds * 1000:.0f} ms |")
+        ratio = cold["fakegpt CLI (python -m fakegpt --url URL hi)"] / cold["aiohttp flow (bench/aiohttp_cli.py URL hi)"]
+        print(f"\nW3 ratio fakegpt / aiohttp, whole process: {ratio:.2f}")
+    finally:
+        mock.terminate()
+        mock.wait(10)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
