@@ -1014,10 +1014,11 @@ class ConversationDecoder:
         end = _string_end(raw, start)
         if end < 0:
             return
-        try:
-            raw[start:end].decode("utf-8")
-        except UnicodeDecodeError:
-            return
+        if "\ufffd" in text:  # only then can the bytes be invalid UTF-8 made good
+            try:
+                raw[start:end].decode("utf-8")
+            except UnicodeDecodeError:
+                return
         head, tail = raw[:start], raw[end:]
         # Proof that the string found is message.content.parts[0]: put a different string
         # there; the message must then read exactly that.
@@ -2339,7 +2340,8 @@ def _with_mock(args: argparse.Namespace) -> int:
         import mock_server
     except ImportError:
         return _fail("--mock needs mock_server.py beside fakegpt.py", EXIT_USAGE)
-    with mock_server.serve_in_thread() as server:
+    # A little time between events, as a model takes, so that the demo visibly streams.
+    with mock_server.serve_in_thread(delay=0.01) as server:
         return _run(args, server.url, trust_env=False)
 
 

@@ -1478,3 +1478,62 @@ def test_events_in_the_same_read_as_an_error_event_are_delivered_first() -> None
         raised, pieces = failure(provider)
     assert isinstance(raised, fakegpt.UpstreamError) and "model overloaded" in str(raised)
     assert "".join(pieces) == "Hello"
+
+
+# ---------------------------------------------------------------------------------------
+# More faults, the CLI's timeout and proxies, gpt4free's way of calling a provider
+# ---------------------------------------------------------------------------------------
+
+
+def test_a_server_that_never_answers_is_a_read_timeout(provider: "type[FakeGpt]", mock: mock_server.MockServer) -> None:
+    pieces_of(provider)
+    mock.fail_next("hang")
+    started = time.monotonic()
+    raised, pieces = failure(provider, timeout=fakegpt.Timeouts(read=0.3))
+    assert isinstance(raised, fakegpt.RequestTimeout) and raised.phase == "read" and pieces == []
+    assert time.monotonic() - started < 3
+
+
+def test_delay_before_the_headers_within_and_beyond_the_read_timeout(provider: "type[FakeGpt]", mock: mock_server.MockServer) -> None:
+    mock.fail_next("delay_headers:0.3")
+    assert "".join(pieces_of(provider, timeout=fakegpt.Timeouts(read=2))) == FULL_REPLY
+    mock.fail_next("delay_headers:1")
+    raised, _ = failure(provider, timeout=fakegpt.Timeouts(read=0.3))
+    assert isinstance(raised, fakegpt.RequestTimeout) and raised.phase == "read"
+
+
+def test_cli_timeout_flag(mock: mock_server.MockServer) -> None:
+    started = time.monotonic()
+    result = run_cli("--url", mock.url, "--timeout", "1", "[[fault hang_after:4]] Hi")
+    assert result.returncode == 1 and "total timeout" in result.stderr and "Traceback" not in result.stderr
+    assert time.monotonic() - started < 10
+
+
+def test_cli_honours_proxy_environment_and_no_proxy(mock: mock_server.MockServer) -> None:
+    proxy = LoopbackProxy()
+    with thread_server(proxy.handle) as (host, port):
+        proxied = run_cli("--url", mock.url, "Hello", env={"HTTP_PROXY": f"http://{host}:{port}", "NO_PROXY": ""})
+        assert proxied.stdout == FULL_REPLY + "\n" and len(proxy.seen) == 4
+        bypassed = run_cli("--url", mock.url, "Hello", env={"HTTP_PROXY": f"http://{host}:{port}", "NO_PROXY": "localhost,127.0.0.1"})
+        assert bypassed.stdout == FULL_REPLY + "\n" and len(proxy.seen) == 4
+
+
+@pytest.mark.parametrize("no_proxy, bypassed", [
+    ("*", True), ("example.com", True), (".example.com", True), ("api.example.com:443", True),
+    ("api.example.com:8443", False), ("other.com", False), ("ample.com", False), ("", False),
+])
+def test_no_proxy_matching(no_proxy: str, bypassed: bool) -> None:
+    assert fakegpt._bypasses_proxy(fakegpt._Endpoint("https", "api.example.com", 443), no_proxy) is bypassed
+
+
+def test_the_class_works_where_gpt4free_expects_a_provider(provider: "type[FakeGpt]") -> None:
+    def chat_completion_create(model: str, messages: fakegpt.Messages, provider: Any, stream: bool = False, **kwargs: Any) -> Any:
+        # gpt4free's ChatCompletion.create, reduced to what it asks of a provider.
+        if stream and not provider.supports_stream:
+            raise ValueError(f"{provider.__name__} does not support stream")
+        result = provider.create_completion(model, messages, stream=stream, **kwargs)
+        return result if stream else "".join(result)
+
+    assert chat_completion_create("gpt-3.5-turbo", USER, provider) == FULL_REPLY
+    assert "".join(chat_completion_create("", USER, provider, stream=True, timeout=30)) == FULL_REPLY
+    assert provider.params.startswith("fakegpt.Provider supports: (")

@@ -6,7 +6,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from peers import AiohttpClient  # noqa: E402
+from peers import AiohttpClient
 
 
 async def main(url: str, prompt: str) -> None:

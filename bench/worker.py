@@ -18,8 +18,8 @@ from typing import Any, Dict, List
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import mock_server  # noqa: E402
-from peers import CLIENTS  # noqa: E402
+import mock_server
+from peers import CLIENTS
 
 W1_PROMPT = "[[chars 16000]] W1: a long reply of 4,000 events"
 W2_STREAMS, W2_PROMPT = 1000, "[[chars 200]] W2 stream {index}"
