@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import statistics
@@ -82,9 +83,16 @@ def print_table(title: str, table: Dict[str, Dict]) -> None:
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for client, row in table.items():
         ms = median_ms(row)
-        failure = f" ({row['failure']})" if row["failure"] else ""
-        print(f"| {client} | {ms:.1f} ms | {ms / limit:.2f} | {ms / aiohttp:.2f} | {row['rss']:.0f} MB | "
-              f"{row['errors']}{failure} | {statistics.median(row['mock']):.0%} |")
+        failure = " ".join(row["failure"].split())[:60]
+        failure = f" ({failure})" if failure else ""
+        mock = statistics.median(row["mock"])
+        print(f"| {client} | {number(ms, '{:.1f} ms')} | {number(ms / limit, '{:.2f}')} | "
+              f"{number(ms / aiohttp, '{:.2f}')} | {row['rss']:.0f} MB | {row['errors']}{failure} | "
+              f"{number(mock * 100, '{:.0f}%')} |")
+
+
+def number(value: float, form: str) -> str:
+    return "-" if math.isnan(value) else form.format(value)
 
 
 def main() -> int:
