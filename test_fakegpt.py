@@ -56,26 +56,32 @@ PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=[Heal
 # ---------------------------------------------------------------------------------------
 
 
-def read_response(chunks: Sequence[bytes], **kwargs: Any) -> Tuple[Response, bytes]:
-    """Feed `chunks` then EOF; the response head and the whole body."""
+def reader_events(chunks: Sequence[bytes], **kwargs: Any) -> Iterator[Any]:
+    """Every event a `ResponseReader` makes of `chunks` then EOF, up to `EndOfMessage`."""
     reader = ResponseReader(**kwargs)
-    head: Optional[Response] = None
-    body = bytearray()
     for chunk in [*chunks, b""]:
         reader.feed(chunk)
         while True:
             event = reader.next_event()
             if event is NEED_DATA:
                 break
-            if isinstance(event, Response):
-                head = event
-            elif isinstance(event, Data):
-                body += event.data
-            else:
-                assert isinstance(event, EndOfMessage)
-                assert head is not None
-                return head, bytes(body)
+            yield event
+            if isinstance(event, EndOfMessage):
+                return
     raise AssertionError("no EndOfMessage")
+
+
+def read_response(chunks: Sequence[bytes], **kwargs: Any) -> Tuple[Response, bytes]:
+    """Feed `chunks` then EOF; the response head and the whole body."""
+    head: Optional[Response] = None
+    body = bytearray()
+    for event in reader_events(chunks, **kwargs):
+        if isinstance(event, Response):
+            head = event
+        elif isinstance(event, Data):
+            body += event.data
+    assert head is not None
+    return head, bytes(body)
 
 
 def three_ways(data: bytes) -> List[List[bytes]]:
@@ -136,23 +142,18 @@ def conversation_bytes(texts: Sequence[str], *, framing: str = "chunked", newlin
 
 def pipeline(chunks: Sequence[bytes]) -> str:
     """The text the three pure layers make of a response; raises what they raise."""
-    reader, sse, conversation = ResponseReader(), SSEDecoder(), ConversationDecoder()
+    sse, conversation = SSEDecoder(), ConversationDecoder()
     pieces: List[str] = []
-    for chunk in [*chunks, b""]:
-        reader.feed(chunk)
-        while True:
-            event = reader.next_event()
-            if event is NEED_DATA:
-                break
-            if isinstance(event, EndOfMessage):
-                raise fakegpt.TruncatedStreamError("ended before [DONE]")
-            if isinstance(event, Data):
-                for sse_event in sse.feed(event.data):
-                    chat = conversation.feed(sse_event)
-                    if conversation.done:
-                        return "".join(pieces)
-                    if chat is not None:
-                        pieces.append(chat.delta)
+    for event in reader_events(chunks):
+        if isinstance(event, EndOfMessage):
+            raise fakegpt.TruncatedStreamError("ended before [DONE]")
+        if isinstance(event, Data):
+            for sse_event in sse.feed(event.data):
+                chat = conversation.feed(sse_event)
+                if conversation.done:
+                    return "".join(pieces)
+                if chat is not None:
+                    pieces.append(chat.delta)
     raise AssertionError("unreachable: EOF always ends the response")
 
 

@@ -13,7 +13,7 @@ import random
 import string
 import time
 import uuid
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 HEADERS = {
     "Accept-Language": "en-US",
@@ -38,6 +38,21 @@ def conversation_body(prompt: str) -> Dict[str, Any]:
         "plugin_ids": [], "timezone_offset_min": -120, "suggestions": [],
         "history_and_training_disabled": True, "arkose_token": "", "force_paragen": False,
     }
+
+
+class Done(Exception):
+    """`data: [DONE]` arrived."""
+
+
+def follow_line(line: bytes, last: str) -> str:
+    """The reply so far after one line of the event stream; raises `Done` at the end."""
+    if not line.startswith(b"data: "):
+        return last
+    data = line[6:].rstrip(b"\r\n")
+    if data == b"[DONE]":
+        raise Done
+    text = new_suffix(data, last)
+    return last if text is None else text
 
 
 def new_suffix(data: bytes, last: str) -> Optional[str]:
@@ -101,14 +116,11 @@ class AiohttpClient:
                                               read_bufsize=2**16) as session:
             async with session.post(f"{self.url}/api/conversation", json=conversation_body(prompt), headers=headers) as response:
                 response.raise_for_status()
-                async for line in response.content:
-                    if line.startswith(b"data: "):
-                        data = line[6:].rstrip(b"\r\n")
-                        if data == b"[DONE]":
-                            break
-                        text = new_suffix(data, last)
-                        if text is not None:
-                            last = text
+                try:
+                    async for line in response.content:
+                        last = follow_line(line, last)
+                except Done:
+                    pass
         return last
 
     async def close(self) -> None:
@@ -167,36 +179,31 @@ class LimitClient:
         await helper.login()
         self.token = helper.provider._access_token
 
-    async def raw_conversation(self, prompt: str) -> bytes:
+    async def _request(self, prompt: str) -> asyncio.StreamReader:
         body = json.dumps(conversation_body(prompt)).encode()
         reader, writer = await asyncio.open_connection(self.host, self.port, limit=2**20)
         writer.write((f"POST /api/conversation HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
                       f"Content-Type: application/json\r\nAccept: text/event-stream\r\n"
                       f"X-Authorization: Bearer {self.token}\r\nConnection: close\r\n"
                       f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
-        received: List[bytes] = []
-        while True:
-            data = await reader.read(65536)
-            if not data:
-                break
-            received.append(data)
-        writer.close()
-        return b"".join(received)
+        self._writer = writer
+        return reader
+
+    async def raw_conversation(self, prompt: str) -> bytes:
+        reader = await self._request(prompt)
+        received = await reader.read()
+        self._writer.close()
+        return received
 
     async def conversation(self, prompt: str) -> str:
-        body = json.dumps(conversation_body(prompt)).encode()
-        reader, writer = await asyncio.open_connection(self.host, self.port, limit=2**20)
-        writer.write((f"POST /api/conversation HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
-                      f"Content-Type: application/json\r\nAccept: text/event-stream\r\n"
-                      f"X-Authorization: Bearer {self.token}\r\nConnection: close\r\n"
-                      f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
+        reader = await self._request(prompt)
         size = 0
         while True:
             data = await reader.read(65536)
             if not data:
                 break
             size += len(data)
-        writer.close()
+        self._writer.close()
         return f"{size} bytes"
 
     async def close(self) -> None:
@@ -217,14 +224,11 @@ class FloorClient(LimitClient):
 
     async def conversation(self, prompt: str) -> str:
         last = ""
-        for line in self.streams[prompt].split(b"\n"):
-            if line.startswith(b"data: "):
-                data = line[6:]
-                if data == b"[DONE]":
-                    break
-                text = new_suffix(data, last)
-                if text is not None:
-                    last = text
+        try:
+            for line in self.streams[prompt].split(b"\n"):
+                last = follow_line(line, last)
+        except Done:
+            pass
         return last
 
 
