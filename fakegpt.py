@@ -1124,7 +1124,7 @@ def _detail_and_code(error: Any) -> Tuple[str, Optional[str]]:
 # ---------------------------------------------------------------------------------------
 
 _READ_SIZE = 64 * 1024  # larger reads cost page faults: each is a fresh allocation
-_STREAM_LIMIT = 1024 * 1024  # asyncio's read-ahead; larger means fewer pauses on a fast stream
+_STREAM_LIMIT = 256 * 1024  # asyncio's read-ahead: larger re-copies its buffer, smaller pauses often
 _T = TypeVar("_T")
 
 
