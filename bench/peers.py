@@ -179,31 +179,33 @@ class LimitClient:
         await helper.login()
         self.token = helper.provider._access_token
 
-    async def _request(self, prompt: str) -> asyncio.StreamReader:
+    async def _request(self, prompt: str) -> "tuple[asyncio.StreamReader, asyncio.StreamWriter]":
         body = json.dumps(conversation_body(prompt)).encode()
         reader, writer = await asyncio.open_connection(self.host, self.port, limit=256 * 1024)  # as fakegpt: the fastest setting measured
         writer.write((f"POST /api/conversation HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
                       f"Content-Type: application/json\r\nAccept: text/event-stream\r\n"
                       f"X-Authorization: Bearer {self.token}\r\nConnection: close\r\n"
                       f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
-        self._writer = writer
-        return reader
+        return reader, writer
 
     async def raw_conversation(self, prompt: str) -> bytes:
-        reader = await self._request(prompt)
+        reader, writer = await self._request(prompt)
         received = await reader.read()
-        self._writer.close()
+        writer.close()
         return received
 
     async def conversation(self, prompt: str) -> str:
-        reader = await self._request(prompt)
-        size = 0
+        reader, writer = await self._request(prompt)
+        size, tail = 0, b""
         while True:
             data = await reader.read(65536)
             if not data:
                 break
             size += len(data)
-        self._writer.close()
+            tail = (tail + data)[-64:]
+        writer.close()
+        if b"data: [DONE]" not in tail:  # the whole stream, or the measurement means nothing
+            raise RuntimeError(f"incomplete stream after {size} bytes")
         return f"{size} bytes"
 
     async def close(self) -> None:
