@@ -1527,8 +1527,8 @@ class _HTTPResponse:
 class _Client:
     """HTTP/1.1 requests to one upstream, one connection each, with the call's options."""
 
-    def __init__(self, base_url: str, options: "_Options") -> None:
-        self.endpoint, self.base_path = _parse_url(base_url)
+    def __init__(self, options: "_Options") -> None:
+        self.endpoint, self.base_path = options.endpoint, options.base_path
         self.base_url = f"{self.endpoint.origin}{self.base_path}"
         self.options = options
         self.proxy = options.proxy
@@ -1885,7 +1885,8 @@ def _upstream_model(model: Optional[str]) -> str:
 
 @dataclass(frozen=True)
 class _Options:
-    url: str
+    endpoint: _Endpoint
+    base_path: str
     model: str
     proxy: Optional[_Proxy]
     trust_env: bool
@@ -1901,7 +1902,7 @@ def _options(
     provider: type, model: Optional[str], proxy: Optional[str], kwargs: Dict[str, Any]
 ) -> _Options:
     url = kwargs.get("url") or provider.url  # type: ignore[attr-defined]
-    _parse_url(url)
+    endpoint, base_path = _parse_url(url)  # a bad URL fails here, before any I/O
     context = kwargs.get("ssl")
     if context is not None and not isinstance(context, ssl.SSLContext):
         raise UsageError("ssl must be an ssl.SSLContext")
@@ -1912,7 +1913,8 @@ def _options(
         if kwargs.get(name) is not None and not isinstance(kwargs[name], str):
             raise UsageError(f"{name} must be a string")
     return _Options(
-        url=url,
+        endpoint=endpoint,
+        base_path=base_path,
         model=_upstream_model(model),
         proxy=_Proxy(proxy) if proxy else None,
         trust_env=bool(kwargs.get("trust_env", False)),
@@ -1942,7 +1944,6 @@ class ChatStream:
         self._provider = provider
         self._options = _options(provider, model, proxy, kwargs)
         self._decoder = ConversationDecoder()
-        self._deltas: List[str] = []
         # Events travel in batches, one per read of the socket: a long reply has
         # thousands of events, and a hop through each async generator per event would
         # cost more than decoding them.
@@ -1952,8 +1953,8 @@ class ChatStream:
 
     @property
     def text(self) -> str:
-        """All text delivered so far."""
-        return "".join(self._deltas)
+        """All text delivered so far (one reply is one assistant message)."""
+        return self._decoder.text
 
     @property
     def conversation_id(self) -> Optional[str]:
@@ -1995,7 +1996,7 @@ class ChatStream:
 
     async def _run(self) -> AsyncGenerator[List[ChatEvent], None]:
         provider = self._provider
-        client = _Client(self._options.url, self._options)
+        client = _Client(self._options)
         session = provider._session(client.base_url)
         for attempt in (1, 2):
             token = await session.token(client)
@@ -2005,7 +2006,7 @@ class ChatStream:
                     yield batch
                 return
             except TokenExpiredError:
-                if self._deltas or attempt == 2:
+                if self._decoder.has_text or attempt == 2:
                     raise
                 _log.debug("the access token was refused: logging in again")
                 session.invalidate(token)
@@ -2030,7 +2031,6 @@ class ChatStream:
             await self._expect_event_stream(response, session)
             decoder = self._decoder = ConversationDecoder()
             sse = SSEDecoder(limits=options.limits)
-            deltas = self._deltas
             async for chunk in response.chunks():
                 batch: List[ChatEvent] = []
                 try:
@@ -2039,8 +2039,6 @@ class ChatStream:
                         if decoder.done:
                             break
                         if event is not None:
-                            if event.delta:
-                                deltas.append(event.delta)
                             batch.append(event)
                 except FakeGptError:
                     if batch:  # what arrived before the error is delivered first
@@ -2059,7 +2057,7 @@ class ChatStream:
             client.clock.stop()
         if not decoder.done:
             raise self._cut("the stream ended before [DONE]")
-        if not deltas:
+        if not decoder.has_text:
             raise NoResponseError("No valid response: the reply finished without any text")
 
     async def _expect_event_stream(self, response: _HTTPResponse, session: _Session) -> None:
