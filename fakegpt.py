@@ -8,7 +8,7 @@ back as text pieces::
     async for piece in FakeGpt.create_async_generator("", [{"role": "user", "content": "Hi"}]):
         print(piece, end="")
 
-It speaks HTTP/1.1 over asyncio streams and needs nothing outside the standard library
+It speaks HTTP/1.1 over asyncio's transports and needs nothing outside the standard library
 (Python 3.9+), so the file can be copied into any code base. The public service it was
 written for (https://chat-shared2.zhile.io) shut down in January 2024: point ``url`` at
 another upstream, or run ``python -m fakegpt --mock "Hello"`` to talk to the bundled mock.
@@ -45,6 +45,7 @@ from typing import (
     Any,
     AsyncGenerator,
     AsyncIterator,
+    Awaitable,
     Callable,
     Dict,
     Final,
@@ -1123,8 +1124,8 @@ def _detail_and_code(error: Any) -> Tuple[str, Optional[str]]:
 # Transport: URLs, connections, TLS, proxies, timeouts
 # ---------------------------------------------------------------------------------------
 
-_READ_SIZE = 64 * 1024  # larger reads cost page faults: each is a fresh allocation
-_STREAM_LIMIT = 256 * 1024  # asyncio's read-ahead: larger re-copies its buffer, smaller pauses often
+_READ_BUFFER_SIZE = 256 * 1024  # one per thread: the socket is read into it, then copied out once
+_PAUSE_READING_AT = 1024 * 1024  # bytes received but not yet taken: more pauses the socket
 _T = TypeVar("_T")
 
 
@@ -1177,16 +1178,16 @@ class _Clock:
         self._waiting_since = 0.0
         self._expired: Optional[str] = None
 
-    async def read(self, reader: asyncio.StreamReader, size: int) -> bytes:
-        """``reader.read(size)`` under the read and total timeouts."""
+    async def wait(self, awaitable: Awaitable[_T]) -> _T:
+        """`awaitable` (a read) under the read and total timeouts."""
         if self.timeouts.read is None and self._deadline is None:
-            return await reader.read(size)
+            return await awaitable
         self._waiting_since = self._loop.time()
         self._reading = task = asyncio.current_task()
         if self._watchdog is None:
             self._arm()
         try:
-            return await reader.read(size)
+            return await awaitable
         except asyncio.CancelledError:
             phase, self._expired = self._expired, None
             uncancel = getattr(task, "uncancel", None)  # 3.11+: was it only our cancel?
@@ -1231,7 +1232,7 @@ class _Clock:
             return f"the upstream sent nothing for {timeouts.read:g} s (read timeout)"
         return f"the call took longer than {timeouts.total:g} s (total timeout)"
 
-    async def within(self, awaitable: Any, phase: str) -> Any:
+    async def within(self, awaitable: Awaitable[_T], phase: str) -> _T:
         timeouts = self.timeouts
         limit = timeouts.connect if phase == "connect" else timeouts.read
         which = phase
@@ -1249,14 +1250,14 @@ class _Clock:
 
 if sys.version_info >= (3, 11):
 
-    async def _wait_for(awaitable: Any, seconds: float) -> Any:
+    async def _wait_for(awaitable: Awaitable[_T], seconds: float) -> _T:
         # Unlike wait_for before 3.12, no extra task per read on the hot path.
         async with asyncio.timeout(seconds):  # novermin - 3.11+ only, guarded above
             return await awaitable
 
 else:  # pragma: no cover - exercised on Python 3.9 and 3.10
 
-    async def _wait_for(awaitable: Any, seconds: float) -> Any:
+    async def _wait_for(awaitable: Awaitable[_T], seconds: float) -> _T:
         return await asyncio.wait_for(awaitable, seconds)
 
 
@@ -1415,15 +1416,40 @@ async def _open_tunnel(proxy: _Proxy, endpoint: _Endpoint, limits: Limits) -> so
         raise
 
 
-class _Connection:
-    """One HTTP/1.1 exchange on its own connection, read through `ResponseReader`."""
+_read_buffers = threading.local()
 
-    def __init__(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, clock: _Clock
-    ) -> None:
-        self._reader = reader
-        self._writer = writer
+
+def _read_buffer() -> memoryview:
+    """This thread's read buffer. One is enough for all its connections: a socket is read
+    into it and copied out in the same callback, so no two reads ever share it."""
+    view: Optional[memoryview] = getattr(_read_buffers, "view", None)
+    if view is None:
+        view = _read_buffers.view = memoryview(bytearray(_READ_BUFFER_SIZE))
+    return view
+
+
+class _Connection(asyncio.BufferedProtocol):
+    """One HTTP/1.1 exchange on its own connection: bytes out, bytes in.
+
+    An asyncio protocol rather than asyncio's streams: a StreamReader copies every byte
+    into its buffer and out again, and copies the whole buffer again each time it grows
+    while the reader is behind; on a long reply that cost more than parsing it. Here the
+    socket is read into this thread's buffer and copied out once, and `receive` takes
+    everything that has arrived.
+    """
+
+    def __init__(self, clock: _Clock) -> None:
         self._clock = clock
+        self._loop = asyncio.get_running_loop()
+        self._transport: Optional[asyncio.Transport] = None
+        self._view = _read_buffer()
+        self._received: List[bytes] = []
+        self._received_size = 0
+        self._reading_paused = False
+        self._ended = False  # the peer closed, or the connection was lost
+        self._lost: Optional[Exception] = None
+        self._data_waiter: Optional["asyncio.Future[None]"] = None
+        self._drain_waiter: Optional["asyncio.Future[None]"] = None
 
     @classmethod
     async def open(
@@ -1432,9 +1458,7 @@ class _Connection:
     ) -> "_Connection":
         where = endpoint.authority if proxy is None else f"the proxy {proxy.endpoint.authority}"
         try:
-            streams = await clock.within(
-                cls._connect(endpoint, proxy, ssl_context, limits), "connect"
-            )
+            return await clock.within(cls._connect(endpoint, proxy, ssl_context, clock, limits), "connect")
         except ssl.SSLCertVerificationError as exc:
             raise TLSError(
                 f"TLS certificate of {endpoint.host} not accepted: {exc.verify_message}"
@@ -1445,50 +1469,117 @@ class _Connection:
             raise ConnectError(f"cannot resolve the host name of {where}") from None
         except OSError as exc:
             raise ConnectError(f"cannot connect to {where}: {exc.strerror or exc}") from None
-        return cls(streams[0], streams[1], clock)
 
-    @staticmethod
+    @classmethod
     async def _connect(
-        endpoint: _Endpoint, proxy: Optional[_Proxy], given: Optional[ssl.SSLContext],
-        limits: Limits,
-    ) -> Tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        cls, endpoint: _Endpoint, proxy: Optional[_Proxy], given: Optional[ssl.SSLContext],
+        clock: _Clock, limits: Limits,
+    ) -> "_Connection":
+        loop = asyncio.get_running_loop()
         context = _ssl_context(given) if endpoint.tls else None
         if proxy is None:
-            return await asyncio.open_connection(
-                endpoint.host, endpoint.port, ssl=context,
-                server_hostname=endpoint.host if context else None, limit=_STREAM_LIMIT,
+            _, connection = await loop.create_connection(
+                lambda: cls(clock), endpoint.host, endpoint.port, ssl=context,
+                server_hostname=endpoint.host if context else None,
             )
-        if context is None:  # plain http goes to the proxy in absolute form
-            return await asyncio.open_connection(
-                proxy.endpoint.host, proxy.endpoint.port, limit=_STREAM_LIMIT
+        elif context is None:  # plain http goes to the proxy in absolute form
+            _, connection = await loop.create_connection(
+                lambda: cls(clock), proxy.endpoint.host, proxy.endpoint.port
             )
-        sock = await _open_tunnel(proxy, endpoint, limits)
-        try:
-            return await asyncio.open_connection(
-                sock=sock, ssl=context, server_hostname=endpoint.host, limit=_STREAM_LIMIT
-            )
-        except BaseException:
-            sock.close()
-            raise
+        else:
+            sock = await _open_tunnel(proxy, endpoint, limits)
+            try:
+                _, connection = await loop.create_connection(
+                    lambda: cls(clock), sock=sock, ssl=context, server_hostname=endpoint.host
+                )
+            except BaseException:
+                sock.close()
+                raise
+        return connection
 
     async def send(self, data: bytes) -> None:
-        try:
-            self._writer.write(data)
-            await self._clock.within(self._writer.drain(), "read")
-        except OSError as exc:
-            raise TransportError(f"connection lost while sending: {exc.strerror or exc}") from None
+        transport = self._transport
+        if self._ended or transport is None or transport.is_closing():
+            raise TransportError(f"connection lost before sending: {self._reason()}")
+        transport.write(data)
+        if self._drain_waiter is not None:  # the socket's buffer is full: wait for room
+            await self._clock.within(self._drain_waiter, "read")
+        if self._lost is not None:
+            raise TransportError(f"connection lost while sending: {self._reason()}")
 
     async def receive(self) -> bytes:
-        """The next bytes, b"" at the end of the connection."""
-        try:
-            data = await self._clock.read(self._reader, _READ_SIZE)
-        except OSError as exc:
-            raise TruncatedStreamError(f"connection lost: {exc.strerror or exc}") from None
+        """Every byte received since the last call; b"" once the peer has closed."""
+        if not self._received and not self._ended:
+            self._data_waiter = self._loop.create_future()
+            try:
+                await self._clock.wait(self._data_waiter)
+            finally:
+                self._data_waiter = None
+        received = self._received
+        if not received:
+            if self._lost is not None:
+                raise TruncatedStreamError(f"connection lost: {self._reason()}")
+            return b""
+        data = received[0] if len(received) == 1 else b"".join(received)
+        received.clear()
+        self._received_size = 0
+        if self._reading_paused and self._transport is not None:
+            self._reading_paused = False
+            self._transport.resume_reading()
         return data
 
     def close(self) -> None:
         """Close at once: an abandoned stream must not keep its socket."""
-        self._writer.transport.abort()
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _reason(self) -> str:
+        lost = self._lost
+        if isinstance(lost, OSError) and lost.strerror:
+            return lost.strerror
+        return str(lost or "closed by the peer")
+
+    # -- asyncio's protocol callbacks --------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._received.append(self._view[:nbytes].tobytes())
+        self._received_size += nbytes
+        if self._received_size > _PAUSE_READING_AT and not self._reading_paused:
+            self._reading_paused = True
+            assert self._transport is not None
+            self._transport.pause_reading()
+        self._wake(self._data_waiter)
+
+    def eof_received(self) -> bool:
+        self._ended = True
+        self._wake(self._data_waiter)
+        return False  # the transport closes itself
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self._ended = True
+        self._lost = self._lost or exc
+        self._wake(self._data_waiter)
+        self._wake(self._drain_waiter)
+        self._drain_waiter = None
+
+    def pause_writing(self) -> None:
+        self._drain_waiter = self._loop.create_future()
+
+    def resume_writing(self) -> None:
+        self._wake(self._drain_waiter)
+        self._drain_waiter = None
+
+    @staticmethod
+    def _wake(waiter: Optional["asyncio.Future[None]"]) -> None:
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
 
 class _HTTPResponse:

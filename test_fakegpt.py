@@ -931,6 +931,42 @@ def test_abandoned_streams_close_their_connections_at_once(provider: "type[FakeG
     assert not mock._connections  # the server saw every connection close
 
 
+def test_a_reader_that_falls_behind_pauses_the_socket_instead_of_buffering_the_reply() -> None:
+    total = 32 * 1024 * 1024
+
+    async def run() -> Tuple[int, int]:
+        async def flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(bytes(range(256)) * (total // 256))
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(flood, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        clock = fakegpt._Clock(fakegpt.Timeouts.coerce(5))
+        connection = await fakegpt._Connection.open(
+            fakegpt._Endpoint("http", "127.0.0.1", port), proxy=None, ssl_context=None, clock=clock,
+            limits=Limits(),
+        )
+        await asyncio.sleep(0.3)  # the server keeps sending; nobody reads
+        held = connection._received_size
+        received = bytearray()
+        while True:
+            data = await connection.receive()
+            if not data:
+                break
+            received += data
+        clock.stop()
+        connection.close()
+        server.close()
+        await server.wait_closed()
+        assert received == bytes(range(256)) * (total // 256)  # nothing lost or doubled on resuming
+        return held, len(received)
+
+    held, received = asyncio.run(run())
+    assert received == total
+    assert held <= fakegpt._PAUSE_READING_AT + fakegpt._READ_BUFFER_SIZE
+
+
 def test_first_piece_arrives_before_the_server_pauses() -> None:
     with mock_server.serve_in_thread() as server:
         server.fail_next("pause_after:1:1.5")
