@@ -284,6 +284,7 @@ _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _BAD_FIELD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[^\x00-\x08\x0a-\x1f\x7f]*)?")
 _HEX_DIGITS = b"0123456789abcdefABCDEF"
+_NEXT_CHUNK = re.compile(rb"\r\n([0-9A-Fa-f]{1,16})\r\n")  # a chunk's end and the next one's size
 _CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
 _DECOMPRESS_STEP = 1024 * 1024
 
@@ -318,14 +319,19 @@ class ResponseReader:
         self._step: Callable[[], Union[ReaderEvent, _NeedData]] = self._read_head
         self.response: Optional[Response] = None
 
-    def feed(self, data: bytes) -> None:
-        """Add received bytes; ``b""`` marks the end of the connection."""
+    def feed(self, data: Union[bytes, bytearray, memoryview]) -> None:
+        """Add received bytes (copied); ``b""`` marks the end of the connection."""
         if self._eof and data:
             raise ProtocolError("bytes fed after the end of the connection")
         if data:
             self._buf += data
         else:
             self._eof = True
+
+    @property
+    def buffered(self) -> int:
+        """Bytes fed and not yet returned in events."""
+        return len(self._buf)
 
     @property
     def unconsumed(self) -> bytes:
@@ -444,44 +450,55 @@ class ResponseReader:
         event, and per-chunk events would cost more than the parsing itself.
         """
         buf, pieces, pos, last_chunk = self._buf, [], 0, False
+        size, remaining, crlf_due = len(buf), self._remaining, self._chunk_end_pending
         view = memoryview(buf)  # slices of it join with one copy instead of two
         try:
             while True:
-                if self._remaining:
-                    take = min(self._remaining, len(buf) - pos)
+                if remaining:
+                    take = min(remaining, size - pos)
                     if take == 0:
                         break
                     pieces.append(view[pos:pos + take])
                     pos += take
-                    self._remaining -= take
-                    if self._remaining:
+                    remaining -= take
+                    if remaining:
                         break
-                    self._chunk_end_pending = True
-                if self._chunk_end_pending:
-                    if len(buf) - pos < 2:
+                    crlf_due = True
+                if crlf_due:
+                    # The usual case in one match: CRLF, a plain size line, CRLF.
+                    match = _NEXT_CHUNK.match(buf, pos)
+                    if match is not None:
+                        crlf_due = False
+                        pos = match.end()
+                        remaining = int(match.group(1), 16)
+                        if remaining:
+                            continue
+                        self._step, last_chunk = self._read_trailers, True
+                        break
+                    if size - pos < 2:
                         break
                     if buf[pos] != 0x0D or buf[pos + 1] != 0x0A:
                         raise ProtocolError("chunk data not followed by CRLF")
                     pos += 2
-                    self._chunk_end_pending = False
+                    crlf_due = False
                 end = buf.find(b"\n", pos, pos + self._limits.max_line_size + 2)
                 if end < 0:
-                    if len(buf) - pos > self._limits.max_line_size:
+                    if size - pos > self._limits.max_line_size:
                         raise LimitExceeded(
                             f"chunk size line longer than {self._limits.max_line_size} bytes"
                         )
                     break
                 line = buf[pos:end - 1] if end > pos and buf[end - 1] == 0x0D else buf[pos:end]
-                size: Union[bytes, bytearray] = line
+                digits: Union[bytes, bytearray] = line
                 if not (0 < len(line) <= 16 and not line.strip(_HEX_DIGITS)):
                     # Not plain hex (the usual case, where int() is safe): check it all.
                     match = _CHUNK_SIZE.fullmatch(line)
                     if match is None:
                         raise ProtocolError(f"malformed chunk size line {_excerpt(bytes(line))!r}")
-                    size = match.group(1)
+                    digits = match.group(1)
                 pos = end + 1
-                self._remaining = int(size, 16)
-                if not self._remaining:
+                remaining = int(digits, 16)
+                if not remaining:
                     self._step, last_chunk = self._read_trailers, True
                     break
         except ProtocolError as exc:
@@ -489,6 +506,8 @@ class ResponseReader:
                 view.release()
                 raise
             self._error = exc
+        finally:
+            self._remaining, self._chunk_end_pending = remaining, crlf_due
         body = b"".join(pieces)
         pieces.clear()
         view.release()  # the buffer cannot shrink while a view of it is alive
@@ -748,6 +767,13 @@ class SSEDecoder:
                 raise LimitExceeded(f"event stream line longer than {self._max_line} bytes")
             self._partial += chunk[pos:]
 
+    def _between_events(self) -> bool:
+        """At the start of a line with no event begun, all bytes so far decoded."""
+        return (
+            self._start is None and not self._skip_lf and not self._partial and not self._data
+            and not self._event_type and self._retry is None and self._error is None
+        )
+
     def close(self) -> None:
         """The stream ended: whatever event is incomplete is discarded."""
         if self._error is not None:
@@ -928,28 +954,30 @@ class ConversationDecoder:
         return self._decode(raw)
 
     def _extend(self, raw: bytes, shape: _Shape) -> Optional[ChatEvent]:
-        head, tail, previous = shape.head, shape.tail, self._raw
-        start = len(head)
-        end = len(raw) - len(tail)
-        resume = start + len(previous)
+        """The event, if `raw` has `shape` and its text starts with the text so far."""
+        start = len(shape.head)
+        resume = start + len(self._raw)
         if not (
-            end >= resume
-            and raw.startswith(head)
-            and raw.endswith(tail)
-            and raw.startswith(previous, start)
-            and (raw.find(b'"', resume) == end and raw[end - 1] != 0x5C or _string_end(raw, resume) == end)
+            raw.startswith(shape.head)
+            and raw.startswith(self._raw, start)
+            and _text_ends_at(raw, resume, len(raw), shape.tail)
         ):
             return None
-        suffix = raw[resume:end]
+        return self._grow(raw, start, resume, len(raw) - len(shape.tail), shape)
+
+    def _grow(self, buf: bytes, start: int, resume: int, end: int, shape: _Shape) -> Optional[ChatEvent]:
+        """The event whose ``parts[0]`` is ``buf[start:end]``, checked to begin with the text
+        so far; ``buf[resume:end]`` is the new text, still JSON-escaped."""
+        suffix = buf[resume:end]
         try:
-            text = suffix.decode("utf-8")
+            text = suffix.decode("utf-8")  # strict: never a lone surrogate
             if _NEEDS_JSON.search(suffix) is not None:
                 text = json.loads('"' + text + '"')
+                if text[:1] and "\udc00" <= text[0] <= "\udfff":
+                    return None  # the second half of a surrogate pair: decoding in full joins them
         except ValueError:
             return None
-        if text[:1] and "\udc00" <= text[0] <= "\udfff":
-            return None  # the second half of a surrogate pair: decoding in full joins them
-        self._raw = memoryview(raw)[start:end]  # a view: copying it per event costs more
+        self._raw = memoryview(buf)[start:end]  # a view: copying it per event costs more
         if text:
             self._pieces.append(text)
             self.has_text = True
@@ -1037,6 +1065,16 @@ class ConversationDecoder:
         self._shape = _Shape(head, tail, status, finish_reason)
 
 
+def _text_ends_at(buf: bytes, resume: int, last: int, tail: bytes) -> bool:
+    """Whether ``buf[:last]`` ends with `tail` and the JSON string that resumes at
+    `resume` ends where `tail` begins."""
+    end = last - len(tail)
+    return buf.endswith(tail, resume, last) and (
+        buf.find(b'"', resume, last) == end and buf[end - 1] != 0x5C  # no quote in the new text
+        or _string_end(buf, resume) == end
+    )
+
+
 def _string_end(raw: bytes, pos: int) -> int:
     """Index of the quote that ends the JSON string whose content resumes at `pos`.
 
@@ -1060,6 +1098,113 @@ def _common_prefix(a: str, b: str) -> int:
         if x != y:
             return index
     return min(len(a), len(b))
+
+
+class _ReplyDecoder:
+    """The reply's event stream, from body bytes to `ChatEvent`s: `SSEDecoder` then
+    `ConversationDecoder`, with a shortcut for the usual event.
+
+    A long reply is thousands of events, each its predecessor plus new text. When the
+    event stream is between events and the conversation decoder knows their shape, each
+    ``data: ...`` line followed by a blank line goes straight to the conversation's fast
+    path, read where it lies in the chunk: no `ServerSentEvent`, no copy. Anything else
+    (other fields or line endings, another shape, a limit reached) goes through both
+    decoders up to the next blank line. Both ways give the same events and errors.
+    """
+
+    def __init__(self, conversation: ConversationDecoder, limits: Limits) -> None:
+        self.conversation = conversation
+        self.sse = SSEDecoder(limits=limits)
+        self._max_line = limits.max_sse_line_size
+        self._max_data = limits.max_event_size - 1  # SSE counts the LF that joins lines
+
+    @property
+    def done(self) -> bool:
+        return self.conversation.done
+
+    def feed(self, chunk: bytes, events: List[ChatEvent]) -> None:
+        """Append the events `chunk` completes, up to ``[DONE]``; errors are raised once
+        the events before them have been appended."""
+        try:
+            self._feed(chunk, events)
+        finally:
+            # The text so far may be a view of this chunk: a copy of it lets the chunk go.
+            raw = self.conversation._raw
+            if isinstance(raw, memoryview) and raw.obj is chunk:
+                self.conversation._raw = raw.tobytes()
+
+    def _feed(self, chunk: bytes, events: List[ChatEvent]) -> None:
+        conversation, sse = self.conversation, self.sse
+        pos, size = 0, len(chunk)
+        while pos < size and not conversation.done:
+            if conversation._shape is not None and sse._between_events():
+                pos = self._shortcut(chunk, pos, events)
+                if pos == size:
+                    break
+            # Up to the next blank line, where the shortcut may apply again; all of it
+            # while there is no shape to look for.
+            stop = size if conversation._shape is None else _blank_line_end(chunk, pos)
+            for sse_event in sse.feed(chunk[pos:stop]):
+                event = conversation.feed(sse_event)
+                if conversation.done:
+                    return
+                if event is not None:
+                    events.append(event)
+            if sse._error is not None:
+                raise sse._error  # SSE keeps it for its next call; ours is now
+            pos = stop
+
+    def close(self) -> None:
+        """The body ended; raises what the event stream still holds."""
+        self.sse.close()
+
+    def _shortcut(self, chunk: bytes, pos: int, events: List[ChatEvent]) -> int:
+        """Events of the known shape from `pos` on; returns where the first other one starts.
+
+        Such an event is ``data: `` + head + text + tail + LF LF, where head and tail are
+        the bytes around the text in the last event (no CR or LF: they come from one
+        event stream line) and the text is a JSON string's content (no raw CR or LF
+        either, or it would not decode): so the line cannot end before the text does, and
+        the search for its end starts after the text so far.
+        """
+        conversation, size = self.conversation, len(chunk)
+        shape = conversation._shape
+        assert shape is not None
+        head, tail = shape.head, shape.tail
+        if b"\n" in head or b"\n" in tail:
+            return pos  # learned from an event of several data lines
+        max_line, max_data, grow = self._max_line, self._max_data, conversation._grow
+        while chunk.startswith(b"data: ", pos):
+            first = pos + 6
+            start = first + len(head)
+            previous = conversation._raw
+            resume = start + len(previous)
+            if not (chunk.startswith(head, first) and chunk.startswith(previous, start)):
+                break
+            last = chunk.find(b"\n", resume)
+            if last < 0 or last + 1 == size or chunk[last + 1] != 0x0A:
+                break  # incomplete, or more than one line
+            if last - pos > max_line or last - first > max_data:
+                break  # the event stream decoder raises
+            if not _text_ends_at(chunk, resume, last, tail):
+                break
+            event = grow(chunk, start, resume, last - len(tail), shape)
+            if event is None:
+                break
+            events.append(event)
+            pos = last + 2
+        return pos
+
+
+def _blank_line_end(chunk: bytes, pos: int) -> int:
+    """Where the first LF LF from `pos` on ends, or the chunk's end."""
+    # One byte at a time: bytes.find is memchr for one byte, many times slower for two.
+    end = chunk.find(b"\n", pos)
+    while 0 <= end < len(chunk) - 1:
+        if chunk[end + 1] == 0x0A:
+            return end + 2
+        end = chunk.find(b"\n", end + 2)
+    return len(chunk)
 
 
 def _assistant_reply(
@@ -1124,8 +1269,8 @@ def _detail_and_code(error: Any) -> Tuple[str, Optional[str]]:
 # Transport: URLs, connections, TLS, proxies, timeouts
 # ---------------------------------------------------------------------------------------
 
-_READ_BUFFER_SIZE = 256 * 1024  # one per thread: the socket is read into it, then copied out once
-_PAUSE_READING_AT = 1024 * 1024  # bytes received but not yet taken: more pauses the socket
+_READ_BUFFER_SIZE = 256 * 1024  # one per thread: each read lands in it, then in the parser
+_PAUSE_READING_AT = 1024 * 1024  # bytes in the parser not yet parsed: more pauses the socket
 _T = TypeVar("_T")
 
 
@@ -1429,22 +1574,22 @@ def _read_buffer() -> memoryview:
 
 
 class _Connection(asyncio.BufferedProtocol):
-    """One HTTP/1.1 exchange on its own connection: bytes out, bytes in.
+    """One HTTP/1.1 exchange on its own connection: bytes out, and bytes in to its parser.
 
     An asyncio protocol rather than asyncio's streams: a StreamReader copies every byte
     into its buffer and out again, and copies the whole buffer again each time it grows
     while the reader is behind; on a long reply that cost more than parsing it. Here the
-    socket is read into this thread's buffer and copied out once, and `receive` takes
-    everything that has arrived.
+    socket is read into this thread's buffer and from there straight into the response's
+    parser; `receive` waits until something has arrived.
     """
 
-    def __init__(self, clock: _Clock) -> None:
+    def __init__(self, clock: _Clock, parser: ResponseReader) -> None:
         self._clock = clock
+        self._parser = parser
         self._loop = asyncio.get_running_loop()
         self._transport: Optional[asyncio.Transport] = None
         self._view = _read_buffer()
-        self._received: List[bytes] = []
-        self._received_size = 0
+        self._fresh = False  # bytes fed to the parser since the last receive()
         self._reading_paused = False
         self._ended = False  # the peer closed, or the connection was lost
         self._lost: Optional[Exception] = None
@@ -1454,11 +1599,15 @@ class _Connection(asyncio.BufferedProtocol):
     @classmethod
     async def open(
         cls, endpoint: _Endpoint, *, proxy: Optional[_Proxy], ssl_context: Optional[ssl.SSLContext],
-        clock: _Clock, limits: Limits,
+        clock: _Clock, parser: ResponseReader, limits: Limits,
     ) -> "_Connection":
+        """A connection whose bytes go to `parser`."""
         where = endpoint.authority if proxy is None else f"the proxy {proxy.endpoint.authority}"
         try:
-            return await clock.within(cls._connect(endpoint, proxy, ssl_context, clock, limits), "connect")
+            return await clock.within(
+                cls._connect(endpoint, proxy, ssl_context, lambda: cls(clock, parser), limits),
+                "connect",
+            )
         except ssl.SSLCertVerificationError as exc:
             raise TLSError(
                 f"TLS certificate of {endpoint.host} not accepted: {exc.verify_message}"
@@ -1470,27 +1619,27 @@ class _Connection(asyncio.BufferedProtocol):
         except OSError as exc:
             raise ConnectError(f"cannot connect to {where}: {exc.strerror or exc}") from None
 
-    @classmethod
+    @staticmethod
     async def _connect(
-        cls, endpoint: _Endpoint, proxy: Optional[_Proxy], given: Optional[ssl.SSLContext],
-        clock: _Clock, limits: Limits,
+        endpoint: _Endpoint, proxy: Optional[_Proxy], given: Optional[ssl.SSLContext],
+        factory: Callable[[], "_Connection"], limits: Limits,
     ) -> "_Connection":
         loop = asyncio.get_running_loop()
         context = _ssl_context(given) if endpoint.tls else None
         if proxy is None:
             _, connection = await loop.create_connection(
-                lambda: cls(clock), endpoint.host, endpoint.port, ssl=context,
+                factory, endpoint.host, endpoint.port, ssl=context,
                 server_hostname=endpoint.host if context else None,
             )
         elif context is None:  # plain http goes to the proxy in absolute form
             _, connection = await loop.create_connection(
-                lambda: cls(clock), proxy.endpoint.host, proxy.endpoint.port
+                factory, proxy.endpoint.host, proxy.endpoint.port
             )
         else:
             sock = await _open_tunnel(proxy, endpoint, limits)
             try:
                 _, connection = await loop.create_connection(
-                    lambda: cls(clock), sock=sock, ssl=context, server_hostname=endpoint.host
+                    factory, sock=sock, ssl=context, server_hostname=endpoint.host
                 )
             except BaseException:
                 sock.close()
@@ -1507,26 +1656,24 @@ class _Connection(asyncio.BufferedProtocol):
         if self._lost is not None:
             raise TransportError(f"connection lost while sending: {self._reason()}")
 
-    async def receive(self) -> bytes:
-        """Every byte received since the last call; b"" once the peer has closed."""
-        if not self._received and not self._ended:
+    async def receive(self) -> None:
+        """Wait until more bytes have gone to the parser; at the end of the connection,
+        feed it b"" (or raise, if the connection was lost rather than closed)."""
+        if not self._fresh and not self._ended:
             self._data_waiter = self._loop.create_future()
             try:
                 await self._clock.wait(self._data_waiter)
             finally:
                 self._data_waiter = None
-        received = self._received
-        if not received:
-            if self._lost is not None:
-                raise TruncatedStreamError(f"connection lost: {self._reason()}")
-            return b""
-        data = received[0] if len(received) == 1 else b"".join(received)
-        received.clear()
-        self._received_size = 0
-        if self._reading_paused and self._transport is not None:
-            self._reading_paused = False
-            self._transport.resume_reading()
-        return data
+        if self._fresh:
+            self._fresh = False
+            if self._reading_paused and self._transport is not None:
+                self._reading_paused = False
+                self._transport.resume_reading()
+            return
+        if self._lost is not None:
+            raise TruncatedStreamError(f"connection lost: {self._reason()}")
+        self._parser.feed(b"")
 
     def close(self) -> None:
         """Close at once: an abandoned stream must not keep its socket."""
@@ -1549,9 +1696,10 @@ class _Connection(asyncio.BufferedProtocol):
         return self._view
 
     def buffer_updated(self, nbytes: int) -> None:
-        self._received.append(self._view[:nbytes].tobytes())
-        self._received_size += nbytes
-        if self._received_size > _PAUSE_READING_AT and not self._reading_paused:
+        parser = self._parser
+        parser.feed(self._view[:nbytes])  # copied: the buffer is the next read's
+        self._fresh = True
+        if parser.buffered > _PAUSE_READING_AT and not self._reading_paused:
             self._reading_paused = True
             assert self._transport is not None
             self._transport.pause_reading()
@@ -1596,7 +1744,7 @@ class _HTTPResponse:
         while True:
             event = parser.next_event()
             if event is NEED_DATA:
-                parser.feed(await connection.receive())
+                await connection.receive()
             elif isinstance(event, Data):
                 yield event.data
             else:
@@ -1647,18 +1795,18 @@ class _Client:
         head = _serialize_head(method, target, cookie_request.fields)
         via = f" via {proxy.endpoint.authority}" if proxy is not None else ""
         _log.debug("%s %s%s", method, url.split("?")[0], via)
+        parser = ResponseReader(method=method, limits=limits)
         connection = await _Connection.open(
             endpoint, proxy=proxy, ssl_context=self.options.ssl_context, clock=self.clock,
-            limits=limits,
+            parser=parser, limits=limits,
         )
         try:
             await connection.send(head + body if body else head)
-            parser = ResponseReader(method=method, limits=limits)
             while True:
                 event = parser.next_event()
                 if event is NEED_DATA:
                     try:
-                        parser.feed(await connection.receive())
+                        await connection.receive()
                     except TruncatedStreamError as exc:
                         raise TransportError(str(exc)) from None
                     continue
@@ -2121,16 +2269,11 @@ class ChatStream:
         try:
             await self._expect_event_stream(response, session)
             decoder = self._decoder = ConversationDecoder()
-            sse = SSEDecoder(limits=options.limits)
+            reply = _ReplyDecoder(decoder, options.limits)
             async for chunk in response.chunks():
                 batch: List[ChatEvent] = []
                 try:
-                    for sse_event in sse.feed(chunk):
-                        event = decoder.feed(sse_event)
-                        if decoder.done:
-                            break
-                        if event is not None:
-                            batch.append(event)
+                    reply.feed(chunk, batch)
                 except FakeGptError:
                     if batch:  # what arrived before the error is delivered first
                         yield batch
@@ -2140,7 +2283,7 @@ class ChatStream:
                 if decoder.done:
                     break
             if not decoder.done:
-                sse.close()
+                reply.close()
         except TruncatedStreamError as exc:  # the connection or the body ended early
             raise self._cut(str(exc)) from None
         finally:

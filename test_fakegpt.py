@@ -27,13 +27,14 @@ import zlib
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 import fakegpt
 import mock_server
 from fakegpt import (
     NEED_DATA,
+    ChatEvent,
     ConversationDecoder,
     Data,
     EndOfMessage,
@@ -533,6 +534,149 @@ def test_property_rewritten_text_raises_on_both_paths(prefix: str, rest: str) ->
         reference_deltas(datas)
 
 
+def chat_tuple(event: ChatEvent) -> Tuple[Any, ...]:
+    return (event.delta, event.text, event.status, event.finish_reason, event.conversation_id, event.message_id)
+
+
+def layered_outcome(chunks: Sequence[bytes], limits: Limits) -> Tuple[List[Tuple[Any, ...]], Optional[str]]:
+    """The events and the error of the event stream decoded by the two decoders in turn."""
+    sse, conversation, events = SSEDecoder(limits=limits), ConversationDecoder(), []
+    try:
+        for chunk in chunks:
+            for sse_event in sse.feed(chunk):
+                event = conversation.feed(sse_event)
+                if conversation.done:
+                    return events, None
+                if event is not None:
+                    events.append(chat_tuple(event))
+        sse.close()
+    except fakegpt.FakeGptError as exc:
+        return events, f"{type(exc).__name__}: {exc}"
+    return events, None
+
+
+def reply_outcome(chunks: Sequence[bytes], limits: Limits) -> Tuple[List[Tuple[Any, ...]], Optional[str]]:
+    """The same through `_ReplyDecoder`, shortcut included."""
+    reply, events = fakegpt._ReplyDecoder(ConversationDecoder(), limits), []
+    batch: List[ChatEvent] = []
+    try:
+        for chunk in chunks:
+            batch = []
+            reply.feed(chunk, batch)
+            events += [chat_tuple(e) for e in batch]
+            if reply.done:
+                return events, None
+        reply.close()
+    except fakegpt.FakeGptError as exc:
+        events += [chat_tuple(e) for e in batch]
+        return events, f"{type(exc).__name__}: {exc}"
+    return events, None
+
+
+ENVELOPE = {"ensure_ascii": False, "separators": (", ", ": "), "extra": None}
+MODERATION = json.dumps({"conversation_id": "c1", "message_id": "m1", "is_completion": True,
+                         "moderation_response": {"flagged": False, "blocked": False}}).encode()
+stream_part = st.one_of(
+    st.tuples(st.just("grow"), st.text(max_size=5)),
+    st.tuples(st.just("repeat"), st.just("")),
+    st.tuples(st.just("finish"), st.just("")),
+    st.tuples(st.just("unended"), st.text(max_size=5)),  # no blank line: the next line joins the event
+    st.tuples(st.just("lines"), st.text(max_size=5)),  # the JSON over two data lines
+    st.tuples(st.just("other"), st.text(max_size=5)),  # the text goes on in another message
+    st.tuples(st.just("noise"), st.sampled_from([
+        b": ping\n\n", b"event: ping\ndata: 1\n\n", b"data: " + MODERATION + b"\n\n", b"data: 42\n\n",
+        b"id: 7\n", b"retry: 10\n", b"data: {\n", b"data: [DONE]\n\n", b"\r\n", b"\n", b"data:" + b'"x"' + b"\n\n",
+        b"data: " + assistant_event("zz", message_id="m2") + b"\n\n",
+    ])),
+)
+
+
+@settings(PROPERTY, max_examples=300)
+@example([("grow", ""), ("grow", "0")], ENVELOPE, b"\n", [], [], (12, 0))  # the event limit, just passed
+@example([("grow", ""), ("grow", "0")], ENVELOPE, b"\n", [], [], (0, 12))  # the line limit, just passed
+@given(st.lists(stream_part, max_size=14), envelope_strategy, st.sampled_from([b"\n", b"\n", b"\r\n", b"\r"]),
+       st.lists(st.tuples(st.sampled_from(["flip", "insert", "delete"]), st.integers(0, 10**6), st.integers(0, 255)), max_size=2),
+       st.lists(st.integers(0, 2000), max_size=8),
+       st.one_of(st.none(), st.tuples(st.integers(0, 12), st.integers(0, 12))))
+def test_property_reply_decoder_shortcut_gives_exactly_what_the_two_decoders_give(
+        parts: List[Tuple[str, Any]], envelope: Dict[str, Any], newline: bytes, edits: List[Tuple[str, int, int]],
+        cuts: List[int], headroom: Optional[Tuple[int, int]]) -> None:
+    text, body, boundaries = "", bytearray(), []
+    for kind, value in parts:
+        boundaries.append(len(body))
+        if kind == "noise":
+            body += value
+            continue
+        if kind in ("grow", "unended", "lines"):
+            text += value
+        status = "finished_successfully" if kind == "finish" else "in_progress"
+        shown = text[: len(text) // 2] if kind == "repeat" else text
+        event = assistant_event(shown + value if kind == "other" else shown, status=status,
+                                finish="stop" if kind == "finish" else None,
+                                message_id="m2" if kind == "other" else "m1", **envelope)
+        if kind == "lines":
+            event = event.replace(b'"author":', b"\ndata: " + b'"author":', 1)
+        body += b"data: " + event + newline + (b"" if kind == "unended" else newline)
+    body += b"data: [DONE]" + newline + newline
+    for kind, position, value in edits:
+        position %= len(body)
+        if kind == "flip":
+            body[position] ^= value or 1
+        elif kind == "insert":
+            body[position:position] = bytes([value])
+        else:
+            del body[position]
+    limits = Limits()
+    if headroom is not None:  # limits that the text, as it grows, soon passes
+        first = len(assistant_event("", **envelope))
+        limits = Limits(max_sse_line_size=first + 6 + headroom[0], max_event_size=first + 1 + headroom[1])
+    # Cut at the part boundaries too: the shortcut starts where a chunk starts between events.
+    chunks = split_at(bytes(body), cuts + boundaries[1::2])
+    assert reply_outcome(chunks, limits) == layered_outcome(chunks, limits)
+
+
+def test_reply_decoder_takes_the_shortcut_for_a_long_reply() -> None:
+    whole = 'Привет, мир! 你好 👋 "q" \\ ' * 40
+    texts = [whole[: 4 * i] for i in range(1, 200)]
+    body = b"".join(b"data: " + assistant_event(t) + b"\n\n" for t in texts) + b"data: [DONE]\n\n"
+    conversation = ConversationDecoder()
+    reply = fakegpt._ReplyDecoder(conversation, Limits())
+    full_decodes = 0
+    decode = conversation._decode
+
+    def counting(raw: bytes) -> Optional[ChatEvent]:
+        nonlocal full_decodes
+        full_decodes += 1
+        return decode(raw)
+
+    conversation._decode = counting  # type: ignore[method-assign]
+    events: List[ChatEvent] = []
+    for chunk in split_at(body, list(range(0, len(body), 4096))):
+        reply.feed(chunk, events)
+    assert reply.done and "".join(e.delta for e in events) == texts[-1]
+    assert full_decodes <= 3  # the first event, and none of the other 198
+
+
+def test_reply_decoder_shortcut_never_reads_a_line_break_as_part_of_an_event() -> None:
+    # A shape learned from an event of two data lines has a LF in it; a later "event"
+    # whose second line lacks "data:" has the same bytes, but is a different event stream.
+    two_lines = assistant_event("Hi").replace(b'"author":', b'\ndata: "author":', 1)
+    broken = assistant_event("Hi there").replace(b'"author":', b'\n"author":', 1)
+    body = b"data: " + two_lines + b"\n\n" + b"data: " + broken + b"\n\ndata: [DONE]\n\n"
+    chunks = split_at(body, [len(two_lines) + 8])
+    assert reply_outcome(chunks, Limits()) == layered_outcome(chunks, Limits())
+    assert layered_outcome(chunks, Limits())[1] is not None  # the second event is not JSON
+
+
+def test_reply_decoder_raises_in_the_call_that_meets_the_error() -> None:
+    # The events before it first, and then at once: the next bytes may never come.
+    reply, events = fakegpt._ReplyDecoder(ConversationDecoder(), Limits(max_sse_line_size=1000)), []
+    chunk = b"data: " + assistant_event("Hi") + b"\n\n" + b"data: " + b"x" * 2000 + b"\n\n"
+    with pytest.raises(fakegpt.LimitExceeded):
+        reply.feed(chunk, events)
+    assert [e.delta for e in events] == ["Hi"]
+
+
 # ---------------------------------------------------------------------------------------
 # The three layers together: splits and corruption
 # ---------------------------------------------------------------------------------------
@@ -933,37 +1077,41 @@ def test_abandoned_streams_close_their_connections_at_once(provider: "type[FakeG
 
 def test_a_reader_that_falls_behind_pauses_the_socket_instead_of_buffering_the_reply() -> None:
     total = 32 * 1024 * 1024
+    body = bytes(range(256)) * (total // 256)
 
-    async def run() -> Tuple[int, int]:
+    async def run() -> Tuple[int, bytes]:
         async def flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            writer.write(bytes(range(256)) * (total // 256))
+            writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + body)
             await writer.drain()
             writer.close()
 
         server = await asyncio.start_server(flood, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         clock = fakegpt._Clock(fakegpt.Timeouts.coerce(5))
+        parser = ResponseReader()
         connection = await fakegpt._Connection.open(
             fakegpt._Endpoint("http", "127.0.0.1", port), proxy=None, ssl_context=None, clock=clock,
-            limits=Limits(),
+            parser=parser, limits=Limits(),
         )
-        await asyncio.sleep(0.3)  # the server keeps sending; nobody reads
-        held = connection._received_size
+        await asyncio.sleep(0.3)  # the server keeps sending; nobody parses
+        held = parser.buffered
         received = bytearray()
         while True:
-            data = await connection.receive()
-            if not data:
+            event = parser.next_event()
+            if event is NEED_DATA:
+                await connection.receive()
+            elif isinstance(event, Data):
+                received += event.data
+            elif isinstance(event, EndOfMessage):
                 break
-            received += data
         clock.stop()
         connection.close()
         server.close()
         await server.wait_closed()
-        assert received == bytes(range(256)) * (total // 256)  # nothing lost or doubled on resuming
-        return held, len(received)
+        return held, bytes(received)
 
     held, received = asyncio.run(run())
-    assert received == total
+    assert received == body  # nothing lost or doubled on resuming
     assert held <= fakegpt._PAUSE_READING_AT + fakegpt._READ_BUFFER_SIZE
 
 
