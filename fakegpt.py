@@ -26,6 +26,7 @@ import email.utils
 import http.cookiejar
 import json
 import logging
+import math
 import os
 import queue
 import re
@@ -39,6 +40,7 @@ import time
 import urllib.parse
 import urllib.request
 import uuid
+import weakref
 import zlib
 from dataclasses import dataclass
 from typing import (
@@ -903,6 +905,7 @@ class _Shape(NamedTuple):
 _PARTS_MARKERS = (b'"parts": ["', b'"parts":["')
 # A JSON string's bytes that are its text as they stand: no escapes, no control characters.
 _NEEDS_JSON = re.compile(rb"[\x00-\x1f\\]")
+_scan_json_string: Callable[[str, int], Tuple[str, int]] = json.decoder.scanstring  # type: ignore[attr-defined]
 
 
 class ConversationDecoder:
@@ -972,7 +975,10 @@ class ConversationDecoder:
         try:
             text = suffix.decode("utf-8")  # strict: never a lone surrogate
             if _NEEDS_JSON.search(suffix) is not None:
-                text = json.loads('"' + text + '"')
+                quoted = '"' + text + '"'
+                text, stop = _scan_json_string(quoted, 1)  # json.loads's own string scanner
+                if stop != len(quoted):
+                    return None
                 if text[:1] and "\udc00" <= text[0] <= "\udfff":
                     return None  # the second half of a surrogate pair: decoding in full joins them
         except ValueError:
@@ -1141,9 +1147,7 @@ class _ReplyDecoder:
                 pos = self._shortcut(chunk, pos, events)
                 if pos == size:
                     break
-            # Up to the next blank line, where the shortcut may apply again; all of it
-            # while there is no shape to look for.
-            stop = size if conversation._shape is None else _blank_line_end(chunk, pos)
+            stop = _blank_line_end(chunk, pos)  # where the shortcut may apply again
             for sse_event in sse.feed(chunk[pos:stop]):
                 event = conversation.feed(sse_event)
                 if conversation.done:
@@ -1790,8 +1794,7 @@ class _Client:
         fields.append(("Connection", "close"))
         cookie_request = _CookieRequest(url, fields)
         if cookie_jar is not None:
-            # http.cookiejar duck-types its request: these adapters are what it reads.
-            cookie_jar.add_cookie_header(cookie_request)  # type: ignore[arg-type]
+            _add_cookie_header(cookie_jar, cookie_request)
         head = _serialize_head(method, target, cookie_request.fields)
         via = f" via {proxy.endpoint.authority}" if proxy is not None else ""
         _log.debug("%s %s%s", method, url.split("?")[0], via)
@@ -1816,7 +1819,7 @@ class _Client:
             connection.close()
             raise
         _log.debug("%s %s -> %d %s", method, url.split("?")[0], event.status, event.reason)
-        if cookie_jar is not None:
+        if cookie_jar is not None and (event.get("set-cookie") or event.get("set-cookie2")):
             cookie_jar.extract_cookies(_CookieResponse(event), cookie_request)  # type: ignore[arg-type]
         return _HTTPResponse(event, parser, connection)
 
@@ -1962,6 +1965,32 @@ class _CookieRequest:
 
     def add_unredirected_header(self, name: str, value: str) -> None:
         self.fields.append((name, value))
+
+
+# The headers a jar added for a URL, with the cookies they came from and when the first
+# of those expires. Making them runs the jar's whole policy, a tenth of a short
+# conversation's cost; they change only when the cookies do or one expires. (A policy
+# changed in place while its cookies stay the same takes effect when they next change.)
+_cookie_headers: "weakref.WeakKeyDictionary[http.cookiejar.CookieJar, Tuple[Any, float, List[Tuple[str, str]]]]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _add_cookie_header(jar: http.cookiejar.CookieJar, request: _CookieRequest) -> None:
+    """``jar.add_cookie_header(request)``, remembered while the jar's cookies stay the same."""
+    cookies = list(jar)  # under the jar's lock
+    key = (request.full_url, [
+        (id(c), c.name, c.value, c.domain, c.path, c.secure, c.expires, c.version) for c in cookies
+    ])
+    known = _cookie_headers.get(jar)
+    if known is not None and known[0] == key and time.time() < known[1]:
+        request.fields.extend(known[2])
+        return
+    before = len(request.fields)
+    # http.cookiejar duck-types its request: the adapter is what it reads.
+    jar.add_cookie_header(request)  # type: ignore[arg-type]
+    expires = min((c.expires for c in cookies if c.expires is not None), default=math.inf)
+    _cookie_headers[jar] = (key, expires, request.fields[before:])
 
 
 class _CookieResponse:

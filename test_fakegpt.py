@@ -24,7 +24,7 @@ import threading
 import time
 import warnings
 import zlib
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
@@ -827,6 +827,44 @@ def test_provider_attributes_match_the_seed_and_gpt4free() -> None:
     assert (FakeGpt.supports_gpt_4, FakeGpt.supports_message_history, FakeGpt.needs_auth) == (False, True, False)
     assert FakeGpt.get_dict() == {"name": "FakeGpt", "url": FakeGpt.url, "label": "FakeGpt"}
     assert "messages: Messages" in FakeGpt.params and "proxy: Optional[str] = None" in FakeGpt.params
+
+
+def test_remembered_cookie_header_is_what_the_jar_makes_as_its_cookies_change(monkeypatch: pytest.MonkeyPatch) -> None:
+    import http.cookiejar
+
+    def cookie(name: str, value: str, expires: Optional[int]) -> http.cookiejar.Cookie:
+        return http.cookiejar.Cookie(0, name, value, None, False, "127.0.0.1", False, False, "/", True, False,
+                                     expires, expires is None, None, None, {})
+
+    def headers(jar: http.cookiejar.CookieJar, remembered: bool) -> List[Tuple[str, str]]:
+        request = fakegpt._CookieRequest("http://127.0.0.1:8080/api/conversation", [("Host", "127.0.0.1:8080")])
+        if remembered:
+            fakegpt._add_cookie_header(jar, request)
+        else:
+            jar.add_cookie_header(request)  # type: ignore[arg-type]
+        return request.fields[1:]
+
+    now = time.time()
+    jar = http.cookiejar.CookieJar()
+    jar.set_cookie(cookie("credential", "one", int(now) + 100))
+    steps: List[Callable[[], Any]] = [
+        lambda: None,
+        lambda: None,  # the remembered header, unchanged
+        lambda: jar.set_cookie(cookie("extra", "two", None)),
+        lambda: setattr(next(c for c in jar if c.name == "extra"), "value", "three"),  # changed in place
+        lambda: monkeypatch.setattr(time, "time", lambda: now + 200),  # the credential has expired
+        lambda: jar.clear(),
+    ]
+    seen = []
+    for step in steps:
+        step()
+        remembered = headers(jar, remembered=True)
+        assert remembered == headers(jar, remembered=False)
+        seen.append(remembered)
+    assert seen[0] == [("Cookie", "credential=one")]
+    assert seen[1] == seen[0] and seen[2] == [("Cookie", "credential=one; extra=two")]
+    assert seen[3] == [("Cookie", "credential=one; extra=three")]
+    assert seen[4] == [("Cookie", "extra=three")] and seen[5] == []
 
 
 def test_token_and_cookie_are_cached_so_a_second_call_makes_one_request(provider: "type[FakeGpt]", mock: mock_server.MockServer) -> None:
