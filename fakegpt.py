@@ -966,11 +966,21 @@ class ConversationDecoder:
             and _text_ends_at(raw, resume, len(raw), shape.tail)
         ):
             return None
-        return self._grow(raw, start, resume, len(raw) - len(shape.tail), shape)
+        text = self._grow(raw, start, resume, len(raw) - len(shape.tail))
+        return None if text is None else self._event(text, shape)
 
-    def _grow(self, buf: bytes, start: int, resume: int, end: int, shape: _Shape) -> Optional[ChatEvent]:
-        """The event whose ``parts[0]`` is ``buf[start:end]``, checked to begin with the text
-        so far; ``buf[resume:end]`` is the new text, still JSON-escaped."""
+    def _event(self, delta: str, shape: _Shape) -> ChatEvent:
+        return ChatEvent(
+            delta, shape.status, shape.finish_reason, self.conversation_id, self.message_id,
+            self._pieces,
+        )
+
+    def _grow(
+        self, buf: bytes, start: int, resume: int, end: int, view: Optional[memoryview] = None
+    ) -> Optional[str]:
+        """The new text of the event whose ``parts[0]`` is ``buf[start:end]``, checked to
+        begin with the text so far, taken in; ``buf[resume:end]`` is the new text, still
+        JSON-escaped. `view`, a memoryview of `buf`, saves making one."""
         suffix = buf[resume:end]
         try:
             text = suffix.decode("utf-8")  # strict: never a lone surrogate
@@ -983,14 +993,12 @@ class ConversationDecoder:
                     return None  # the second half of a surrogate pair: decoding in full joins them
         except ValueError:
             return None
-        self._raw = memoryview(buf)[start:end]  # a view: copying it per event costs more
+        # A view: copying the text so far per event would cost more than the event.
+        self._raw = (memoryview(buf) if view is None else view)[start:end]
         if text:
             self._pieces.append(text)
             self.has_text = True
-        return ChatEvent(
-            text, shape.status, shape.finish_reason, self.conversation_id, self.message_id,
-            self._pieces,
-        )
+        return text
 
     def _decode(self, raw: bytes) -> Optional[ChatEvent]:
         self._shape = None
@@ -1118,8 +1126,11 @@ class _ReplyDecoder:
     decoders up to the next blank line. Both ways give the same events and errors.
     """
 
-    def __init__(self, conversation: ConversationDecoder, limits: Limits) -> None:
+    def __init__(
+        self, conversation: ConversationDecoder, limits: Limits, *, text_only: bool = False
+    ) -> None:
         self.conversation = conversation
+        self.text_only = text_only  # deltas (the non-empty ones) instead of ChatEvents
         self.sse = SSEDecoder(limits=limits)
         self._max_line = limits.max_sse_line_size
         self._max_data = limits.max_event_size - 1  # SSE counts the LF that joins lines
@@ -1128,9 +1139,9 @@ class _ReplyDecoder:
     def done(self) -> bool:
         return self.conversation.done
 
-    def feed(self, chunk: bytes, events: List[ChatEvent]) -> None:
-        """Append the events `chunk` completes, up to ``[DONE]``; errors are raised once
-        the events before them have been appended."""
+    def feed(self, chunk: bytes, events: List[Any]) -> None:
+        """Append the events `chunk` completes (their deltas, if `text_only`), up to
+        ``[DONE]``; errors are raised once the events before them have been appended."""
         try:
             self._feed(chunk, events)
         finally:
@@ -1139,7 +1150,7 @@ class _ReplyDecoder:
             if isinstance(raw, memoryview) and raw.obj is chunk:
                 self.conversation._raw = raw.tobytes()
 
-    def _feed(self, chunk: bytes, events: List[ChatEvent]) -> None:
+    def _feed(self, chunk: bytes, events: List[Any]) -> None:
         conversation, sse = self.conversation, self.sse
         pos, size = 0, len(chunk)
         while pos < size and not conversation.done:
@@ -1152,8 +1163,10 @@ class _ReplyDecoder:
                 event = conversation.feed(sse_event)
                 if conversation.done:
                     return
-                if event is not None:
+                if event is not None and not self.text_only:
                     events.append(event)
+                elif event is not None and event.delta:
+                    events.append(event.delta)
             if sse._error is not None:
                 raise sse._error  # SSE keeps it for its next call; ours is now
             pos = stop
@@ -1162,7 +1175,7 @@ class _ReplyDecoder:
         """The body ended; raises what the event stream still holds."""
         self.sse.close()
 
-    def _shortcut(self, chunk: bytes, pos: int, events: List[ChatEvent]) -> int:
+    def _shortcut(self, chunk: bytes, pos: int, events: List[Any]) -> int:
         """Events of the known shape from `pos` on; returns where the first other one starts.
 
         Such an event is ``data: `` + head + text + tail + LF LF, where head and tail are
@@ -1178,6 +1191,7 @@ class _ReplyDecoder:
         if b"\n" in head or b"\n" in tail:
             return pos  # learned from an event of several data lines
         max_line, max_data, grow = self._max_line, self._max_data, conversation._grow
+        text_only, view = self.text_only, memoryview(chunk)
         while chunk.startswith(b"data: ", pos):
             first = pos + 6
             start = first + len(head)
@@ -1192,10 +1206,13 @@ class _ReplyDecoder:
                 break  # the event stream decoder raises
             if not _text_ends_at(chunk, resume, last, tail):
                 break
-            event = grow(chunk, start, resume, last - len(tail), shape)
-            if event is None:
+            text = grow(chunk, start, resume, last - len(tail), view)
+            if text is None:
                 break
-            events.append(event)
+            if not text_only:
+                events.append(conversation._event(text, shape))
+            elif text:
+                events.append(text)
             pos = last + 2
         return pos
 
@@ -2216,7 +2233,8 @@ class ChatStream:
         # thousands of events, and a hop through each async generator per event would
         # cost more than decoding them.
         self._batches = self._run()
-        self._batch: List[ChatEvent] = []
+        self._batch: List[Any] = []  # ChatEvents, or their deltas once _text_pieces has begun
+        self._text_only = False
         self._taken = 0
 
     @property
@@ -2242,7 +2260,7 @@ class ChatStream:
     async def __anext__(self) -> ChatEvent:
         if self._taken == len(self._batch):
             self._batch, self._taken = await self._batches.__anext__(), 0
-        event = self._batch[self._taken]
+        event: ChatEvent = self._batch[self._taken]
         self._taken += 1
         return event
 
@@ -2251,8 +2269,9 @@ class ChatStream:
 
     async def _text_pieces(self) -> AsyncGenerator[str, None]:
         """The new text of each batch: every piece that has arrived, as one string."""
+        self._text_only = True  # no ChatEvent per event: only their text is wanted
         async for batch in self._batches:
-            text = "".join([event.delta for event in batch])
+            text = "".join(batch)
             if text:
                 yield text
 
@@ -2262,7 +2281,7 @@ class ChatStream:
     async def __aexit__(self, *exc_info: Any) -> None:
         await self.aclose()
 
-    async def _run(self) -> AsyncGenerator[List[ChatEvent], None]:
+    async def _run(self) -> AsyncGenerator[List[Any], None]:
         provider = self._provider
         client = _Client(self._options)
         session = provider._session(client.base_url)
@@ -2283,7 +2302,7 @@ class ChatStream:
 
     async def _converse(
         self, client: _Client, session: _Session, token: str
-    ) -> AsyncGenerator[List[ChatEvent], None]:
+    ) -> AsyncGenerator[List[Any], None]:
         options = self._options
         body = json.dumps(_conversation_body(self.prompt, options)).encode("ascii")
         response = await client.request(
@@ -2298,9 +2317,9 @@ class ChatStream:
         try:
             await self._expect_event_stream(response, session)
             decoder = self._decoder = ConversationDecoder()
-            reply = _ReplyDecoder(decoder, options.limits)
+            reply = _ReplyDecoder(decoder, options.limits, text_only=self._text_only)
             async for chunk in response.chunks():
-                batch: List[ChatEvent] = []
+                batch: List[Any] = []
                 try:
                     reply.feed(chunk, batch)
                 except FakeGptError:

@@ -555,20 +555,20 @@ def layered_outcome(chunks: Sequence[bytes], limits: Limits) -> Tuple[List[Tuple
     return events, None
 
 
-def reply_outcome(chunks: Sequence[bytes], limits: Limits) -> Tuple[List[Tuple[Any, ...]], Optional[str]]:
-    """The same through `_ReplyDecoder`, shortcut included."""
-    reply, events = fakegpt._ReplyDecoder(ConversationDecoder(), limits), []
-    batch: List[ChatEvent] = []
+def reply_outcome(chunks: Sequence[bytes], limits: Limits, text_only: bool = False) -> Tuple[List[Any], Optional[str]]:
+    """The same through `_ReplyDecoder`, shortcut included (only the deltas if `text_only`)."""
+    reply, events = fakegpt._ReplyDecoder(ConversationDecoder(), limits, text_only=text_only), []
+    batch: List[Any] = []
     try:
         for chunk in chunks:
             batch = []
             reply.feed(chunk, batch)
-            events += [chat_tuple(e) for e in batch]
+            events += batch if text_only else [chat_tuple(e) for e in batch]
             if reply.done:
                 return events, None
         reply.close()
     except fakegpt.FakeGptError as exc:
-        events += [chat_tuple(e) for e in batch]
+        events += batch if text_only else [chat_tuple(e) for e in batch]
         return events, f"{type(exc).__name__}: {exc}"
     return events, None
 
@@ -632,7 +632,9 @@ def test_property_reply_decoder_shortcut_gives_exactly_what_the_two_decoders_giv
         limits = Limits(max_sse_line_size=first + 6 + headroom[0], max_event_size=first + 1 + headroom[1])
     # Cut at the part boundaries too: the shortcut starts where a chunk starts between events.
     chunks = split_at(bytes(body), cuts + boundaries[1::2])
-    assert reply_outcome(chunks, limits) == layered_outcome(chunks, limits)
+    events, error = layered_outcome(chunks, limits)
+    assert reply_outcome(chunks, limits) == (events, error)
+    assert reply_outcome(chunks, limits, text_only=True) == ([event[0] for event in events if event[0]], error)
 
 
 def test_reply_decoder_takes_the_shortcut_for_a_long_reply() -> None:
