@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import base64
 import email.utils
+import functools
 import http.cookiejar
 import json
 import logging
@@ -1451,6 +1452,11 @@ def _parse_url(url: str, *, what: str = "url") -> Tuple[_Endpoint, str]:
     """The endpoint and the base path (no trailing slash) of an upstream URL."""
     if not isinstance(url, str) or not url:
         raise UsageError(f"{what} must be a non-empty string")
+    return _split_url(url, what)
+
+
+@functools.lru_cache(maxsize=64)  # every call parses its URL; most calls share one
+def _split_url(url: str, what: str) -> Tuple[_Endpoint, str]:
     try:
         parts = urllib.parse.urlsplit(url.strip())
         port = parts.port
@@ -1865,9 +1871,7 @@ class _Client:
 def _serialize_head(method: str, target: str, fields: Sequence[Tuple[str, str]]) -> bytes:
     lines = [f"{method} {target} HTTP/1.1"]
     for name, value in fields:
-        if _TOKEN.fullmatch(name.encode("latin-1", "replace")) is None or any(
-            char in value for char in "\r\n\x00"
-        ):
+        if _FIELD_NAME.fullmatch(name) is None or _FORBIDDEN_IN_VALUE.search(value) is not None:
             raise UsageError(f"invalid request header {name!r}")
         lines.append(f"{name}: {value}")
     try:
@@ -1876,6 +1880,8 @@ def _serialize_head(method: str, target: str, fields: Sequence[Tuple[str, str]])
         raise UsageError("request headers must be Latin-1 text") from None
 
 
+_FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_FORBIDDEN_IN_VALUE = re.compile(r"[\r\n\x00]")
 _USER_AGENT = (
     "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 "
     "(KHTML, like Gecko) Chrome/118.0.0.0 Safari/537.36"

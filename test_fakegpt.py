@@ -1175,6 +1175,14 @@ def test_first_piece_arrives_before_the_server_pauses() -> None:
     assert total >= 1.5 and first < 1.0
 
 
+@pytest.mark.parametrize("name, value", [("X-Authorization", "Bearer a\r\nX-Evil: 1"), ("X-A", "a\nb"), ("X-A", "a\x00"),
+                                         ("Bad Name", "v"), ("", "v"), ("X:A", "v")])
+def test_request_headers_cannot_be_split_or_misnamed(name: str, value: str) -> None:
+    with pytest.raises(fakegpt.UsageError, match="invalid request header"):
+        fakegpt._serialize_head("GET", "/", [("Host", "h"), (name, value)])
+    assert fakegpt._serialize_head("GET", "/", [("Host", "h"), ("X-A", "b c")]) == b"GET / HTTP/1.1\r\nHost: h\r\nX-A: b c\r\n\r\n"
+
+
 def test_sessions_are_kept_per_upstream_url() -> None:
     with mock_server.serve_in_thread(seed=1) as one, mock_server.serve_in_thread(seed=2) as two:
         provider = provider_for(one.url)
