@@ -952,7 +952,7 @@ class ConversationDecoder:
             self.done = True
             return None
         if self._shape is not None:
-            extended = self._extend(raw, self._shape)
+            extended = self._extend(raw, self._shape) or self._reframe(raw, self._shape)
             if extended is not None:
                 return extended
         return self._decode(raw)
@@ -969,6 +969,42 @@ class ConversationDecoder:
             return None
         text = self._grow(raw, start, resume, len(raw) - len(shape.tail))
         return None if text is None else self._event(text, shape)
+
+    def _reframe(self, raw: bytes, shape: _Shape) -> Optional[ChatEvent]:
+        """The event, if `raw` has the known head and its text starts with the text so far,
+        but what follows the text changed (the final event's status, say): only the new
+        text and the envelope are decoded, never the text so far again."""
+        start = len(shape.head)
+        resume = start + len(self._raw)
+        if not (raw.startswith(shape.head) and raw.startswith(self._raw, start)):
+            return None
+        end = _string_end(raw, resume)
+        if end < 0:
+            return None
+        tail = raw[end:]
+        # The same head leaves a JSON parser at the same place, inside parts[0]; a probe
+        # in place of the text shows the rest still makes it parts[0], and reads the rest.
+        probe = "" if self.has_text or end > resume else "x"
+        try:
+            payload = json.loads((shape.head + probe.encode() + tail).decode("utf-8", "replace"))
+            reply = _assistant_reply(payload.get("message")) if isinstance(payload, dict) else None
+        except (ValueError, FakeGptError):
+            return None  # decoding it in full says what is wrong
+        if reply is None or reply[1] != probe or reply[0] != self.message_id:
+            return None
+        _raise_for_event_error(payload)
+        conversation_id = payload.get("conversation_id")
+        if isinstance(conversation_id, str):
+            self.conversation_id = conversation_id
+        _, _, status, finish_reason = reply
+        shape = _Shape(shape.head, tail, status, finish_reason)
+        text = self._grow(raw, start, resume, end)
+        if text is None:
+            return None
+        self.status = status
+        self.finish_reason = finish_reason or self.finish_reason
+        self._shape = shape
+        return self._event(text, shape)
 
     def _event(self, delta: str, shape: _Shape) -> ChatEvent:
         return ChatEvent(

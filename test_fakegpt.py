@@ -522,6 +522,78 @@ def test_property_fast_path_yields_exactly_what_full_decoding_yields(pieces: Lis
     assert "".join(deltas) == cumulative
 
 
+def full_decoder() -> ConversationDecoder:
+    """A decoder that never learns a shape: every event decoded in full, the reference."""
+    decoder = ConversationDecoder()
+    decoder._learn_shape = lambda *args: None  # type: ignore[method-assign]
+    return decoder
+
+
+def decoder_outcome(decoder: ConversationDecoder, datas: Sequence[bytes]) -> Tuple[List[Any], Optional[str], Tuple[Any, ...]]:
+    events: List[Any] = []
+    try:
+        for data in datas:
+            event = decoder.feed(E(raw=data))
+            events.append(None if event is None else chat_tuple(event))
+    except fakegpt.FakeGptError as exc:
+        return events, f"{type(exc).__name__}: {exc}", ()
+    return events, None, (decoder.text, decoder.status, decoder.finish_reason, decoder.conversation_id, decoder.message_id)
+
+
+@PROPERTY
+@given(st.lists(st.tuples(st.text(max_size=4), st.sampled_from(["in_progress", "finished_successfully"]),
+                          st.sampled_from([None, "stop", "max_tokens"]), st.sampled_from(["m1", "m1", "m1", "m2"]),
+                          st.sampled_from(["c1", "c1", "c2"]), st.sampled_from([None, None, None, "boom"]),
+                          st.booleans()), min_size=1, max_size=10),
+       envelope_strategy)
+def test_property_events_whose_envelope_changes_decode_as_in_full(steps: List[Tuple[str, str, Optional[str], str, str, Optional[str], bool]],
+                                                                   envelope: Dict[str, Any]) -> None:
+    # Status, finish details, ids and errors change from one event to the next while the
+    # text grows (or repeats a prefix): the shape-aware decoder must agree with full decoding.
+    text, datas = "", []
+    for piece, status, finish, message_id, conversation_id, error, shorter in steps:
+        text += piece
+        shown = text[: len(text) // 2] if shorter else text
+        data = json.loads(assistant_event(shown, status=status, finish=finish, message_id=message_id, **envelope))
+        data["conversation_id"], data["error"] = conversation_id, error
+        separators = envelope["separators"]
+        datas.append(json.dumps(data, ensure_ascii=envelope["ensure_ascii"], separators=separators).encode())
+    assert decoder_outcome(ConversationDecoder(), datas) == decoder_outcome(full_decoder(), datas)
+
+
+def test_another_message_id_after_the_text_is_caught_whichever_way_the_event_is_read() -> None:
+    def event(text: str, message_id: str, status: str) -> bytes:  # the id after the text
+        message = {"author": {"role": "assistant"}, "content": {"content_type": "text", "parts": [text]},
+                   "status": status, "id": message_id, "metadata": {"message_type": "next"}, "recipient": "all"}
+        return json.dumps({"message": message, "conversation_id": "c1", "error": None}).encode()
+
+    datas = [event("Hi", "m1", "in_progress"), event("Hi there", "m2", "finished_successfully")]
+    assert decoder_outcome(ConversationDecoder(), datas) == decoder_outcome(full_decoder(), datas)
+    assert decoder_outcome(ConversationDecoder(), datas)[1] == "ProtocolError: the upstream switched to another message in mid-reply"
+
+
+def test_final_event_is_read_without_decoding_the_text_again() -> None:
+    long_text = "Привет, мир! " * 1000
+    datas = [assistant_event(long_text[:10]), assistant_event(long_text),
+             assistant_event(long_text, status="finished_successfully", finish="stop")]
+    decoder = ConversationDecoder()
+    events = [decoder.feed(E(raw=d)) for d in datas]
+    loads = json.loads
+    sizes: List[int] = []
+
+    def measured(s: Any, *args: Any, **kwargs: Any) -> Any:
+        sizes.append(len(s))
+        return loads(s, *args, **kwargs)
+
+    decoder = ConversationDecoder()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fakegpt.json, "loads", measured)
+        again = [decoder.feed(E(raw=d)) for d in datas]
+    assert [chat_tuple(e) for e in again if e] == [chat_tuple(e) for e in events if e]
+    assert again[2] is not None and (again[2].status, again[2].finish_reason) == ("finished_successfully", "stop")
+    assert max(sizes[2:]) < 1000  # after the first event, only envelopes: never the 13,000-character text
+
+
 @PROPERTY
 @given(st.text(max_size=40), st.text(min_size=1, max_size=40))
 def test_property_rewritten_text_raises_on_both_paths(prefix: str, rest: str) -> None:
