@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import email.utils
 import functools
 import http.cookiejar
 import json
@@ -40,7 +39,6 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-import uuid
 import weakref
 import zlib
 from dataclasses import dataclass
@@ -1986,6 +1984,8 @@ def _retry_after(value: Optional[str]) -> Optional[float]:
     value = value.strip()
     if value.isdigit():
         return float(value)
+    import email.utils  # here: a 429 with an HTTP date is rare, the import is not free
+
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
@@ -2413,18 +2413,27 @@ class ChatStream:
         return TruncatedStreamError(message, text=text)
 
 
+def _uuid4() -> str:
+    """``str(uuid.uuid4())``, without importing uuid (and platform with it) at start-up."""
+    value = int.from_bytes(os.urandom(16), "big")
+    value = value & ~(0xC000 << 48) | 0x8000 << 48  # the RFC 4122 variant
+    value = value & ~(0xF000 << 64) | 4 << 76  # version 4
+    digits = f"{value:032x}"
+    return f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"
+
+
 def _conversation_body(prompt: str, options: _Options) -> Dict[str, Any]:
     body: Dict[str, Any] = {
         "action": "next",
         "messages": [
             {
-                "id": str(uuid.uuid4()),
+                "id": _uuid4(),
                 "author": {"role": "user"},
                 "content": {"content_type": "text", "parts": [prompt]},
                 "metadata": {},
             }
         ],
-        "parent_message_id": options.parent_message_id or str(uuid.uuid4()),
+        "parent_message_id": options.parent_message_id or _uuid4(),
         "model": options.model,
         "plugin_ids": [],
         "timezone_offset_min": -120,

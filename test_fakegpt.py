@@ -1247,6 +1247,26 @@ def test_first_piece_arrives_before_the_server_pauses() -> None:
     assert total >= 1.5 and first < 1.0
 
 
+def test_retry_after_as_seconds_or_as_an_http_date() -> None:
+    import email.utils
+
+    in_a_minute = email.utils.formatdate(time.time() + 60, usegmt=True)
+    assert fakegpt._retry_after("7") == 7.0
+    assert 55 <= (fakegpt._retry_after(in_a_minute) or 0) <= 60
+    assert fakegpt._retry_after(email.utils.formatdate(time.time() - 60, usegmt=True)) == 0.0
+    assert fakegpt._retry_after("soon") is None and fakegpt._retry_after(None) is None
+
+
+def test_message_ids_are_random_version_4_uuids() -> None:
+    import uuid
+
+    ids = [fakegpt._uuid4() for _ in range(2000)]
+    parsed = [uuid.UUID(i) for i in ids]
+    assert all(str(p) == i and p.version == 4 and p.variant == uuid.RFC_4122 for p, i in zip(parsed, ids))
+    assert len(set(ids)) == len(ids)
+    assert {i[19] for i in ids} == set("89ab") and len({i[9] for i in ids}) == 16  # the variant and random digits
+
+
 @pytest.mark.parametrize("name, value", [("X-Authorization", "Bearer a\r\nX-Evil: 1"), ("X-A", "a\nb"), ("X-A", "a\x00"),
                                          ("Bad Name", "v"), ("", "v"), ("X:A", "v")])
 def test_request_headers_cannot_be_split_or_misnamed(name: str, value: str) -> None:
