@@ -41,7 +41,6 @@ import urllib.parse
 import urllib.request
 import weakref
 import zlib
-from dataclasses import dataclass
 from typing import (
     Any,
     AsyncGenerator,
@@ -221,8 +220,7 @@ class UpstreamError(FakeGptError):
 # ---------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Limits:
+class Limits(NamedTuple):
     """Size limits on what the upstream may send; going over raises `LimitExceeded`.
 
     Memory stays bounded by them: an endless line is refused once it passes its limit.
@@ -240,8 +238,10 @@ class Limits:
     """Most bytes of a non-stream body (JSON or an error page) that are read."""
 
 
-@dataclass(frozen=True)
-class Response:
+_DEFAULT_LIMITS = Limits()
+
+
+class Response(NamedTuple):
     """The head of a response. Header names are lower case, in the order received."""
 
     status: int
@@ -301,7 +301,7 @@ class ResponseReader:
     """
 
     def __init__(
-        self, *, method: str = "GET", limits: Limits = Limits(), decode_content: bool = True
+        self, *, method: str = "GET", limits: Limits = _DEFAULT_LIMITS, decode_content: bool = True
     ) -> None:
         self._buf = bytearray()
         self._eof = False
@@ -686,7 +686,7 @@ class SSEDecoder:
     discards an incomplete event, as the standard says.
     """
 
-    def __init__(self, *, limits: Limits = Limits()) -> None:
+    def __init__(self, *, limits: Limits = _DEFAULT_LIMITS) -> None:
         self._max_line = limits.max_sse_line_size
         self._max_event = limits.max_event_size
         self._partial = bytearray()  # an unterminated line
@@ -1330,8 +1330,7 @@ _PAUSE_READING_AT = 1024 * 1024  # bytes in the parser not yet parsed: more paus
 _T = TypeVar("_T")
 
 
-@dataclass(frozen=True)
-class Timeouts:
+class Timeouts(NamedTuple):
     """Seconds to wait, None for no limit.
 
     ``connect`` covers opening the connection (proxy tunnel and TLS included), ``read``
@@ -2210,8 +2209,7 @@ def _upstream_model(model: Optional[str]) -> str:
     return model
 
 
-@dataclass(frozen=True)
-class _Options:
+class _Options(NamedTuple):
     endpoint: _Endpoint
     base_path: str
     model: str

@@ -59,16 +59,18 @@ def measure(workload: str, clients: List[str], url: str, repeats: int, rounds: i
     return table
 
 
-def process_seconds(command: List[str], rounds: int) -> float:
+def process_seconds(commands: Dict[str, List[str]], rounds: int) -> Dict[str, float]:
+    """Median wall time of each command as a whole process, the commands taking turns."""
     # As installed: bytecode cached (pip compiles aiohttp's on install; PYTHONDONTWRITEBYTECODE,
     # set on some machines, would make only fakegpt recompile its source every time).
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    times = []
+    times: Dict[str, List[float]] = {name: [] for name in commands}
     for _ in range(rounds):
-        started = time.perf_counter()
-        subprocess.run(command, capture_output=True, cwd=ROOT, check=True, timeout=120, env=env)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+        for name, command in commands.items():
+            started = time.perf_counter()
+            subprocess.run(command, capture_output=True, cwd=ROOT, check=True, timeout=120, env=env)
+            times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def median_ms(row: Dict) -> float:
@@ -112,16 +114,19 @@ def main() -> int:
         print_table("W2: 1,000 concurrent conversations of 50 events, wall time", w2)
         w4 = measure("W4", ["fakegpt", "aiohttp", "httpx", "limit"], url, repeats=1, rounds=1, mock_pid=mock.pid)
         print_table("W4: one 50 MB event (peak RSS is the point)", w4)
-        rounds = max(args.rounds * 3, 5)
         subprocess.run([sys.executable, "-m", "compileall", "-q", "fakegpt.py", "mock_server.py"], cwd=ROOT, check=True)
-        python = process_seconds([sys.executable, "-c", "pass"], rounds)
-        cold = {
-            "fakegpt CLI (python -m fakegpt --url URL hi)": process_seconds([sys.executable, "-m", "fakegpt", "--url", url, "hi"], rounds),
-            "aiohttp flow (bench/aiohttp_cli.py URL hi)": process_seconds([sys.executable, os.path.join(HERE, "aiohttp_cli.py"), url, "hi"], rounds),
-            "import fakegpt": process_seconds([sys.executable, "-c", "import fakegpt"], rounds) - python,
-            "import aiohttp": process_seconds([sys.executable, "-c", "import aiohttp"], rounds) - python,
-            "import httpx, httpx_sse": process_seconds([sys.executable, "-c", "import httpx, httpx_sse"], rounds) - python,
-        }
+        cold = process_seconds({
+            "fakegpt CLI (python -m fakegpt --url URL hi)": [sys.executable, "-m", "fakegpt", "--url", url, "hi"],
+            "aiohttp flow (bench/aiohttp_cli.py URL hi)": [sys.executable, os.path.join(HERE, "aiohttp_cli.py"), url, "hi"],
+            "import fakegpt": [sys.executable, "-c", "import fakegpt"],
+            "import aiohttp": [sys.executable, "-c", "import aiohttp"],
+            "import httpx, httpx_sse": [sys.executable, "-c", "import httpx, httpx_sse"],
+            "python": [sys.executable, "-c", "pass"],
+        }, rounds=max(args.rounds * 7, 5))
+        python = cold.pop("python")
+        for name in cold:
+            if name.startswith("import"):
+                cold[name] -= python
         print("\nW3: cold start, median of whole processes (imports: less a bare `python -c pass`)\n")
         print("| what | median |")
         print("| --- | ---: |")
