@@ -59,7 +59,7 @@ from typing import (
     Union,
 )
 
-__version__ = "1.0.0"
+__version__ = "1.1.0"
 __all__ = [
     "AsyncResult",
     "AuthenticationError",
