@@ -980,20 +980,16 @@ class ConversationDecoder:
         if end < 0:
             return None
         tail = raw[end:]
-        # The same head leaves a JSON parser at the same place, inside parts[0]; a probe
-        # in place of the text shows the rest still makes it parts[0], and reads the rest.
-        probe = "" if self.has_text or end > resume else "x"
-        try:
-            payload = json.loads((shape.head + probe.encode() + tail).decode("utf-8", "replace"))
-            reply = _assistant_reply(payload.get("message")) if isinstance(payload, dict) else None
-        except (ValueError, FakeGptError):
-            return None  # decoding it in full says what is wrong
-        if reply is None or reply[1] != probe or reply[0] != self.message_id:
+        # The same head leaves a JSON parser at the same place, inside a string; two
+        # different texts there that both read back prove it is still parts[0] (a later
+        # duplicate key could make another string the text), and the envelope is read.
+        probed = [_probe(shape.head, tail, probe) for probe in ("", "x")]
+        if probed[0] is None or probed[1] is None:
+            return None  # decoding it in full says what is wrong, if anything is
+        payload, reply = probed[0]
+        if reply[0] != self.message_id:
             return None
-        _raise_for_event_error(payload)
-        conversation_id = payload.get("conversation_id")
-        if isinstance(conversation_id, str):
-            self.conversation_id = conversation_id
+        self._read_envelope(payload)
         _, _, status, finish_reason = reply
         shape = _Shape(shape.head, tail, status, finish_reason)
         text = self._grow(raw, start, resume, end)
@@ -1043,11 +1039,7 @@ class ConversationDecoder:
             raise ProtocolError(f"event data is not JSON: {_excerpt(raw)!r}") from None
         if not isinstance(payload, dict):
             return None  # bare strings and numbers are keep-alives
-        _raise_for_event_error(payload)
-        conversation_id = payload.get("conversation_id")
-        if isinstance(conversation_id, str):
-            self.conversation_id = conversation_id
-        reply = _assistant_reply(payload.get("message"))
+        reply = self._read_envelope(payload)
         if reply is None:
             return None
         message_id, text, status, finish_reason = reply
@@ -1076,6 +1068,17 @@ class ConversationDecoder:
             delta, status, finish_reason, self.conversation_id, self.message_id, self._pieces
         )
 
+    def _read_envelope(
+        self, payload: Dict[str, Any]
+    ) -> Optional[Tuple[Optional[str], str, Optional[str], Optional[str]]]:
+        """What an event says besides its text: an error raises, the conversation id is
+        kept, and an assistant reply's fields are returned (see `_assistant_reply`)."""
+        _raise_for_event_error(payload)
+        conversation_id = payload.get("conversation_id")
+        if isinstance(conversation_id, str):
+            self.conversation_id = conversation_id
+        return _assistant_reply(payload.get("message"))
+
     def _learn_shape(
         self, raw: bytes, text: str, status: Optional[str], finish_reason: Optional[str]
     ) -> None:
@@ -1099,19 +1102,27 @@ class ConversationDecoder:
                 return
         head, tail = raw[:start], raw[end:]
         # Proof that the string found is message.content.parts[0]: put a different string
-        # there; the message must then read exactly that.
-        probe = "x" if text == "" else ""
-        try:
-            envelope = json.loads((head + probe.encode() + tail).decode("utf-8", "replace"))
-        except ValueError:
-            return
-        if not isinstance(envelope, dict):
-            return
-        probed = _assistant_reply(envelope.get("message"))
-        if probed is None or probed[1] != probe:
+        # there; the message must then read exactly that (not `text`, as it would if
+        # another string were parts[0]).
+        if _probe(head, tail, "x" if text == "" else "") is None:
             return
         self._raw = raw[start:end]
         self._shape = _Shape(head, tail, status, finish_reason)
+
+
+def _probe(
+    head: bytes, tail: bytes, probe: str
+) -> Optional[Tuple[Dict[str, Any], Tuple[Optional[str], str, Optional[str], Optional[str]]]]:
+    """The event ``head + probe + tail`` and its assistant reply, if that reply's text is
+    `probe`; None if it is not, or the event is not one."""
+    try:
+        payload = json.loads((head + probe.encode() + tail).decode("utf-8", "replace"))
+        reply = _assistant_reply(payload.get("message")) if isinstance(payload, dict) else None
+    except (ValueError, FakeGptError):
+        return None
+    if reply is None or reply[1] != probe:
+        return None
+    return payload, reply
 
 
 def _text_ends_at(buf: bytes, resume: int, last: int, tail: bytes) -> bool:

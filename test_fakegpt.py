@@ -572,6 +572,18 @@ def test_another_message_id_after_the_text_is_caught_whichever_way_the_event_is_
     assert decoder_outcome(ConversationDecoder(), datas)[1] == "ProtocolError: the upstream switched to another message in mid-reply"
 
 
+def test_a_later_duplicate_message_key_decides_the_text_on_every_path() -> None:
+    # JSON's last duplicate key wins: a second "message" whose text is "" makes the reply
+    # "" (nothing new), although the first message's string sits where the text was.
+    duplicate = json.dumps({"id": "m1", "author": {"role": "assistant"}, "recipient": "all", "status": "finished_successfully",
+                            "content": {"content_type": "text", "parts": [""]}, "metadata": {"message_type": "next"}}).encode()
+    final = assistant_event("Hi there", status="finished_successfully", finish="stop")
+    final = final.replace(b', "conversation_id"', b', "message": ' + duplicate + b', "conversation_id"', 1)
+    datas = [assistant_event("Hi"), final]
+    assert decoder_outcome(ConversationDecoder(), datas) == decoder_outcome(full_decoder(), datas)
+    assert [event[0] for event in decoder_outcome(ConversationDecoder(), datas)[0]] == ["Hi", ""]
+
+
 def test_final_event_is_read_without_decoding_the_text_again() -> None:
     long_text = "Привет, мир! " * 1000
     datas = [assistant_event(long_text[:10]), assistant_event(long_text),
