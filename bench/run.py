@@ -8,7 +8,8 @@ W3: cold start, the whole process, and the import time alone.
 W4: peak memory in W1 and W2, and with one 50 MB event.
 
 Clients run in turn (A B C ... A B C ...), each in a process of its own; the mock runs in
-another process, and its share of the CPU is reported for each workload. The tables are
+another process, and its share of the CPU is reported for each workload, beside the
+client's own CPU time (which the mock's speed does not bound). The tables are
 medians and ratios from this one run, printed as Markdown.
 """
 
@@ -46,12 +47,13 @@ def worker(client: str, workload: str, url: str, repeats: int, mock_pid: int) ->
 
 
 def measure(workload: str, clients: List[str], url: str, repeats: int, rounds: int, mock_pid: int) -> Dict[str, Dict]:
-    table: Dict[str, Dict] = {c: {"times": [], "errors": 0, "rss": 0.0, "mock": [], "failure": ""} for c in clients}
+    table: Dict[str, Dict] = {c: {"times": [], "cpu": [], "errors": 0, "rss": 0.0, "mock": [], "failure": ""} for c in clients}
     for _ in range(rounds):
         for client in clients:
             result, mock_share = worker(client, workload, url, repeats, mock_pid)
             row = table[client]
             row["times"] += result["times"]
+            row["cpu"] += result["cpu"]
             row["errors"] += result["errors"]
             row["rss"] = max(row["rss"], result["maxrss_mb"])
             row["mock"].append(mock_share)
@@ -81,16 +83,17 @@ def print_table(title: str, table: Dict[str, Dict]) -> None:
     limit = median_ms(table["limit"]) if "limit" in table else float("nan")
     aiohttp = median_ms(table["aiohttp"])
     print(f"\n{title}\n")
-    print("| client | median | x limit | x aiohttp | peak RSS | errors | mock CPU share |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| client | median | x limit | x aiohttp | client CPU | peak RSS | errors | mock CPU share |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for client, row in table.items():
         ms = median_ms(row)
         failure = " ".join(row["failure"].split())[:60]
         failure = f" ({failure})" if failure else ""
         mock = statistics.median(row["mock"])
+        cpu = statistics.median(row["cpu"]) * 1000 if row["cpu"] else float("nan")
         print(f"| {client} | {number(ms, '{:.1f} ms')} | {number(ms / limit, '{:.2f}')} | "
-              f"{number(ms / aiohttp, '{:.2f}')} | {row['rss']:.0f} MB | {row['errors']}{failure} | "
-              f"{number(mock * 100, '{:.0f}%')} |")
+              f"{number(ms / aiohttp, '{:.2f}')} | {number(cpu, '{:.1f} ms')} | {row['rss']:.0f} MB | "
+              f"{row['errors']}{failure} | {number(mock * 100, '{:.0f}%')} |")
 
 
 def number(value: float, form: str) -> str:

@@ -2,7 +2,8 @@
 
     python bench/worker.py CLIENT WORKLOAD URL REPEATS
 
-Prints one JSON line: the seconds of each repeat, the peak RSS and the error count.
+Prints one JSON line: the seconds of each repeat (wall and this process's CPU), the peak
+RSS and the error count.
 """
 
 from __future__ import annotations
@@ -36,17 +37,19 @@ async def run(client_name: str, workload: str, url: str, repeats: int) -> Dict[s
     # Every client but the limit must return the mock's exact reply to count as correct.
     expected = {} if client_name == "limit" else {p: mock_server.default_reply(p) for p in prompts}
     times: List[float] = []
+    cpu: List[float] = []
     errors = 0
     for _ in range(repeats):
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         if workload == "W2":
             results = await asyncio.gather(*(client.conversation(p) for p in prompts), return_exceptions=True)
         else:
             results = [await client.conversation(prompts[0])]
         times.append(time.perf_counter() - started)
+        cpu.append(time.process_time() - cpu_started)
         errors += sum(isinstance(r, BaseException) or r != expected.get(p, r) for r, p in zip(results, prompts))
     await client.close()
-    return {"times": times, "errors": errors,
+    return {"times": times, "cpu": cpu, "errors": errors,
             "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -55,6 +58,6 @@ if __name__ == "__main__":
     try:
         result = asyncio.run(run(name, workload, url, repeats))
     except Exception as exc:  # noqa: BLE001 - a peer that fails is reported, not fatal
-        result = {"times": [], "errors": repeats, "failure": f"{type(exc).__name__}: {exc}"[:200],
+        result = {"times": [], "cpu": [], "errors": repeats, "failure": f"{type(exc).__name__}: {exc}"[:200],
                   "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     print(json.dumps(result))
