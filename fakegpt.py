@@ -950,32 +950,26 @@ class ConversationDecoder:
             self.done = True
             return None
         if self._shape is not None:
-            extended = self._extend(raw, self._shape) or self._reframe(raw, self._shape)
+            extended = self._extend(raw, self._shape)
             if extended is not None:
                 return extended
         return self._decode(raw)
 
     def _extend(self, raw: bytes, shape: _Shape) -> Optional[ChatEvent]:
-        """The event, if `raw` has `shape` and its text starts with the text so far."""
-        start = len(shape.head)
-        resume = start + len(self._raw)
-        if not (
-            raw.startswith(shape.head)
-            and raw.startswith(self._raw, start)
-            and _text_ends_at(raw, resume, len(raw), shape.tail)
-        ):
-            return None
-        text = self._grow(raw, start, resume, len(raw) - len(shape.tail))
-        return None if text is None else self._event(text, shape)
-
-    def _reframe(self, raw: bytes, shape: _Shape) -> Optional[ChatEvent]:
-        """The event, if `raw` has the known head and its text starts with the text so far,
-        but what follows the text changed (the final event's status, say): only the new
-        text and the envelope are decoded, never the text so far again."""
+        """The event, if `raw` has the known head and its text starts with the text so far:
+        only the new text is decoded, never the text so far again."""
         start = len(shape.head)
         resume = start + len(self._raw)
         if not (raw.startswith(shape.head) and raw.startswith(self._raw, start)):
             return None
+        if not _text_ends_at(raw, resume, len(raw), shape.tail):
+            return self._reframe(raw, start, resume, shape)
+        text = self._grow(raw, start, resume, len(raw) - len(shape.tail))
+        return None if text is None else self._event(text, shape)
+
+    def _reframe(self, raw: bytes, start: int, resume: int, shape: _Shape) -> Optional[ChatEvent]:
+        """`_extend` for an event whose bytes after the text changed (the final event's
+        status, say): the envelope is decoded too, and becomes the shape."""
         end = _string_end(raw, resume)
         if end < 0:
             return None
@@ -1209,9 +1203,11 @@ class _ReplyDecoder:
                 event = conversation.feed(sse_event)
                 if conversation.done:
                     return
-                if event is not None and not self.text_only:
+                if event is None:
+                    continue
+                if not self.text_only:
                     events.append(event)
-                elif event is not None and event.delta:
+                elif event.delta:
                     events.append(event.delta)
             if sse._error is not None:
                 raise sse._error  # SSE keeps it for its next call; ours is now
