@@ -103,7 +103,10 @@ def number(value: float, form: str) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3, help="turns of every client (default 3)")
+    parser.add_argument("--workloads", default="W1,W2,W3,W4",
+                        help="which workloads to run, comma-separated (default: all)")
     args = parser.parse_args()
+    wanted = set(args.workloads.upper().split(","))
     mock = subprocess.Popen([sys.executable, "-m", "mock_server", "--port", "0"], cwd=ROOT,
                             stdout=subprocess.PIPE, text=True)
     try:
@@ -111,12 +114,17 @@ def main() -> int:
         url = mock.stdout.readline().strip()
         print(f"fakegpt benchmark, {datetime.date.today()}, Python {platform.python_version()}, "
               f"{os.cpu_count()} cores, {platform.machine()}; mock at {url} in its own process")
-        w1 = measure("W1", CLIENTS, url, repeats=5, rounds=args.rounds, mock_pid=mock.pid)
-        print_table("W1: one reply of 4,000 events (about 48 MB), per conversation", w1)
-        w2 = measure("W2", ["fakegpt", "aiohttp", "httpx", "limit"], url, repeats=1, rounds=args.rounds, mock_pid=mock.pid)
-        print_table("W2: 1,000 concurrent conversations of 50 events, wall time", w2)
-        w4 = measure("W4", ["fakegpt", "aiohttp", "httpx", "limit"], url, repeats=1, rounds=1, mock_pid=mock.pid)
-        print_table("W4: one 50 MB event (peak RSS is the point)", w4)
+        if "W1" in wanted:
+            w1 = measure("W1", CLIENTS, url, repeats=5, rounds=args.rounds, mock_pid=mock.pid)
+            print_table("W1: one reply of 4,000 events (about 48 MB), per conversation", w1)
+        if "W2" in wanted:
+            w2 = measure("W2", ["fakegpt", "aiohttp", "httpx", "limit"], url, repeats=1, rounds=args.rounds, mock_pid=mock.pid)
+            print_table("W2: 1,000 concurrent conversations of 50 events, wall time", w2)
+        if "W4" in wanted:
+            w4 = measure("W4", ["fakegpt", "aiohttp", "httpx", "limit"], url, repeats=1, rounds=1, mock_pid=mock.pid)
+            print_table("W4: one 50 MB event (peak RSS is the point)", w4)
+        if "W3" not in wanted:
+            return 0
         subprocess.run([sys.executable, "-m", "compileall", "-q", "fakegpt.py", "mock_server.py"], cwd=ROOT, check=True)
         cold = process_seconds({
             "fakegpt CLI (python -m fakegpt --url URL hi)": [sys.executable, "-m", "fakegpt", "--url", url, "hi"],
