@@ -99,7 +99,7 @@ __all__ = [
 ]
 
 # ---------------------------------------------------------------------------------------
-# Constants
+# Constants and shared helpers
 # ---------------------------------------------------------------------------------------
 
 DEFAULT_URL = "https://chat-shared2.zhile.io"
@@ -111,6 +111,13 @@ Messages = List[Dict[str, str]]
 AsyncResult = AsyncGenerator[str, None]
 
 _log = logging.getLogger("fakegpt")
+
+
+def _excerpt(data: Union[bytes, str], limit: int = 80) -> str:
+    text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
 
 # ---------------------------------------------------------------------------------------
 # Errors
@@ -648,12 +655,6 @@ class _DeflateDecoder:
         return bytes(self._inner.decompress(data, max_length))
 
 
-def _excerpt(data: Union[bytes, str], limit: int = 80) -> str:
-    text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 # ---------------------------------------------------------------------------------------
 # Pure protocol: Server-Sent Events decoder (WHATWG HTML, "event stream interpretation")
 # ---------------------------------------------------------------------------------------
@@ -705,16 +706,36 @@ class SSEDecoder:
         Events completed before a line that breaks a limit are returned first; the error
         is raised by the next call (of `feed` or `close`).
         """
+        events: List[ServerSentEvent] = []
+        try:
+            self.feed_into(chunk, events)
+        except LimitExceeded:
+            if not events:
+                raise
+        return events
+
+    def feed_into(self, chunk: bytes, events: List[ServerSentEvent]) -> None:
+        """Append the events `chunk` completes to `events`, in order.
+
+        An error is raised in the call that meets it, once the events completed before
+        it have been appended; every later call raises it again.
+        """
         if self._error is not None:
             raise self._error
-        events: List[ServerSentEvent] = []
         try:
             self._feed(chunk, events)
         except LimitExceeded as exc:
-            if not events:
-                raise
             self._error = exc
-        return events
+            raise
+
+    @property
+    def at_event_boundary(self) -> bool:
+        """Whether every byte fed so far is decoded, at the start of a line, with no
+        event begun: the next bytes start a fresh event."""
+        return (
+            self._start is None and not self._skip_lf and not self._partial and not self._data
+            and not self._event_type and self._retry is None and self._error is None
+        )
 
     def _feed(self, chunk: bytes, events: List[ServerSentEvent]) -> None:
         if self._start is not None:
@@ -767,13 +788,6 @@ class SSEDecoder:
             if len(self._partial) + size - pos > self._max_line:
                 raise LimitExceeded(f"event stream line longer than {self._max_line} bytes")
             self._partial += chunk[pos:]
-
-    def _between_events(self) -> bool:
-        """At the start of a line with no event begun, all bytes so far decoded."""
-        return (
-            self._start is None and not self._skip_lf and not self._partial and not self._data
-            and not self._event_type and self._retry is None and self._error is None
-        )
 
     def close(self) -> None:
         """The stream ended: whatever event is incomplete is discarded."""
@@ -893,12 +907,11 @@ class ChatEvent:
 
 
 class _Shape(NamedTuple):
-    """The bytes around ``parts[0]`` of the last event, checked to mean one assistant message."""
+    """The bytes around ``parts[0]`` in the last event, proved to be one assistant message's."""
 
     head: bytes
     tail: bytes
-    status: Optional[str]
-    finish_reason: Optional[str]
+    one_line: bool  # neither holds a line break: the event came from a single data line
 
 
 _PARTS_MARKERS = (b'"parts": ["', b'"parts":["')
@@ -917,22 +930,29 @@ class ConversationDecoder:
     does a second message once the first has given text. A truthy ``error`` raises `UpstreamError`
     (`TokenExpiredError` for ``token_expired``); ``[DONE]`` sets ``done``.
 
-    The fast path: each event repeats the whole text so far, so once an event has been
-    decoded in full, the next one whose bytes around ``parts[0]`` are the same and whose
-    ``parts[0]`` starts with the previous raw string only needs its new suffix decoded.
-    Anything else takes the full ``json.loads``; both give the same results.
+    The reference path decodes every event in full. The known-shape path (on unless
+    ``fast_path=False``) serves the usual event, which repeats the whole text so far:
+    once an event has been decoded in full, the next one whose bytes around ``parts[0]``
+    are the same and whose ``parts[0]`` starts with the previous one as sent only needs
+    its new suffix decoded. `extend` is its one entry point. Both paths give the same
+    events and errors.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, fast_path: bool = True) -> None:
         self.done = False
-        self.has_text = False
         self.conversation_id: Optional[str] = None
         self.message_id: Optional[str] = None
         self.status: Optional[str] = None
         self.finish_reason: Optional[str] = None
+        self._fast_path = fast_path
         self._pieces: List[str] = []
-        self._raw: Union[bytes, memoryview] = b""  # parts[0] as sent, JSON-escaped
+        self._event_finish_reason: Optional[str] = None  # the last event's own, not carried over
+        # The known-shape path's state: the shape, and parts[0] as sent (JSON-escaped),
+        # often a view of the buffer it arrived in.
         self._shape: Optional[_Shape] = None
+        self._escaped_text: Union[bytes, memoryview] = b""
+        self._buffer: Optional[bytes] = None  # the last buffer given to `extend`,
+        self._buffer_view: Optional[memoryview] = None  # and a view of it
 
     @property
     def text(self) -> str:
@@ -940,6 +960,11 @@ class ConversationDecoder:
         if len(self._pieces) > 1:
             self._pieces = ["".join(self._pieces)]
         return self._pieces[0] if self._pieces else ""
+
+    @property
+    def has_text(self) -> bool:
+        """Whether any text has been delivered."""
+        return bool(self._pieces)
 
     def feed(self, event: ServerSentEvent) -> Optional[ChatEvent]:
         """The `ChatEvent` this event makes, or None if it carries no reply."""
@@ -949,81 +974,19 @@ class ConversationDecoder:
         if len(raw) < 16 and raw.strip() == b"[DONE]":
             self.done = True
             return None
-        if self._shape is not None:
-            extended = self._extend(raw, self._shape)
-            if extended is not None:
-                return extended
+        delta = self.extend(raw, 0, len(raw))
+        if delta is not None:
+            return self.event(delta)
         return self._decode(raw)
 
-    def _extend(self, raw: bytes, shape: _Shape) -> Optional[ChatEvent]:
-        """The event, if `raw` has the known head and its text starts with the text so far:
-        only the new text is decoded, never the text so far again."""
-        start = len(shape.head)
-        resume = start + len(self._raw)
-        if not (raw.startswith(shape.head) and raw.startswith(self._raw, start)):
-            return None
-        if not _text_ends_at(raw, resume, len(raw), shape.tail):
-            return self._reframe(raw, start, resume, shape)
-        text = self._grow(raw, start, resume, len(raw) - len(shape.tail))
-        return None if text is None else self._event(text, shape)
-
-    def _reframe(self, raw: bytes, start: int, resume: int, shape: _Shape) -> Optional[ChatEvent]:
-        """`_extend` for an event whose bytes after the text changed (the final event's
-        status, say): the envelope is decoded too, and becomes the shape."""
-        end = _string_end(raw, resume)
-        if end < 0:
-            return None
-        tail = raw[end:]
-        # The same head leaves a JSON parser at the same place, inside a string; two
-        # different texts there that both read back prove it is still parts[0] (a later
-        # duplicate key could make another string the text), and the envelope is read.
-        probed = [_probe(shape.head, tail, probe) for probe in ("", "x")]
-        if probed[0] is None or probed[1] is None:
-            return None  # decoding it in full says what is wrong, if anything is
-        payload, reply = probed[0]
-        if reply[0] != self.message_id:
-            return None
-        self._read_envelope(payload)
-        _, _, status, finish_reason = reply
-        shape = _Shape(shape.head, tail, status, finish_reason)
-        text = self._grow(raw, start, resume, end)
-        if text is None:
-            return None
-        self.status = status
-        self.finish_reason = finish_reason or self.finish_reason
-        self._shape = shape
-        return self._event(text, shape)
-
-    def _event(self, delta: str, shape: _Shape) -> ChatEvent:
+    def event(self, delta: str) -> ChatEvent:
+        """The `ChatEvent` of the event just taken in, whose new text is `delta`."""
         return ChatEvent(
-            delta, shape.status, shape.finish_reason, self.conversation_id, self.message_id,
-            self._pieces,
+            delta, self.status, self._event_finish_reason, self.conversation_id,
+            self.message_id, self._pieces,
         )
 
-    def _grow(
-        self, buf: bytes, start: int, resume: int, end: int, view: Optional[memoryview] = None
-    ) -> Optional[str]:
-        """The new text of the event whose ``parts[0]`` is ``buf[start:end]``, checked to
-        begin with the text so far, taken in; ``buf[resume:end]`` is the new text, still
-        JSON-escaped. `view`, a memoryview of `buf`, saves making one."""
-        suffix = buf[resume:end]
-        try:
-            text = suffix.decode("utf-8")  # strict: never a lone surrogate
-            if _NEEDS_JSON.search(suffix) is not None:
-                quoted = '"' + text + '"'
-                text, stop = _scan_json_string(quoted, 1)  # json.loads's own string scanner
-                if stop != len(quoted):
-                    return None
-                if text[:1] and "\udc00" <= text[0] <= "\udfff":
-                    return None  # the second half of a surrogate pair: decoding in full joins them
-        except ValueError:
-            return None
-        # A view: copying the text so far per event would cost more than the event.
-        self._raw = (memoryview(buf) if view is None else view)[start:end]
-        if text:
-            self._pieces.append(text)
-            self.has_text = True
-        return text
+    # -- the reference path: every event decoded in full ------------------------------
 
     def _decode(self, raw: bytes) -> Optional[ChatEvent]:
         self._shape = None
@@ -1038,7 +1001,7 @@ class ConversationDecoder:
             return None
         message_id, text, status, finish_reason = reply
         if message_id != self.message_id:
-            if self.text:
+            if self.has_text:
                 # One reply is one assistant message; starting another would deliver
                 # its whole text again (a corrupted id looks just like this).
                 raise ProtocolError("the upstream switched to another message in mid-reply")
@@ -1054,13 +1017,10 @@ class ConversationDecoder:
             )
         if delta:
             self._pieces.append(delta)
-            self.has_text = True
-        self.status = status
-        self.finish_reason = finish_reason or self.finish_reason
-        self._learn_shape(raw, text, status, finish_reason)
-        return ChatEvent(
-            delta, status, finish_reason, self.conversation_id, self.message_id, self._pieces
-        )
+        self._take_status(status, finish_reason)
+        if self._fast_path:
+            self._learn_shape(raw, text)
+        return self.event(delta)
 
     def _read_envelope(
         self, payload: Dict[str, Any]
@@ -1073,9 +1033,100 @@ class ConversationDecoder:
             self.conversation_id = conversation_id
         return _assistant_reply(payload.get("message"))
 
-    def _learn_shape(
-        self, raw: bytes, text: str, status: Optional[str], finish_reason: Optional[str]
-    ) -> None:
+    def _take_status(self, status: Optional[str], finish_reason: Optional[str]) -> None:
+        self.status = status
+        self._event_finish_reason = finish_reason
+        self.finish_reason = finish_reason or self.finish_reason
+
+    # -- the known-shape path -----------------------------------------------------------
+
+    @property
+    def known_prefix_size(self) -> Optional[int]:
+        """While a shape is known: how many bytes every event that extends the text so
+        far has before its new text (the head, and the text so far as sent), none of
+        them a line break; None otherwise."""
+        shape = self._shape
+        if shape is None or not shape.one_line:
+            return None
+        return len(shape.head) + len(self._escaped_text)
+
+    def extend(self, buffer: bytes, start: int, end: int) -> Optional[str]:
+        """If ``buffer[start:end]`` is an event's data of the known shape, with text that
+        extends the text so far, take it in and return the new text (possibly empty);
+        otherwise return None and change nothing. The text so far is never decoded
+        again. Call `detach` before `buffer` is freed or reused."""
+        shape = self._shape
+        if shape is None:
+            return None
+        text_start = start + len(shape.head)
+        resume = text_start + len(self._escaped_text)
+        if not (
+            buffer.startswith(shape.head, start, end)
+            and buffer.startswith(self._escaped_text, text_start, end)
+        ):
+            return None
+        if _text_ends_at(buffer, resume, end, shape.tail):
+            return self._grow(buffer, text_start, resume, end - len(shape.tail))
+        return self._reframe(buffer, start, text_start, resume, end)
+
+    def detach(self) -> None:
+        """Let go of the buffers given to `extend`: the text so far is copied out of them."""
+        if isinstance(self._escaped_text, memoryview):
+            self._escaped_text = self._escaped_text.tobytes()
+        self._buffer = self._buffer_view = None
+
+    def _reframe(
+        self, buffer: bytes, start: int, text_start: int, resume: int, end: int
+    ) -> Optional[str]:
+        """`extend` for an event whose bytes after the text changed (the final event's
+        status, say): the envelope is decoded too, and its bytes become the shape's."""
+        assert self._shape is not None
+        text_end = _string_end(buffer, resume)
+        if not resume <= text_end < end:
+            return None
+        head, tail = self._shape.head, buffer[text_end:end]
+        # The same head leaves a JSON parser at the same place, inside a string; two
+        # different texts there that both read back prove it is still parts[0] (a later
+        # duplicate key could make another string the text), and the envelope is read.
+        probed = [_probe(head, tail, probe) for probe in ("", "x")]
+        if probed[0] is None or probed[1] is None:
+            return None  # decoding it in full says what is wrong, if anything is
+        payload, reply = probed[0]
+        if reply[0] != self.message_id:
+            return None
+        self._read_envelope(payload)
+        text = self._grow(buffer, text_start, resume, text_end)
+        if text is not None:
+            self._take_status(reply[2], reply[3])
+            self._shape = _Shape(head, tail, self._shape.one_line and b"\n" not in tail)
+        return text
+
+    def _grow(self, buffer: bytes, text_start: int, resume: int, text_end: int) -> Optional[str]:
+        """The new text of the event whose ``parts[0]`` is ``buffer[text_start:text_end]``,
+        known to begin with the text so far, taken in; ``buffer[resume:text_end]`` is the
+        new text, still JSON-escaped. None, and nothing taken, if it does not decode."""
+        suffix = buffer[resume:text_end]
+        try:
+            text = suffix.decode("utf-8")  # strict: never a lone surrogate
+            if _NEEDS_JSON.search(suffix) is not None:
+                quoted = '"' + text + '"'
+                text, stop = _scan_json_string(quoted, 1)  # json.loads's own string scanner
+                if stop != len(quoted):
+                    return None
+                if text[:1] and "\udc00" <= text[0] <= "\udfff":
+                    return None  # the second half of a surrogate pair: decoding in full joins them
+        except ValueError:
+            return None
+        # A view: copying the text so far per event would cost more than the event.
+        if buffer is not self._buffer:
+            self._buffer, self._buffer_view = buffer, memoryview(buffer)
+        assert self._buffer_view is not None
+        self._escaped_text = self._buffer_view[text_start:text_end]
+        if text:
+            self._pieces.append(text)
+        return text
+
+    def _learn_shape(self, raw: bytes, text: str) -> None:
         """Remember where ``parts[0]`` sits in `raw`, if that can be proved."""
         if self.text != text:
             return
@@ -1100,8 +1151,8 @@ class ConversationDecoder:
         # another string were parts[0]).
         if _probe(head, tail, "x" if text == "" else "") is None:
             return
-        self._raw = raw[start:end]
-        self._shape = _Shape(head, tail, status, finish_reason)
+        self._escaped_text = raw[start:end]
+        self._shape = _Shape(head, tail, b"\n" not in head and b"\n" not in tail)
 
 
 def _probe(
@@ -1159,11 +1210,12 @@ class _ReplyDecoder:
     `ConversationDecoder`, with a shortcut for the usual event.
 
     A long reply is thousands of events, each its predecessor plus new text. When the
-    event stream is between events and the conversation decoder knows their shape, each
-    ``data: ...`` line followed by a blank line goes straight to the conversation's fast
-    path, read where it lies in the chunk: no `ServerSentEvent`, no copy. Anything else
-    (other fields or line endings, another shape, a limit reached) goes through both
-    decoders up to the next blank line. Both ways give the same events and errors.
+    event stream is at an event boundary and the conversation decoder knows their shape,
+    each ``data: ...`` line followed by a blank line goes straight to
+    `ConversationDecoder.extend`, read where it lies in the chunk: no `ServerSentEvent`,
+    no copy. Anything else (other fields or line endings, another shape, a limit reached)
+    goes through both decoders up to the next blank line. Both ways give the same events
+    and errors.
     """
 
     def __init__(
@@ -1185,32 +1237,35 @@ class _ReplyDecoder:
         try:
             self._feed(chunk, events)
         finally:
-            # The text so far may be a view of this chunk: a copy of it lets the chunk go.
-            raw = self.conversation._raw
-            if isinstance(raw, memoryview) and raw.obj is chunk:
-                self.conversation._raw = raw.tobytes()
+            self.conversation.detach()  # the chunk can go
 
     def _feed(self, chunk: bytes, events: List[Any]) -> None:
-        conversation, sse = self.conversation, self.sse
+        conversation, sse, text_only = self.conversation, self.sse, self.text_only
         pos, size = 0, len(chunk)
         while pos < size and not conversation.done:
-            if conversation._shape is not None and sse._between_events():
+            if sse.at_event_boundary and conversation.known_prefix_size is not None:
                 pos = self._shortcut(chunk, pos, events)
                 if pos == size:
                     break
             stop = _blank_line_end(chunk, pos)  # where the shortcut may apply again
-            for sse_event in sse.feed(chunk[pos:stop]):
+            sse_events: List[ServerSentEvent] = []
+            error: Optional[LimitExceeded] = None
+            try:
+                sse.feed_into(chunk[pos:stop], sse_events)
+            except LimitExceeded as exc:
+                error = exc  # raised once the events before it are in
+            for sse_event in sse_events:
                 event = conversation.feed(sse_event)
                 if conversation.done:
                     return
                 if event is None:
                     continue
-                if not self.text_only:
+                if not text_only:
                     events.append(event)
                 elif event.delta:
                     events.append(event.delta)
-            if sse._error is not None:
-                raise sse._error  # SSE keeps it for its next call; ours is now
+            if error is not None:
+                raise error
             pos = stop
 
     def close(self) -> None:
@@ -1220,39 +1275,28 @@ class _ReplyDecoder:
     def _shortcut(self, chunk: bytes, pos: int, events: List[Any]) -> int:
         """Events of the known shape from `pos` on; returns where the first other one starts.
 
-        Such an event is ``data: `` + head + text + tail + LF LF, where head and tail are
-        the bytes around the text in the last event (no CR or LF: they come from one
-        event stream line) and the text is a JSON string's content (no raw CR or LF
-        either, or it would not decode): so the line cannot end before the text does, and
-        the search for its end starts after the text so far.
+        Such an event is ``data: `` + its data + LF LF, and its data starts with bytes
+        known to hold no line break (`ConversationDecoder.known_prefix_size`), so the
+        search for the line's end starts after them.
         """
         conversation, size = self.conversation, len(chunk)
-        shape = conversation._shape
-        assert shape is not None
-        head, tail = shape.head, shape.tail
-        if b"\n" in head or b"\n" in tail:
-            return pos  # learned from an event of several data lines
-        max_line, max_data, grow = self._max_line, self._max_data, conversation._grow
-        text_only, view = self.text_only, memoryview(chunk)
+        max_line, max_data, text_only = self._max_line, self._max_data, self.text_only
+        extend = conversation.extend
         while chunk.startswith(b"data: ", pos):
             first = pos + 6
-            start = first + len(head)
-            previous = conversation._raw
-            resume = start + len(previous)
-            if not (chunk.startswith(head, first) and chunk.startswith(previous, start)):
+            known = conversation.known_prefix_size
+            if known is None:
                 break
-            last = chunk.find(b"\n", resume)
+            last = chunk.find(b"\n", first + known)
             if last < 0 or last + 1 == size or chunk[last + 1] != 0x0A:
                 break  # incomplete, or more than one line
             if last - pos > max_line or last - first > max_data:
                 break  # the event stream decoder raises
-            if not _text_ends_at(chunk, resume, last, tail):
-                break
-            text = grow(chunk, start, resume, last - len(tail), view)
+            text = extend(chunk, first, last)
             if text is None:
                 break
             if not text_only:
-                events.append(conversation._event(text, shape))
+                events.append(conversation.event(text))
             elif text:
                 events.append(text)
             pos = last + 2
@@ -1329,7 +1373,7 @@ def _detail_and_code(error: Any) -> Tuple[str, Optional[str]]:
 
 
 # ---------------------------------------------------------------------------------------
-# Transport: URLs, connections, TLS, proxies, timeouts
+# Transport: URLs, connections, TLS, proxies, timeouts, cookies
 # ---------------------------------------------------------------------------------------
 
 _READ_BUFFER_SIZE = 256 * 1024  # one per thread: each read lands in it, then in the parser
@@ -1830,10 +1874,88 @@ class _HTTPResponse:
         self._connection.close()
 
 
+class _CookieRequest:
+    """The parts of a request that `http.cookiejar` reads and writes."""
+
+    def __init__(self, url: str, fields: Sequence[Tuple[str, str]]) -> None:
+        parts = urllib.parse.urlsplit(url)
+        self.full_url = url
+        self.host = parts.netloc
+        self.type = parts.scheme
+        self.origin_req_host = parts.hostname or ""
+        self.unverifiable = False
+        self.fields = list(fields)
+
+    def get_full_url(self) -> str:
+        return self.full_url
+
+    def has_header(self, name: str) -> bool:
+        return any(key.lower() == name.lower() for key, _ in self.fields)
+
+    def get_header(self, name: str, default: Optional[str] = None) -> Optional[str]:
+        for key, value in self.fields:
+            if key.lower() == name.lower():
+                return value
+        return default
+
+    def add_unredirected_header(self, name: str, value: str) -> None:
+        self.fields.append((name, value))
+
+
+# The headers a jar added for a URL, with the cookies they came from and when the first
+# of those expires. Making them runs the jar's whole policy, a tenth of a short
+# conversation's cost; they change only when the cookies do or one expires. (A policy
+# changed in place while its cookies stay the same takes effect when they next change.)
+_cookie_headers: "weakref.WeakKeyDictionary[http.cookiejar.CookieJar, Tuple[Any, float, List[Tuple[str, str]]]]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _add_cookie_header(jar: http.cookiejar.CookieJar, request: _CookieRequest) -> None:
+    """``jar.add_cookie_header(request)``, remembered while the jar's cookies stay the same."""
+    cookies = list(jar)  # under the jar's lock
+    key = (request.full_url, [
+        (id(c), c.name, c.value, c.domain, c.path, c.secure, c.expires, c.version) for c in cookies
+    ])
+    known = _cookie_headers.get(jar)
+    if known is not None and known[0] == key and time.time() < known[1]:
+        request.fields.extend(known[2])
+        return
+    before = len(request.fields)
+    # http.cookiejar duck-types its request: the adapter is what it reads.
+    jar.add_cookie_header(request)  # type: ignore[arg-type]
+    expires = min((c.expires for c in cookies if c.expires is not None), default=math.inf)
+    _cookie_headers[jar] = (key, expires, request.fields[before:])
+
+
+class _CookieResponse:
+    """The part of a response that `http.cookiejar` reads: ``info().get_all()``."""
+
+    def __init__(self, head: Response) -> None:
+        self._head = head
+
+    def info(self) -> Response:
+        return self._head
+
+
+class _Options(NamedTuple):
+    endpoint: _Endpoint
+    base_path: str
+    model: str
+    proxy: Optional[_Proxy]
+    trust_env: bool
+    timeouts: Timeouts
+    limits: Limits
+    ssl_context: Optional[ssl.SSLContext]
+    conversation_id: Optional[str]
+    parent_message_id: Optional[str]
+    history_and_training_disabled: bool
+
+
 class _Client:
     """HTTP/1.1 requests to one upstream, one connection each, with the call's options."""
 
-    def __init__(self, options: "_Options") -> None:
+    def __init__(self, options: _Options) -> None:
         self.endpoint, self.base_path = options.endpoint, options.base_path
         self.base_url = f"{self.endpoint.origin}{self.base_path}"
         self.options = options
@@ -2000,72 +2122,8 @@ def _retry_after(value: Optional[str]) -> Optional[float]:
 
 
 # ---------------------------------------------------------------------------------------
-# Session: cookies, the shared-token login, the access token
+# Session: the shared-token login, the access token
 # ---------------------------------------------------------------------------------------
-
-
-class _CookieRequest:
-    """The parts of a request that `http.cookiejar` reads and writes."""
-
-    def __init__(self, url: str, fields: Sequence[Tuple[str, str]]) -> None:
-        parts = urllib.parse.urlsplit(url)
-        self.full_url = url
-        self.host = parts.netloc
-        self.type = parts.scheme
-        self.origin_req_host = parts.hostname or ""
-        self.unverifiable = False
-        self.fields = list(fields)
-
-    def get_full_url(self) -> str:
-        return self.full_url
-
-    def has_header(self, name: str) -> bool:
-        return any(key.lower() == name.lower() for key, _ in self.fields)
-
-    def get_header(self, name: str, default: Optional[str] = None) -> Optional[str]:
-        for key, value in self.fields:
-            if key.lower() == name.lower():
-                return value
-        return default
-
-    def add_unredirected_header(self, name: str, value: str) -> None:
-        self.fields.append((name, value))
-
-
-# The headers a jar added for a URL, with the cookies they came from and when the first
-# of those expires. Making them runs the jar's whole policy, a tenth of a short
-# conversation's cost; they change only when the cookies do or one expires. (A policy
-# changed in place while its cookies stay the same takes effect when they next change.)
-_cookie_headers: "weakref.WeakKeyDictionary[http.cookiejar.CookieJar, Tuple[Any, float, List[Tuple[str, str]]]]" = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _add_cookie_header(jar: http.cookiejar.CookieJar, request: _CookieRequest) -> None:
-    """``jar.add_cookie_header(request)``, remembered while the jar's cookies stay the same."""
-    cookies = list(jar)  # under the jar's lock
-    key = (request.full_url, [
-        (id(c), c.name, c.value, c.domain, c.path, c.secure, c.expires, c.version) for c in cookies
-    ])
-    known = _cookie_headers.get(jar)
-    if known is not None and known[0] == key and time.time() < known[1]:
-        request.fields.extend(known[2])
-        return
-    before = len(request.fields)
-    # http.cookiejar duck-types its request: the adapter is what it reads.
-    jar.add_cookie_header(request)  # type: ignore[arg-type]
-    expires = min((c.expires for c in cookies if c.expires is not None), default=math.inf)
-    _cookie_headers[jar] = (key, expires, request.fields[before:])
-
-
-class _CookieResponse:
-    """The part of a response that `http.cookiejar` reads: ``info().get_all()``."""
-
-    def __init__(self, head: Response) -> None:
-        self._head = head
-
-    def info(self) -> Response:
-        return self._head
 
 
 def get_random_string(length: int = 10) -> str:
@@ -2216,20 +2274,6 @@ def _upstream_model(model: Optional[str]) -> str:
     return model
 
 
-class _Options(NamedTuple):
-    endpoint: _Endpoint
-    base_path: str
-    model: str
-    proxy: Optional[_Proxy]
-    trust_env: bool
-    timeouts: Timeouts
-    limits: Limits
-    ssl_context: Optional[ssl.SSLContext]
-    conversation_id: Optional[str]
-    parent_message_id: Optional[str]
-    history_and_training_disabled: bool
-
-
 def _options(
     provider: type, model: Optional[str], proxy: Optional[str], kwargs: Dict[str, Any]
 ) -> _Options:
@@ -2270,19 +2314,21 @@ class ChatStream:
 
     def __init__(
         self, provider: "type[FakeGpt]", model: Optional[str], messages: Messages,
-        proxy: Optional[str] = None, **kwargs: Any,
+        proxy: Optional[str] = None, *, sessions: Dict[str, _Session], **kwargs: Any,
     ) -> None:
         self.prompt = format_prompt(messages)
         self._provider = provider
+        self._sessions = sessions
         self._options = _options(provider, model, proxy, kwargs)
         self._decoder = ConversationDecoder()
         # Events travel in batches, one per read of the socket: a long reply has
         # thousands of events, and a hop through each async generator per event would
-        # cost more than decoding them.
-        self._batches = self._run()
-        self._batch: List[Any] = []  # ChatEvents, or their deltas once _text_pieces has begun
-        self._text_only = False
+        # cost more than decoding them. The batches start with the first read, which
+        # chooses what they hold: ChatEvents, or (for `texts`) only their new text.
+        self._batches: Optional[AsyncGenerator[List[Any], None]] = None
+        self._batch: List[Any] = []
         self._taken = 0
+        self._text_only = False
 
     @property
     def text(self) -> str:
@@ -2306,18 +2352,35 @@ class ChatStream:
 
     async def __anext__(self) -> ChatEvent:
         if self._taken == len(self._batch):
-            self._batch, self._taken = await self._batches.__anext__(), 0
+            self._batch, self._taken = await self._start(text_only=False).__anext__(), 0
         event: ChatEvent = self._batch[self._taken]
         self._taken += 1
         return event
 
-    async def aclose(self) -> None:
-        await self._batches.aclose()
+    def texts(self) -> AsyncIterator[str]:
+        """The reply as text pieces instead of events: each piece is all the new text
+        that arrived in one read. A stream is read one way: events or texts."""
+        return self._texts(self._start(text_only=True))
 
-    async def _text_pieces(self) -> AsyncGenerator[str, None]:
-        """The new text of each batch: every piece that has arrived, as one string."""
-        self._text_only = True  # no ChatEvent per event: only their text is wanted
-        async for batch in self._batches:
+    async def aclose(self) -> None:
+        if self._batches is not None:
+            await self._batches.aclose()
+
+    def _start(self, *, text_only: bool) -> AsyncGenerator[List[Any], None]:
+        if self._batches is None:
+            self._batches = self._run(text_only=text_only)
+            self._text_only = text_only
+        elif self._text_only != text_only or text_only:
+            raise UsageError(
+                "this ChatStream is already being read"
+                + (" as text pieces (texts())" if self._text_only else " as events")
+                + ": read a stream one way"
+            )
+        return self._batches
+
+    @staticmethod
+    async def _texts(batches: AsyncGenerator[List[Any], None]) -> AsyncIterator[str]:
+        async for batch in batches:
             text = "".join(batch)
             if text:
                 yield text
@@ -2328,15 +2391,15 @@ class ChatStream:
     async def __aexit__(self, *exc_info: Any) -> None:
         await self.aclose()
 
-    async def _run(self) -> AsyncGenerator[List[Any], None]:
+    async def _run(self, *, text_only: bool) -> AsyncGenerator[List[Any], None]:
         provider = self._provider
         client = _Client(self._options)
-        session = provider._session(client.base_url)
+        session = self._sessions.setdefault(client.base_url, _Session())
         for attempt in (1, 2):
             token = await session.token(client)
             provider._access_token, provider._cookie_jar = token, session.cookie_jar
             try:
-                async for batch in self._converse(client, session, token):
+                async for batch in self._converse(client, session, token, text_only):
                     yield batch
                 return
             except TokenExpiredError:
@@ -2348,7 +2411,7 @@ class ChatStream:
                     provider._access_token = None
 
     async def _converse(
-        self, client: _Client, session: _Session, token: str
+        self, client: _Client, session: _Session, token: str, text_only: bool
     ) -> AsyncGenerator[List[Any], None]:
         options = self._options
         body = json.dumps(_conversation_body(self.prompt, options)).encode("ascii")
@@ -2364,7 +2427,7 @@ class ChatStream:
         try:
             await self._expect_event_stream(response, session)
             decoder = self._decoder = ConversationDecoder()
-            reply = _ReplyDecoder(decoder, options.limits, text_only=self._text_only)
+            reply = _ReplyDecoder(decoder, options.limits, text_only=text_only)
             async for chunk in response.chunks():
                 batch: List[Any] = []
                 try:
@@ -2489,15 +2552,23 @@ class FakeGpt:
     _sessions: Dict[str, _Session] = {}
 
     @classmethod
-    def _session(cls, base_url: str) -> _Session:
-        return cls._sessions.setdefault(base_url, _Session())
+    def isolated(cls, url: Optional[str] = None, **attributes: Any) -> "type[FakeGpt]":
+        """A subclass with a session cache of its own (token, cookies), aimed at `url`
+        if given, with `attributes` set on it: for tests, and for code that must not
+        share a login with the rest of the process."""
+        namespace: Dict[str, Any] = {"_sessions": {}, "_access_token": None, "_cookie_jar": None}
+        if url is not None:
+            _parse_url(url)  # a bad URL fails here
+            namespace["url"] = url
+        namespace.update(attributes)
+        return type(cls.__name__, (cls,), namespace)
 
     @classmethod
     def stream(
         cls, model: Optional[str], messages: Messages, proxy: Optional[str] = None, **kwargs: Any
     ) -> ChatStream:
         """The reply as a `ChatStream` of `ChatEvent`s (same arguments as below)."""
-        return ChatStream(cls, model, messages, proxy, **kwargs)
+        return ChatStream(cls, model, messages, proxy, sessions=cls._sessions, **kwargs)
 
     @classmethod
     async def create_async_generator(
@@ -2505,7 +2576,7 @@ class FakeGpt:
     ) -> AsyncResult:
         """The reply's text, piece by piece, as soon as each piece arrives."""
         async with cls.stream(model, messages, proxy, **kwargs) as events:
-            async for piece in events._text_pieces():
+            async for piece in events.texts():
                 yield piece
 
     @classmethod

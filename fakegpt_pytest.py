@@ -16,7 +16,7 @@ it, with a session of its own.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator
+from typing import Iterator
 
 import pytest
 
@@ -42,5 +42,4 @@ def fakegpt_mock(request: pytest.FixtureRequest) -> Iterator[mock_server.MockSer
 @pytest.fixture
 def fakegpt_provider(fakegpt_mock: mock_server.MockServer) -> "type[fakegpt.FakeGpt]":
     """A FakeGpt subclass that talks to ``fakegpt_mock``, with its own token and cookies."""
-    attributes: Dict[str, Any] = {"url": fakegpt_mock.url, "_sessions": {}, "_access_token": None, "_cookie_jar": None}
-    return type("MockFakeGpt", (fakegpt.FakeGpt,), attributes)
+    return fakegpt.FakeGpt.isolated(fakegpt_mock.url)

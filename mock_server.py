@@ -677,7 +677,8 @@ async def _read_request(reader: asyncio.StreamReader) -> Optional[RecordedReques
         raise _BadRequest(400, "Bad Content-Length.") from None
     body = await reader.readexactly(length) if length else b""
     if target.startswith(("http://", "https://")):  # absolute form, as proxies forward it
-        target = urllib.parse.urlsplit(target)._replace(scheme="", netloc="").geturl()
+        parts = urllib.parse.urlsplit(target)
+        target = urllib.parse.urlunsplit(("", "", parts.path, parts.query, parts.fragment))
     path, _, query = target.partition("?")
     return RecordedRequest(method, path, query, tuple(headers), body)
 
@@ -690,7 +691,10 @@ async def _wait_for_close(reader: asyncio.StreamReader) -> None:
 async def _write_head(
     writer: asyncio.StreamWriter, status: int, headers: List[Tuple[str, str]], keep_alive: bool
 ) -> None:
-    reason = http.HTTPStatus(status).phrase if status in http.HTTPStatus._value2member_map_ else ""
+    try:
+        reason = http.HTTPStatus(status).phrase
+    except ValueError:  # a status the standard library does not name
+        reason = ""
     lines = [f"HTTP/1.1 {status} {reason}", "Server: mock-pandora", *(f"{k}: {v}" for k, v in headers)]
     lines.append("Connection: " + ("keep-alive" if keep_alive else "close"))
     writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))

@@ -5,6 +5,7 @@ Every server here binds to 127.0.0.1 on an ephemeral port.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
 import gc
@@ -13,6 +14,7 @@ import logging
 import os
 import pathlib
 import pty
+import re
 import select
 import shutil
 import signal
@@ -22,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 import warnings
 import zlib
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -50,6 +53,92 @@ HERE = pathlib.Path(__file__).resolve().parent
 TESTDATA = HERE / "testdata"
 USER = [{"role": "user", "content": "Hello"}]
 PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+# ---------------------------------------------------------------------------------------
+# The modules' shape: layers that hold, no object in another's private state
+# ---------------------------------------------------------------------------------------
+
+BANNER = re.compile(r"^# -{20,}\n# (.+)\n# -{20,}$", re.M)
+SEED_ATTRIBUTES = {"_access_token", "_cookie_jar"}  # the seed documents them on the class
+
+
+def names_in(node: ast.AST) -> Iterator[str]:
+    """Every name `node` reads, string annotations ("_Options") included."""
+    for sub in ast.walk(node):
+        if isinstance(sub, ast.Name):
+            yield sub.id
+        elif isinstance(sub, ast.Constant) and isinstance(sub.value, str) and sub.value.isprintable():
+            try:
+                inner = ast.parse(sub.value, mode="eval")
+            except SyntaxError:
+                continue
+            yield from (n.id for n in ast.walk(inner) if isinstance(n, ast.Name))
+
+
+def later_section_names(source: str) -> List[Tuple[str, str, str]]:
+    """(name, the section using it, the later section defining it) for each such use."""
+    starts = [(source.count("\n", 0, m.start()) + 1, m.group(1)) for m in BANNER.finditer(source)]
+
+    def section(line: int) -> int:
+        return max([i for i, (start, _) in enumerate(starts) if start <= line], default=-1)
+
+    tree = ast.parse(source)
+    defined: Dict[str, int] = {}
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            defined.setdefault(node.name, section(node.lineno))
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in targets:
+                if isinstance(target, ast.Name):
+                    defined.setdefault(target.id, section(node.lineno))
+    found = set()
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and [ast.unparse(t) for t in node.targets] == ["__all__"]:
+            continue  # names exported, not used
+        here = section(node.lineno)
+        for name in names_in(node):
+            if defined.get(name, -1) > here:
+                found.add((name, starts[here][1], starts[defined[name]][1]))
+    return sorted(found)
+
+
+def private_reaches(source: str) -> List[str]:
+    """Each ``x._member`` whose ``x`` is not ``self``, ``cls`` or ``super()``."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not (isinstance(node, ast.Attribute) and node.attr.startswith("_")):
+            continue
+        if node.attr.endswith("__") or node.attr in SEED_ATTRIBUTES:
+            continue
+        owner = node.value
+        if isinstance(owner, ast.Name) and owner.id in ("self", "cls"):
+            continue
+        if isinstance(owner, ast.Call) and isinstance(owner.func, ast.Name) and owner.func.id == "super":
+            continue
+        found.append(f"line {node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_the_shape_checks_catch_what_they_name() -> None:
+    layered = "# ---------------------\n# One\n# ---------------------\ndef a(x: 'B') -> int:\n    return b()\n" \
+              "# ---------------------\n# Two\n# ---------------------\nclass B: pass\ndef b() -> int:\n    return 1\n"
+    assert later_section_names(layered) == [("B", "One", "Two"), ("b", "One", "Two")]
+    reaching = "class A:\n    def f(self, other):\n        self._ok = other._bad + super()._ok2 + other._access_token\n"
+    assert private_reaches(reaching) == ["line 3: other._bad"]
+
+
+def test_no_section_of_fakegpt_uses_a_name_defined_in_a_later_section() -> None:
+    source = (HERE / "fakegpt.py").read_text(encoding="utf-8")
+    assert [m.group(1) for m in BANNER.finditer(source)][:3] == [
+        "Constants and shared helpers", "Errors", "Pure protocol: HTTP/1.1 response reader (RFC 9112), bytes in, events out"]
+    assert later_section_names(source) == []
+
+
+@pytest.mark.parametrize("module", ["fakegpt.py", "mock_server.py"])
+def test_no_object_reads_or_writes_another_objects_private_members(module: str) -> None:
+    assert private_reaches((HERE / module).read_text(encoding="utf-8")) == []
 
 
 # ---------------------------------------------------------------------------------------
@@ -387,15 +476,23 @@ def test_sse_utf8_split_across_reads() -> None:
     assert [e.data for e in sse_events([data[:9], data[9:17], data[17:]])] == ["Привет 👋"]
 
 
-def test_sse_limits_line_and_event_size_with_bounded_memory() -> None:
-    decoder = SSEDecoder(limits=Limits(max_sse_line_size=1000))
-    with pytest.raises(fakegpt.LimitExceeded):
-        for _ in range(1000):
-            decoder.feed(b"data: " + b"x" * 100)
-    decoder = SSEDecoder(limits=Limits(max_event_size=1000))
-    with pytest.raises(fakegpt.LimitExceeded):
-        for _ in range(1000):
-            decoder.feed(b"data: " + b"x" * 90 + b"\n")
+@pytest.mark.parametrize("limits, piece", [
+    (Limits(max_sse_line_size=1024 * 1024), b"x" * 65536),  # one endless line
+    (Limits(max_event_size=1024 * 1024), b"data: " + b"x" * 65530 + b"\n"),  # one endless event
+])
+def test_sse_limits_line_and_event_size_with_bounded_memory(limits: Limits, piece: bytes) -> None:
+    # 12.5 MiB offered in 64 KiB reads against a 1 MiB limit: the decoder must refuse
+    # once the limit is passed, holding no more than about the limit meanwhile.
+    decoder = SSEDecoder(limits=limits)
+    tracemalloc.start()
+    try:
+        with pytest.raises(fakegpt.LimitExceeded):
+            for _ in range(200):
+                decoder.feed(piece)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * 1024 * 1024
 
 
 @PROPERTY
@@ -492,11 +589,29 @@ def test_conversation_split_surrogate_pair_is_decoded_like_the_full_json() -> No
         reference_deltas([first, second])
 
 
+def json_sizes(run: Callable[[], Any]) -> Tuple[Any, List[int]]:
+    """What `run` returns, and the size of every document fakegpt gave json.loads meanwhile."""
+    loads, sizes = json.loads, []
+
+    def measured(s: Any, *args: Any, **kwargs: Any) -> Any:
+        sizes.append(len(s))
+        return loads(s, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fakegpt.json, "loads", measured)
+        return run(), sizes
+
+
 def test_conversation_fast_path_is_taken_for_the_upstream_shape() -> None:
-    texts = ["Привет", "Привет, мир", "Привет, мир \"!\" \\"]
-    deltas, decoder = decode([assistant_event(t) for t in texts])
-    assert deltas == ["Привет", ", мир", " \"!\" \\"]
-    assert decoder._shape is not None  # the last event took the fast path
+    texts = ["Привет", "Привет, мир", "Привет, мир \"!\" \\" + " long" * 400]
+    datas = [assistant_event(t) for t in texts]
+    (deltas, decoder), sizes = json_sizes(lambda: decode(datas))
+    assert deltas == ["Привет", ", мир", " \"!\" \\" + " long" * 400]
+    # The first event is decoded in full (and its shape proved with small probes); the
+    # later ones take the fast path: their growing text is never given to json.loads.
+    assert max(sizes) == len(datas[0].decode()) and sizes.count(max(sizes)) == 1
+    (reference, _, _), full_sizes = json_sizes(lambda: decoder_outcome(ConversationDecoder(fast_path=False), datas))
+    assert [e[0] for e in reference if e] == deltas and max(full_sizes) == len(datas[2].decode())
 
 
 texts_strategy = st.lists(st.text(max_size=6), min_size=1, max_size=8)
@@ -524,9 +639,7 @@ def test_property_fast_path_yields_exactly_what_full_decoding_yields(pieces: Lis
 
 def full_decoder() -> ConversationDecoder:
     """A decoder that never learns a shape: every event decoded in full, the reference."""
-    decoder = ConversationDecoder()
-    decoder._learn_shape = lambda *args: None  # type: ignore[method-assign]
-    return decoder
+    return ConversationDecoder(fast_path=False)
 
 
 def decoder_outcome(decoder: ConversationDecoder, datas: Sequence[bytes]) -> Tuple[List[Any], Optional[str], Tuple[Any, ...]]:
@@ -827,7 +940,9 @@ def mock() -> Iterator[mock_server.MockServer]:
 
 def provider_for(url: str) -> "type[FakeGpt]":
     """A FakeGpt subclass aimed at `url`, with sessions of its own."""
-    return type("Provider", (FakeGpt,), {"url": url, "_sessions": {}, "_access_token": None, "_cookie_jar": None})
+    provider = FakeGpt.isolated(url)
+    provider.__name__ = "Provider"
+    return provider
 
 
 @pytest.fixture
@@ -1811,7 +1926,8 @@ def test_events_in_the_same_read_as_an_error_event_are_delivered_first() -> None
 
     with thread_server(serve) as (host, port):
         provider = provider_for(f"http://{host}:{port}")
-        provider._session(f"http://{host}:{port}").access_token = "preset"
+        session = provider._sessions[f"http://{host}:{port}"] = fakegpt._Session()
+        session.access_token = "preset"
         raised, pieces = failure(provider)
     assert isinstance(raised, fakegpt.UpstreamError) and "model overloaded" in str(raised)
     assert "".join(pieces) == "Hello"
