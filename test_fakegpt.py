@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import base64
 import contextlib
 import gc
+import http.client
 import json
 import logging
 import os
@@ -25,6 +27,7 @@ import sys
 import threading
 import time
 import tracemalloc
+import urllib.parse
 import warnings
 import zlib
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -263,6 +266,91 @@ def reference_deltas(datas: Sequence[bytes]) -> List[str]:
     return deltas
 
 
+def chat_tuple(event: ChatEvent) -> Tuple[Any, ...]:
+    return (event.delta, event.text, event.status, event.finish_reason, event.conversation_id, event.message_id)
+
+
+def decode(datas: Sequence[bytes]) -> Tuple[List[str], ConversationDecoder]:
+    decoder = ConversationDecoder()
+    deltas = []
+    for data in datas:
+        event = decoder.feed(E(raw=data))
+        if event is not None:
+            deltas.append(event.delta)
+    return deltas, decoder
+
+
+def full_decoder() -> ConversationDecoder:
+    """A decoder that never learns a shape: every event decoded in full, the reference."""
+    return ConversationDecoder(fast_path=False)
+
+
+def decoder_outcome(decoder: ConversationDecoder, datas: Sequence[bytes]) -> Tuple[List[Any], Optional[str], Tuple[Any, ...]]:
+    events: List[Any] = []
+    try:
+        for data in datas:
+            event = decoder.feed(E(raw=data))
+            events.append(None if event is None else chat_tuple(event))
+    except fakegpt.FakeGptError as exc:
+        return events, f"{type(exc).__name__}: {exc}", ()
+    return events, None, (decoder.text, decoder.status, decoder.finish_reason, decoder.conversation_id, decoder.message_id)
+
+
+def layered_outcome(chunks: Sequence[bytes], limits: Limits) -> Tuple[List[Tuple[Any, ...]], Optional[str]]:
+    """The events and the error of the event stream decoded by the two decoders in turn."""
+    sse, conversation, events = SSEDecoder(limits=limits), ConversationDecoder(), []
+    try:
+        for chunk in chunks:
+            for sse_event in sse.feed(chunk):
+                event = conversation.feed(sse_event)
+                if conversation.done:
+                    return events, None
+                if event is not None:
+                    events.append(chat_tuple(event))
+        sse.close()
+    except fakegpt.FakeGptError as exc:
+        return events, f"{type(exc).__name__}: {exc}"
+    return events, None
+
+
+def reply_outcome(chunks: Sequence[bytes], limits: Limits, text_only: bool = False) -> Tuple[List[Any], Optional[str]]:
+    """The same through `_ReplyDecoder`, shortcut included (only the deltas if `text_only`)."""
+    reply, events = fakegpt._ReplyDecoder(ConversationDecoder(), limits, text_only=text_only), []
+    batch: List[Any] = []
+    try:
+        for chunk in chunks:
+            batch = []
+            reply.feed(chunk, batch)
+            events += batch if text_only else [chat_tuple(e) for e in batch]
+            if reply.done:
+                return events, None
+        reply.close()
+    except fakegpt.FakeGptError as exc:
+        events += batch if text_only else [chat_tuple(e) for e in batch]
+        return events, f"{type(exc).__name__}: {exc}"
+    return events, None
+
+
+def json_sizes(run: Callable[[], Any]) -> Tuple[Any, List[int]]:
+    """What `run` returns, and the size of every document fakegpt gave json.loads meanwhile."""
+    loads, sizes = json.loads, []
+
+    def measured(s: Any, *args: Any, **kwargs: Any) -> Any:
+        sizes.append(len(s))
+        return loads(s, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fakegpt.json, "loads", measured)
+        return run(), sizes
+
+
+def free_port() -> int:
+    """A loopback port that nothing listens on (for now)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 # ---------------------------------------------------------------------------------------
 # HTTP/1.1 response reader
 # ---------------------------------------------------------------------------------------
@@ -294,7 +382,6 @@ def gzip_bytes(data: bytes) -> bytes:
 def deflate_bytes(data: bytes, *, raw: bool) -> bytes:
     compressor = zlib.compressobj(wbits=-15 if raw else 15)
     return compressor.compress(data) + compressor.flush()
-
 
 
 @pytest.mark.parametrize("name", sorted(VALID_RESPONSES))
@@ -423,6 +510,15 @@ def test_property_http_reader_any_split_gives_the_same_body(name: str, cuts: Lis
     assert read_response(split_at(data, cuts)) == read_response([data])
 
 
+def test_http_reader_returns_chunks_before_a_malformed_one_then_raises() -> None:
+    reader = ResponseReader()
+    reader.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\nzz\r\n")
+    assert isinstance(reader.next_event(), Response)
+    assert reader.next_event() == Data(b"abcde")
+    with pytest.raises(fakegpt.ProtocolError, match="chunk size"):
+        reader.next_event()
+
+
 # ---------------------------------------------------------------------------------------
 # Server-Sent Events (WHATWG "event stream interpretation")
 # ---------------------------------------------------------------------------------------
@@ -516,19 +612,18 @@ def test_property_sse_line_endings_and_splits_do_not_change_events(fields: List[
     assert sse_events(split_at(stream, cuts)) == sse_events([lf_stream])
 
 
+def test_sse_returns_events_before_an_oversized_line_then_raises() -> None:
+    decoder = SSEDecoder(limits=Limits(max_sse_line_size=100))
+    assert decoder.feed(b"data: a\n\ndata: b\n\ndata: " + b"x" * 200 + b"\n\n") == [E(raw=b"a"), E(raw=b"b")]
+    with pytest.raises(fakegpt.LimitExceeded):
+        decoder.feed(b"data: c\n\n")
+    with pytest.raises(fakegpt.LimitExceeded):
+        decoder.close()
+
+
 # ---------------------------------------------------------------------------------------
 # The conversation: cumulative text to deltas
 # ---------------------------------------------------------------------------------------
-
-
-def decode(datas: Sequence[bytes]) -> Tuple[List[str], ConversationDecoder]:
-    decoder = ConversationDecoder()
-    deltas = []
-    for data in datas:
-        event = decoder.feed(E(raw=data))
-        if event is not None:
-            deltas.append(event.delta)
-    return deltas, decoder
 
 
 def test_conversation_yields_suffixes_and_ignores_echoes_moderation_and_pings() -> None:
@@ -589,19 +684,6 @@ def test_conversation_split_surrogate_pair_is_decoded_like_the_full_json() -> No
         reference_deltas([first, second])
 
 
-def json_sizes(run: Callable[[], Any]) -> Tuple[Any, List[int]]:
-    """What `run` returns, and the size of every document fakegpt gave json.loads meanwhile."""
-    loads, sizes = json.loads, []
-
-    def measured(s: Any, *args: Any, **kwargs: Any) -> Any:
-        sizes.append(len(s))
-        return loads(s, *args, **kwargs)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(fakegpt.json, "loads", measured)
-        return run(), sizes
-
-
 def test_conversation_fast_path_is_taken_for_the_upstream_shape() -> None:
     texts = ["Привет", "Привет, мир", "Привет, мир \"!\" \\" + " long" * 400]
     datas = [assistant_event(t) for t in texts]
@@ -635,22 +717,6 @@ def test_property_fast_path_yields_exactly_what_full_decoding_yields(pieces: Lis
     deltas, decoder = decode(datas)
     assert deltas == reference_deltas(datas)
     assert "".join(deltas) == cumulative
-
-
-def full_decoder() -> ConversationDecoder:
-    """A decoder that never learns a shape: every event decoded in full, the reference."""
-    return ConversationDecoder(fast_path=False)
-
-
-def decoder_outcome(decoder: ConversationDecoder, datas: Sequence[bytes]) -> Tuple[List[Any], Optional[str], Tuple[Any, ...]]:
-    events: List[Any] = []
-    try:
-        for data in datas:
-            event = decoder.feed(E(raw=data))
-            events.append(None if event is None else chat_tuple(event))
-    except fakegpt.FakeGptError as exc:
-        return events, f"{type(exc).__name__}: {exc}", ()
-    return events, None, (decoder.text, decoder.status, decoder.finish_reason, decoder.conversation_id, decoder.message_id)
 
 
 @PROPERTY
@@ -729,45 +795,6 @@ def test_property_rewritten_text_raises_on_both_paths(prefix: str, rest: str) ->
         decode(datas)
     with pytest.raises(fakegpt.ProtocolError):
         reference_deltas(datas)
-
-
-def chat_tuple(event: ChatEvent) -> Tuple[Any, ...]:
-    return (event.delta, event.text, event.status, event.finish_reason, event.conversation_id, event.message_id)
-
-
-def layered_outcome(chunks: Sequence[bytes], limits: Limits) -> Tuple[List[Tuple[Any, ...]], Optional[str]]:
-    """The events and the error of the event stream decoded by the two decoders in turn."""
-    sse, conversation, events = SSEDecoder(limits=limits), ConversationDecoder(), []
-    try:
-        for chunk in chunks:
-            for sse_event in sse.feed(chunk):
-                event = conversation.feed(sse_event)
-                if conversation.done:
-                    return events, None
-                if event is not None:
-                    events.append(chat_tuple(event))
-        sse.close()
-    except fakegpt.FakeGptError as exc:
-        return events, f"{type(exc).__name__}: {exc}"
-    return events, None
-
-
-def reply_outcome(chunks: Sequence[bytes], limits: Limits, text_only: bool = False) -> Tuple[List[Any], Optional[str]]:
-    """The same through `_ReplyDecoder`, shortcut included (only the deltas if `text_only`)."""
-    reply, events = fakegpt._ReplyDecoder(ConversationDecoder(), limits, text_only=text_only), []
-    batch: List[Any] = []
-    try:
-        for chunk in chunks:
-            batch = []
-            reply.feed(chunk, batch)
-            events += batch if text_only else [chat_tuple(e) for e in batch]
-            if reply.done:
-                return events, None
-        reply.close()
-    except fakegpt.FakeGptError as exc:
-        events += batch if text_only else [chat_tuple(e) for e in batch]
-        return events, f"{type(exc).__name__}: {exc}"
-    return events, None
 
 
 ENVELOPE = {"ensure_ascii": False, "separators": (", ", ": "), "extra": None}
@@ -1268,9 +1295,7 @@ def test_connect_timeout_covers_a_tls_handshake_that_never_answers() -> None:
 
 
 def test_a_refused_connection_is_a_connect_error() -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     raised, _ = failure(provider_for(f"http://127.0.0.1:{port}"))
     assert isinstance(raised, fakegpt.ConnectError) and f"127.0.0.1:{port}" in str(raised)
 
@@ -1466,6 +1491,56 @@ def test_unknown_keywords_are_accepted(provider: "type[FakeGpt]") -> None:
     assert "".join(pieces_of(provider, stream=True, temperature=0.5, web_search=False)) == FULL_REPLY
 
 
+def test_events_in_the_same_read_as_an_error_event_are_delivered_first() -> None:
+    events = [assistant_event("Hel"), assistant_event("Hello"), json.dumps({"error": "model overloaded"}).encode(), b"[DONE]"]
+    body = b"".join(b"data: " + e + b"\n\n" for e in events)
+    response = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body)
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(response)  # one write: the events and the error arrive in one read
+        await writer.drain()
+        writer.close()
+
+    with thread_server(serve) as (host, port):
+        provider = provider_for(f"http://{host}:{port}")
+        session = provider._sessions[f"http://{host}:{port}"] = fakegpt._Session()
+        session.access_token = "preset"
+        raised, pieces = failure(provider)
+    assert isinstance(raised, fakegpt.UpstreamError) and "model overloaded" in str(raised)
+    assert "".join(pieces) == "Hello"
+
+
+def test_a_server_that_never_answers_is_a_read_timeout(provider: "type[FakeGpt]", mock: mock_server.MockServer) -> None:
+    pieces_of(provider)
+    mock.fail_next("hang")
+    started = time.monotonic()
+    raised, pieces = failure(provider, timeout=fakegpt.Timeouts(read=0.3))
+    assert isinstance(raised, fakegpt.RequestTimeout) and raised.phase == "read" and pieces == []
+    assert time.monotonic() - started < 3
+
+
+def test_delay_before_the_headers_within_and_beyond_the_read_timeout(provider: "type[FakeGpt]", mock: mock_server.MockServer) -> None:
+    mock.fail_next("delay_headers:0.3")
+    assert "".join(pieces_of(provider, timeout=fakegpt.Timeouts(read=2))) == FULL_REPLY
+    mock.fail_next("delay_headers:1")
+    raised, _ = failure(provider, timeout=fakegpt.Timeouts(read=0.3))
+    assert isinstance(raised, fakegpt.RequestTimeout) and raised.phase == "read"
+
+
+def test_the_class_works_where_gpt4free_expects_a_provider(provider: "type[FakeGpt]") -> None:
+    def chat_completion_create(model: str, messages: fakegpt.Messages, provider: Any, stream: bool = False, **kwargs: Any) -> Any:
+        # gpt4free's ChatCompletion.create, reduced to what it asks of a provider.
+        if stream and not provider.supports_stream:
+            raise ValueError(f"{provider.__name__} does not support stream")
+        result = provider.create_completion(model, messages, stream=stream, **kwargs)
+        return result if stream else "".join(result)
+
+    assert chat_completion_create("gpt-3.5-turbo", USER, provider) == FULL_REPLY
+    assert "".join(chat_completion_create("", USER, provider, stream=True, timeout=30)) == FULL_REPLY
+    assert provider.params.startswith("fakegpt.Provider supports: (")
+
+
 # ---------------------------------------------------------------------------------------
 # Proxies and TLS
 # ---------------------------------------------------------------------------------------
@@ -1475,7 +1550,7 @@ class LoopbackProxy:
     """A small HTTP proxy: CONNECT tunnels and absolute-form forwarding, recording both."""
 
     def __init__(self, credentials: Optional[str] = None) -> None:
-        self.expected = None if credentials is None else "Basic " + __import__("base64").b64encode(credentials.encode()).decode()
+        self.expected = None if credentials is None else "Basic " + base64.b64encode(credentials.encode()).decode()
         self.seen: List[Tuple[str, str, Optional[str]]] = []  # method, target, Proxy-Authorization
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -1494,7 +1569,7 @@ class LoopbackProxy:
                 upstream_reader, upstream_writer = await asyncio.open_connection(host, int(port))
                 writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
             else:
-                url = __import__("urllib.parse").parse.urlsplit(target)
+                url = urllib.parse.urlsplit(target)
                 upstream_reader, upstream_writer = await asyncio.open_connection(url.hostname, url.port)
                 kept = [line for line in lines[1:] if line and not line.lower().startswith("proxy-authorization")]
                 origin_form = url.path + ("?" + url.query if url.query else "")
@@ -1571,12 +1646,6 @@ def test_environment_proxies_are_used_behind_trust_env_and_no_proxy_excludes(mon
         assert len(proxy.seen) == 1
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def test_a_real_proxy_tinyproxy_for_http_and_https(tmp_path: pathlib.Path) -> None:
     binary = shutil.which("tinyproxy")
     if binary is None:
@@ -1624,6 +1693,14 @@ def test_cli_honours_ssl_cert_file() -> None:
         untrusted = run_cli("--url", server.url, "Hello")
     assert trusted.returncode == 0 and trusted.stdout == FULL_REPLY + "\n"
     assert untrusted.returncode == 1 and "certificate" in untrusted.stderr
+
+
+@pytest.mark.parametrize("no_proxy, bypassed", [
+    ("*", True), ("example.com", True), (".example.com", True), ("api.example.com:443", True),
+    ("api.example.com:8443", False), ("other.com", False), ("ample.com", False), ("", False),
+])
+def test_no_proxy_matching(no_proxy: str, bypassed: bool) -> None:
+    assert fakegpt._bypasses_proxy(fakegpt._Endpoint("https", "api.example.com", 443), no_proxy) is bypassed
 
 
 # ---------------------------------------------------------------------------------------
@@ -1714,9 +1791,7 @@ def test_cli_errors_are_one_line_without_traceback(args: List[str], code: int, w
 
 
 def test_cli_unreachable_upstream_is_one_line_and_the_default_url_points_to_mock() -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     result = run_cli("--url", f"http://127.0.0.1:{port}", "Hi")
     assert result.returncode == 1 and result.stderr.count("\n") == 1 and "cannot connect" in result.stderr
     hint = fakegpt._explain(fakegpt.ConnectError("cannot resolve the host name"), fakegpt.DEFAULT_URL)
@@ -1781,6 +1856,22 @@ def test_interactive_chat_in_a_real_terminal(mock: mock_server.MockServer) -> No
     assert turns[1]["parent_message_id"] != turns[0]["parent_message_id"]
 
 
+def test_cli_timeout_flag(mock: mock_server.MockServer) -> None:
+    started = time.monotonic()
+    result = run_cli("--url", mock.url, "--timeout", "1", "[[fault hang_after:4]] Hi")
+    assert result.returncode == 1 and "total timeout" in result.stderr and "Traceback" not in result.stderr
+    assert time.monotonic() - started < 10
+
+
+def test_cli_honours_proxy_environment_and_no_proxy(mock: mock_server.MockServer) -> None:
+    proxy = LoopbackProxy()
+    with thread_server(proxy.handle) as (host, port):
+        proxied = run_cli("--url", mock.url, "Hello", env={"HTTP_PROXY": f"http://{host}:{port}", "NO_PROXY": ""})
+        assert proxied.stdout == FULL_REPLY + "\n" and len(proxy.seen) == 4
+        bypassed = run_cli("--url", mock.url, "Hello", env={"HTTP_PROXY": f"http://{host}:{port}", "NO_PROXY": "localhost,127.0.0.1"})
+        assert bypassed.stdout == FULL_REPLY + "\n" and len(proxy.seen) == 4
+
+
 # ---------------------------------------------------------------------------------------
 # The mock server itself, checked with the standard library's own HTTP client
 # ---------------------------------------------------------------------------------------
@@ -1793,7 +1884,7 @@ def test_mock_server_command_line_prints_its_url_and_stops_quietly_on_sigterm() 
         assert process.stdout is not None
         url = process.stdout.readline().strip()
         assert url.startswith("http://127.0.0.1:")
-        connection = __import__("http.client").client.HTTPConnection(url[7:].split(":")[0], int(url.rsplit(":", 1)[1]), timeout=5)
+        connection = http.client.HTTPConnection(url[7:].split(":")[0], int(url.rsplit(":", 1)[1]), timeout=5)
         connection.request("GET", "/api/loads?t=1")
         loads = json.loads(connection.getresponse().read())["loads"]
         assert len(loads) == 5 and all(len(entry["token_id"]) == 32 for entry in loads)
@@ -1888,105 +1979,3 @@ def test_pytest_plugin_gives_users_a_mock_fixture(tmp_path: pathlib.Path) -> Non
                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(HERE)}, cwd=tmp_path, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 passed" in result.stdout
-
-
-# ---------------------------------------------------------------------------------------
-# Text that arrived before an error is delivered before the error
-# ---------------------------------------------------------------------------------------
-
-
-def test_sse_returns_events_before_an_oversized_line_then_raises() -> None:
-    decoder = SSEDecoder(limits=Limits(max_sse_line_size=100))
-    assert decoder.feed(b"data: a\n\ndata: b\n\ndata: " + b"x" * 200 + b"\n\n") == [E(raw=b"a"), E(raw=b"b")]
-    with pytest.raises(fakegpt.LimitExceeded):
-        decoder.feed(b"data: c\n\n")
-    with pytest.raises(fakegpt.LimitExceeded):
-        decoder.close()
-
-
-def test_http_reader_returns_chunks_before_a_malformed_one_then_raises() -> None:
-    reader = ResponseReader()
-    reader.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\nzz\r\n")
-    assert isinstance(reader.next_event(), Response)
-    assert reader.next_event() == Data(b"abcde")
-    with pytest.raises(fakegpt.ProtocolError, match="chunk size"):
-        reader.next_event()
-
-
-def test_events_in_the_same_read_as_an_error_event_are_delivered_first() -> None:
-    events = [assistant_event("Hel"), assistant_event("Hello"), json.dumps({"error": "model overloaded"}).encode(), b"[DONE]"]
-    body = b"".join(b"data: " + e + b"\n\n" for e in events)
-    response = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body)
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(response)  # one write: the events and the error arrive in one read
-        await writer.drain()
-        writer.close()
-
-    with thread_server(serve) as (host, port):
-        provider = provider_for(f"http://{host}:{port}")
-        session = provider._sessions[f"http://{host}:{port}"] = fakegpt._Session()
-        session.access_token = "preset"
-        raised, pieces = failure(provider)
-    assert isinstance(raised, fakegpt.UpstreamError) and "model overloaded" in str(raised)
-    assert "".join(pieces) == "Hello"
-
-
-# ---------------------------------------------------------------------------------------
-# More faults, the CLI's timeout and proxies, gpt4free's way of calling a provider
-# ---------------------------------------------------------------------------------------
-
-
-def test_a_server_that_never_answers_is_a_read_timeout(provider: "type[FakeGpt]", mock: mock_server.MockServer) -> None:
-    pieces_of(provider)
-    mock.fail_next("hang")
-    started = time.monotonic()
-    raised, pieces = failure(provider, timeout=fakegpt.Timeouts(read=0.3))
-    assert isinstance(raised, fakegpt.RequestTimeout) and raised.phase == "read" and pieces == []
-    assert time.monotonic() - started < 3
-
-
-def test_delay_before_the_headers_within_and_beyond_the_read_timeout(provider: "type[FakeGpt]", mock: mock_server.MockServer) -> None:
-    mock.fail_next("delay_headers:0.3")
-    assert "".join(pieces_of(provider, timeout=fakegpt.Timeouts(read=2))) == FULL_REPLY
-    mock.fail_next("delay_headers:1")
-    raised, _ = failure(provider, timeout=fakegpt.Timeouts(read=0.3))
-    assert isinstance(raised, fakegpt.RequestTimeout) and raised.phase == "read"
-
-
-def test_cli_timeout_flag(mock: mock_server.MockServer) -> None:
-    started = time.monotonic()
-    result = run_cli("--url", mock.url, "--timeout", "1", "[[fault hang_after:4]] Hi")
-    assert result.returncode == 1 and "total timeout" in result.stderr and "Traceback" not in result.stderr
-    assert time.monotonic() - started < 10
-
-
-def test_cli_honours_proxy_environment_and_no_proxy(mock: mock_server.MockServer) -> None:
-    proxy = LoopbackProxy()
-    with thread_server(proxy.handle) as (host, port):
-        proxied = run_cli("--url", mock.url, "Hello", env={"HTTP_PROXY": f"http://{host}:{port}", "NO_PROXY": ""})
-        assert proxied.stdout == FULL_REPLY + "\n" and len(proxy.seen) == 4
-        bypassed = run_cli("--url", mock.url, "Hello", env={"HTTP_PROXY": f"http://{host}:{port}", "NO_PROXY": "localhost,127.0.0.1"})
-        assert bypassed.stdout == FULL_REPLY + "\n" and len(proxy.seen) == 4
-
-
-@pytest.mark.parametrize("no_proxy, bypassed", [
-    ("*", True), ("example.com", True), (".example.com", True), ("api.example.com:443", True),
-    ("api.example.com:8443", False), ("other.com", False), ("ample.com", False), ("", False),
-])
-def test_no_proxy_matching(no_proxy: str, bypassed: bool) -> None:
-    assert fakegpt._bypasses_proxy(fakegpt._Endpoint("https", "api.example.com", 443), no_proxy) is bypassed
-
-
-def test_the_class_works_where_gpt4free_expects_a_provider(provider: "type[FakeGpt]") -> None:
-    def chat_completion_create(model: str, messages: fakegpt.Messages, provider: Any, stream: bool = False, **kwargs: Any) -> Any:
-        # gpt4free's ChatCompletion.create, reduced to what it asks of a provider.
-        if stream and not provider.supports_stream:
-            raise ValueError(f"{provider.__name__} does not support stream")
-        result = provider.create_completion(model, messages, stream=stream, **kwargs)
-        return result if stream else "".join(result)
-
-    assert chat_completion_create("gpt-3.5-turbo", USER, provider) == FULL_REPLY
-    assert "".join(chat_completion_create("", USER, provider, stream=True, timeout=30)) == FULL_REPLY
-    assert provider.params.startswith("fakegpt.Provider supports: (")

@@ -69,7 +69,7 @@ class FakeGptClient:
         import fakegpt
 
         self.fakegpt = fakegpt
-        self.provider = type("Bench", (fakegpt.FakeGpt,), {"url": url, "_sessions": {}})
+        self.provider = fakegpt.FakeGpt.isolated(url)
         self.limits = fakegpt.Limits(max_sse_line_size=BIG_LIMITS, max_event_size=BIG_LIMITS)
 
     async def login(self) -> None:
