@@ -1,13 +1,29 @@
-"""mock_server: an offline copy of the FakeGpt upstream (a Pandora "shared token" proxy).
+"""mock_server: an offline copy of the ChatGPT web conversation protocol's servers.
 
 Every test, demo and benchmark of fakegpt runs against it. Standard library only, and
 written independently of fakegpt's parsers, so a bug on one side cannot hide the same
-bug on the other. It serves the four endpoints with the upstream's shapes:
+bug on the other. Two profiles:
+
+``shared`` (the default): the FakeGpt "shared token" site (a Pandora proxy)::
 
     GET  /api/loads          the shared accounts and their load
     POST /auth/login         form login; sets the ``credential`` cookie
     GET  /api/auth/session   the access token ({} without a valid cookie)
-    POST /api/conversation   the reply as a text/event-stream of cumulative events
+    POST /api/conversation   the reply (X-Authorization or Authorization: Bearer)
+
+``backend-api``: a ChatGPT-web gateway (aurora, chat2api): no login, the access token
+given (``access_token``, else one made up and shown as ``server.access_token``)::
+
+    POST /backend-api/conversation   the reply (Authorization: Bearer)
+
+The reply streams as cumulative snapshots (``stream_format="snapshots"``, the shared
+profile's default) or in the delta format (``"v1"``, the backend-api default), which
+uses every construct of the format: carried-forward paths and ops, patches with and
+without a path, bare batches, hidden documents (a commentary preamble, reasoning, a
+tool round trip) interleaved with the reply, notices, a late title, pings, padding.
+The mock remembers its conversations: a later turn's reply depends on the turns
+before, an unknown parent message is refused, and ``"action": "continue"`` goes on
+with a reply that stopped at ``max_tokens``.
 
 Run it three ways:
 
@@ -19,6 +35,8 @@ Options choose the framing of the stream (chunked, Content-Length or connection 
 LF, CRLF or CR; multi-line data, comments, pings, writes of N bytes) and faults, for
 every request (``--fault``) or per request (the ``X-Mock-Fault`` header, a
 ``[[fault NAME]]`` in the prompt, or ``server.fail_next(NAME)``). See ``FAULTS``.
+Prompt directives (``[[fault ...]]``, ``[[chars N]]``, ``[[step N]]``) can be turned off
+with ``directives=False``.
 """
 
 from __future__ import annotations
@@ -26,10 +44,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import hashlib
 import http
 import json
+import math
 import random
 import re
 import signal
@@ -42,9 +62,11 @@ import time
 import urllib.parse
 import uuid
 import zlib
-from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple, Union
+from typing import (
+    Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Set, Tuple, Union,
+)
 
-__version__ = "1.0.0"
+__version__ = "1.2.0"
 __all__ = [
     "FAULTS",
     "MockOptions",
@@ -56,74 +78,196 @@ __all__ = [
     "serve_in_thread",
 ]
 
+# ---------------------------------------------------------------------------------------
+# Faults: one table, each fault parsed once where it is given
+# ---------------------------------------------------------------------------------------
+
+MAX_EVENTS = 1_000_000  # the largest event count a fault argument may name
+MAX_SECONDS = 3600.0  # the longest wait a fault or option may ask for
+MAX_REPLY_CHARS = 50_000_000  # the longest reply a [[chars N]] directive may ask for
+
+
+def _count(text: str) -> int:
+    if not text.isdigit() or not text.isascii() or int(text) > MAX_EVENTS:
+        raise ValueError(f"must be a whole number from 0 to {MAX_EVENTS}")
+    return int(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= MAX_SECONDS:
+        raise ValueError(f"must be a number of seconds from 0 to {MAX_SECONDS:g}")
+    return value
+
+
+def _status_code(text: str) -> int:
+    if not (text.isdigit() and text.isascii() and len(text) == 3 and 400 <= int(text) <= 599):
+        raise ValueError("must be an HTTP error status from 400 to 599")
+    return int(text)
+
+
+class _FaultKind(NamedTuple):
+    params: Tuple[Tuple[str, Callable[[str], Any]], ...]
+    required: int  # how many of the params must be given
+    help: str
+
+
+_FAULT_KINDS: Dict[str, _FaultKind] = {
+    "status": _FaultKind((("CODE", _status_code), ("RETRY_AFTER", _count)), 1,
+                         "answer the conversation with an upstream-shaped error: 401 token_expired, "
+                         "403, 429 (with Retry-After), 500, 504 (a CDN's HTML page), or any other"),
+    "expired200": _FaultKind((), 0, "a 200 whose JSON body says token_expired"),
+    "content_type": _FaultKind((), 0, "a 200 text/html page instead of the event stream"),
+    "challenge": _FaultKind((), 0, "a 403 Cloudflare challenge page"),
+    "delay_headers": _FaultKind((("SECONDS", _seconds),), 1, "wait before the response head"),
+    "delay_events": _FaultKind((("SECONDS", _seconds),), 1, "wait between events"),
+    "pause_after": _FaultKind((("N", _count), ("SECONDS", _seconds)), 2,
+                              "wait once, after the Nth assistant event"),
+    "hang": _FaultKind((), 0, "never answer"),
+    "hang_after": _FaultKind((("N", _count),), 1, "stop sending after N events, keeping the connection open"),
+    "cut": _FaultKind((("N", _count),), 1, "end the body cleanly after N events, without [DONE]"),
+    "reset": _FaultKind((("N", _count),), 1, "reset the connection (RST) after N events"),
+    "garbage": _FaultKind((("N", _count),), 1, "send seeded random bytes after N events, then close"),
+    "error_event": _FaultKind((("N", _count),), 1, "after N events, an event whose error is set"),
+    "rewrite": _FaultKind((("N", _count),), 1, "after N events, change text already sent"),
+    "handoff": _FaultKind((), 0, "move the reply to a websocket (a stream_handoff notice)"),
+    "empty": _FaultKind((), 0, "a complete stream with no assistant text"),
+}
+
 FAULTS = {
-    "status:CODE[:RETRY_AFTER]": "answer the conversation with an upstream-shaped error: 401 "
-    "token_expired, 403, 429 (with Retry-After), 500, 504 (a CDN's HTML page), or any other",
-    "expired200": "a 200 whose JSON body says token_expired",
-    "content_type": "a 200 text/html page instead of the event stream",
-    "delay_headers:SECONDS": "wait before the response head",
-    "delay_events:SECONDS": "wait between events",
-    "pause_after:N:SECONDS": "wait once, after the Nth assistant event",
-    "hang": "never answer",
-    "hang_after:N": "stop sending after N events, keeping the connection open",
-    "cut:N": "end the body cleanly after N events, without [DONE]",
-    "reset:N": "reset the connection (RST) after N events",
-    "garbage:N": "send seeded random bytes after N events, then close",
-    "error_event:N": "after N events, an event whose error is set",
-    "rewrite:N": "after N events, change text already sent",
-    "empty": "a complete stream with no assistant text",
+    name + "".join(f":{p}" if i < kind.required else f"[:{p}]" for i, (p, _) in enumerate(kind.params)): kind.help
+    for name, kind in _FAULT_KINDS.items()
 }
+"""Every fault, as written (``NAME:ARG``), and what it does."""
 
-_Bytes = Union[bytes, bytearray]
-_FAULT_IN_PROMPT = re.compile(r"\[\[fault ([^\]\s]+)\]\]")
-_CHARS_IN_PROMPT = re.compile(r"\[\[chars ([0-9]{1,9})\]\]")
-_STEP_IN_PROMPT = re.compile(r"\[\[step ([0-9]{1,9})\]\]")
-_MIXED_TEXT = 'Hello, мир! 你好世界 👋🏽 "quoted" and back\\slash; Ünïcödé. '
 
-_CDN_PAGE = (
-    "<!DOCTYPE html>\n<html><head><title>504 Gateway Time-out</title></head>\n<body>"
-    "<h1>Gateway Time-out</h1><p>The origin web server timed out responding to this request."
-    "</p></body></html>\n"
-)
-_EXPIRED = {
-    "message": "Your authentication token has expired. Please try signing in again.",
-    "type": "invalid_request_error",
-    "param": None,
-    "code": "token_expired",
-}
+class _Fault(NamedTuple):
+    name: str
+    args: Tuple[Any, ...] = ()
+
+    def arg(self, index: int, default: Any = None) -> Any:
+        return self.args[index] if index < len(self.args) else default
+
+
+_NO_FAULT = _Fault("")
+
+
+def _parse_fault(text: Any) -> _Fault:
+    """The fault `text` names, its arguments checked; ValueError says what is wrong."""
+    if not isinstance(text, str):
+        raise ValueError(f"a fault is a string such as 'cut:3', not {type(text).__name__}")
+    name, *given = text.split(":")
+    kind = _FAULT_KINDS.get(name)
+    if kind is None:
+        raise ValueError(f"unknown fault {text!r}; faults: {', '.join(FAULTS)}")
+    usage = next(form for form in FAULTS if form.split(":")[0].split("[")[0] == name)
+    if not kind.required <= len(given) <= len(kind.params):
+        raise ValueError(f"fault {text!r}: write it as {usage}")
+    args = []
+    for (param, parse), value in zip(kind.params, given):
+        try:
+            args.append(parse(value))
+        except ValueError as exc:
+            raise ValueError(f"fault {text!r}: {param} {exc}") from None
+    return _Fault(name, tuple(args))
+
+
+# ---------------------------------------------------------------------------------------
+# Options: each field's default, help and check in one place
+# ---------------------------------------------------------------------------------------
+
+_NEWLINES = {"lf": "\n", "crlf": "\r\n", "cr": "\r"}
+
+
+def _option(default: Any, help: str, **cli: Any) -> Any:  # noqa: A002 - argparse's word
+    return dataclasses.field(default=default, metadata={"help": help, **cli})
 
 
 @dataclasses.dataclass
 class MockOptions:
-    """How the mock answers. Every field has a command-line flag of the same name."""
+    """How the mock answers. Every field but ``reply``'s function form has a command-line
+    flag of the same name; values are checked here (ValueError) wherever they come from."""
 
-    framing: str = "chunked"  # chunked | length | close: how the stream's body is framed
-    newline: str = "\n"  # "\n", "\r\n" or "\r" between event stream lines
-    data_space: bool = True  # "data: x" or "data:x"
-    multiline: bool = False  # spread each event's JSON over several data lines
-    comments: bool = False  # a ": keep-alive" comment before each event
-    pings: bool = False  # an "event: ping" event before each event
-    bom: bool = False  # start the stream with a byte order mark
-    write_size: int = 0  # write the stream in pieces of this many bytes (0: per event)
-    step: int = 4  # characters of text each assistant event adds
-    delay: float = 0.0  # seconds between events
-    reply: Union[None, str, Callable[[str], str]] = None  # the text, or prompt -> text
-    finish: str = "stop"  # finish_details.type of the last event
-    ascii_json: bool = False  # escape non-ASCII text as \\uXXXX
-    gzip: str = "off"  # off | accept (when the client asks) | always: compress bodies
-    loads: str = "normal"  # normal | empty | malformed
-    login: str = "ok"  # ok | refuse
-    session: str = "ok"  # ok | empty
-    fault: Optional[str] = None  # a fault for every conversation (see FAULTS)
-    seed: int = 0  # seeds token ids, loads and garbage bytes
-    access_token: Optional[str] = None  # the token to issue (a test's sentinel)
-    certfile: Optional[str] = None  # serve TLS with this certificate chain
-    keyfile: Optional[str] = None
+    profile: str = _option("shared", "which server to be: the shared-token site or a ChatGPT-web "
+                           "gateway under /backend-api", choices=("shared", "backend-api"))
+    stream_format: Optional[str] = _option(None, "cumulative snapshots or the delta format "
+                                           "(default: snapshots for shared, v1 for backend-api)",
+                                           choices=("snapshots", "v1"))
+    framing: str = _option("chunked", "how the stream's body is framed", choices=("chunked", "length", "close"))
+    newline: str = _option("\n", "line ending of the event stream: lf, crlf or cr (or the characters)",
+                           choices=tuple(_NEWLINES))
+    data_space: bool = _option(True, 'write "data: x" rather than "data:x"')
+    multiline: bool = _option(False, "spread each event's JSON over several data lines")
+    comments: bool = _option(False, 'a ": keep-alive" comment before each event')
+    pings: bool = _option(False, 'an "event: ping" event before each event')
+    bom: bool = _option(False, "start the stream with a byte order mark")
+    write_size: int = _option(0, "write the stream in pieces of this many bytes (0: an event at a time)")
+    step: int = _option(4, "characters of text each assistant event adds")
+    delay: float = _option(0.0, "seconds between events")
+    reply: Union[None, str, Callable[[str], str]] = _option(
+        None, "the reply text, or a function of the prompt (default: derived from the prompt "
+        "and the conversation)")
+    finish: str = _option("stop", "finish_details.type of the last event", choices=("stop", "max_tokens"))
+    max_tokens: int = _option(0, "stop a reply after this many characters with max_tokens, "
+                              "for the client to continue (0: never)")
+    ascii_json: bool = _option(False, "escape non-ASCII text as \\uXXXX")
+    gzip: str = _option("off", "compress bodies: never, when the client asks, or always",
+                        choices=("off", "accept", "always"))
+    loads: str = _option("normal", "what /api/loads offers", choices=("normal", "empty", "malformed"))
+    idle_accounts: bool = _option(False, "also offer idle accounts (count 0) in /api/loads")
+    login: str = _option("ok", "whether /auth/login accepts", choices=("ok", "refuse"))
+    session: str = _option("ok", "whether /api/auth/session gives a token", choices=("ok", "empty"))
+    fault: Optional[str] = _option(None, "a fault for every conversation, e.g. cut:3 or status:429:7")
+    directives: bool = _option(True, "honour [[fault]], [[chars]] and [[step]] in prompts")
+    seed: int = _option(0, "seeds token ids, loads, garbage bytes and the delta format's schedule")
+    access_token: Optional[str] = _option(None, "the access token to issue (shared) or accept "
+                                          "(backend-api); a test's sentinel")
+    keep_alive_timeout: float = _option(5.0, "seconds an idle keep-alive connection stays open (0: forever)")
+    max_recorded: int = _option(10_000, "requests kept in .requests (the oldest go first)")
+    certfile: Optional[str] = _option(None, "serve TLS with this certificate chain")
+    keyfile: Optional[str] = _option(None, "the certificate's private key")
+
+    def __post_init__(self) -> None:
+        self.newline = _NEWLINES.get(self.newline, self.newline)
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            choices = field.metadata.get("choices")
+            if field.name == "newline":
+                choices = tuple(_NEWLINES.values())
+            if choices is not None and not (value is None and field.default is None) and value not in choices:
+                raise ValueError(f"{field.name} must be one of {', '.join(map(repr, choices))}, not {value!r}")
+            if isinstance(field.default, bool) and not isinstance(value, bool):
+                raise ValueError(f"{field.name} must be True or False, not {value!r}")
+        for name, low in (("write_size", 0), ("step", 1), ("max_tokens", 0), ("seed", 0), ("max_recorded", 0)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name} must be a whole number of at least {low}, not {value!r}")
+        for name in ("delay", "keep_alive_timeout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_SECONDS:
+                raise ValueError(f"{name} must be a number of seconds from 0 to {MAX_SECONDS:g}, not {value!r}")
+        if not (self.reply is None or isinstance(self.reply, str) or callable(self.reply)):
+            raise ValueError("reply must be a string or a function of the prompt")
+        for name in ("access_token", "certfile", "keyfile"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string")
+        if self.access_token is not None and not re.fullmatch(r"[\x21-\x7e]+", self.access_token):
+            raise ValueError("access_token must be printable ASCII without spaces")
+        if self.fault is not None:
+            _parse_fault(self.fault)
+
+    @property
+    def format(self) -> str:
+        """The stream format in force."""
+        return self.stream_format or ("v1" if self.profile == "backend-api" else "snapshots")
 
 
 @dataclasses.dataclass(frozen=True)
 class RecordedRequest:
-    """A request as the mock received it."""
+    """A request as the mock received it (a chunked body already joined)."""
 
     method: str
     path: str
@@ -138,16 +282,30 @@ class RecordedRequest:
                 return value
         return None
 
+    def json(self) -> Any:
+        """The body as JSON (ValueError if it is not)."""
+        return json.loads(self.body)
+
 
 class _BadRequest(Exception):
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(detail)
+    def __init__(self, status: int, detail: Any) -> None:
+        super().__init__(str(detail))
         self.status = status
         self.detail = detail
 
 
 class _Closed(Exception):
     """The client went away; nothing more to send."""
+
+
+# ---------------------------------------------------------------------------------------
+# Reply texts
+# ---------------------------------------------------------------------------------------
+
+_FAULT_IN_PROMPT = re.compile(r"\[\[fault ([^\]\s]+)\]\]")
+_CHARS_IN_PROMPT = re.compile(r"\[\[chars ([0-9]{1,12})\]\]")
+_STEP_IN_PROMPT = re.compile(r"\[\[step ([0-9]{1,12})\]\]")
+_MIXED_TEXT = 'Hello, мир! 你好世界 👋🏽 "quoted" and back\\slash; Ünïcödé. '
 
 
 def mixed_text(length: int) -> str:
@@ -157,36 +315,124 @@ def mixed_text(length: int) -> str:
 
 
 def default_reply(prompt: str) -> str:
-    """The reply to `prompt` when none is scripted: a deterministic, non-ASCII text.
+    """The reply to `prompt` as a conversation's first turn, when none is scripted: a
+    deterministic, non-ASCII text.
 
     A ``[[chars N]]`` in the prompt asks for a reply of exactly N mixed characters.
     """
     chars = _CHARS_IN_PROMPT.search(prompt)
     if chars:
         return mixed_text(int(chars.group(1)))
+    return _echo_reply(prompt)
+
+
+def _echo_reply(prompt: str) -> str:
     digest = hashlib.sha256(prompt.encode("utf-8", "surrogatepass")).hexdigest()[:8]
-    shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
-    return f"Привет! You said “{shown}”. 你好, 世界 👋 Reply {digest}: \"quotes\" and \\ fine."
+    return f"Привет! You said “{_shown(prompt)}”. 你好, 世界 👋 Reply {digest}: \"quotes\" and \\ fine."
+
+
+def _shown(prompt: str) -> str:
+    return prompt if len(prompt) <= 60 else prompt[:57] + "..."
+
+
+def _title(prompt: str) -> str:
+    words = re.sub(r"\[\[[^\]]*\]\]", " ", prompt).split()[:5]
+    return " ".join(words).capitalize()[:40] or "New chat"
+
+
+# ---------------------------------------------------------------------------------------
+# Conversations
+# ---------------------------------------------------------------------------------------
+
+
+class _Conversation:
+    """What the mock remembers of one conversation."""
+
+    def __init__(self, conversation_id: str) -> None:
+        self.id = conversation_id
+        self.parents: Dict[str, str] = {}  # message id -> its parent's id
+        self.prompts: List[str] = []
+        self.unfinished: Dict[str, Tuple[str, int]] = {}  # assistant id -> (reply, characters sent)
+
+
+class _Turn(NamedTuple):
+    """One reply to stream: its text so far (``before``, already sent in an earlier
+    round) and up to ``text``, and how it finishes."""
+
+    conversation_id: str
+    message_id: str
+    user: Optional[Dict[str, Any]]  # the user's message, None when continuing
+    model: str
+    before: str
+    text: str
+    finish: str
+    title: str
+    step: int
+
+
+class _Event(NamedTuple):
+    """One event of the stream: its data's parts (joined on the wire), its ``event:``
+    type, and whether it carries assistant text. A type of ":" is a comment line."""
+
+    data: Tuple[Union[bytes, memoryview], ...]
+    kind: Optional[str] = None
+    assistant: bool = False
+
+
+_DONE = _Event((b"[DONE]",))
+_BOM = b"\xef\xbb\xbf"
+_CDN_PAGE = (
+    "<!DOCTYPE html>\n<html><head><title>504 Gateway Time-out</title></head>\n<body>"
+    "<h1>Gateway Time-out</h1><p>The origin web server timed out responding to this request."
+    "</p></body></html>\n"
+)
+_CHALLENGE_PAGE = (
+    "<!DOCTYPE html><html lang=\"en-US\"><head><title>Just a moment...</title></head><body>"
+    "<div id=\"cf-please-wait\">Checking your browser before accessing the site.</div>"
+    "<script>window._cf_chl_opt={cType:'managed'};</script>"
+    "<script src=\"/cdn-cgi/challenge-platform/h/g/orchestrate/chl_page/v1\"></script>"
+    "</body></html>"
+)
+_EXPIRED = {
+    "message": "Your authentication token has expired. Please try signing in again.",
+    "type": "invalid_request_error",
+    "param": None,
+    "code": "token_expired",
+}
+_MODEL_ERROR = "Something went wrong in the model."
+_BREAKS = ("cut", "reset", "garbage", "hang_after")
+_MAX_BODY = 16 * 1024 * 1024
+_MAX_HEAD = 64 * 1024
 
 
 class MockServer:
-    """The mock upstream on an asyncio server; ``async with MockServer() as server``."""
+    """The mock upstream on an asyncio server; ``async with MockServer() as server``.
+
+    ``log``, if given, is called with one access-log line per request (method, path,
+    status, milliseconds; never a header or a body).
+    """
 
     def __init__(
         self, options: Optional[MockOptions] = None, *, host: str = "127.0.0.1", port: int = 0,
-        **overrides: Any,
+        log: Optional[Callable[[str], None]] = None, **overrides: Any,
     ) -> None:
         self.options = dataclasses.replace(options or MockOptions(), **overrides)
         self.host = host
         self.port = port
         self.url = ""
         self.requests: List[RecordedRequest] = []
+        self._log = log
+        self._fault = _parse_fault(self.options.fault) if self.options.fault else _NO_FAULT
         self._random = random.Random(self.options.seed)
         self.token_ids = [f"{self._random.getrandbits(128):032x}" for _ in range(5)]
+        self.access_token = self.options.access_token or "eyJ" + uuid.UUID(int=self._random.getrandbits(128)).hex
+        """A token the conversation accepts from the start, as a gateway's or a FakeOpen
+        site's does (the shared login issues it too, when ``access_token`` is given)."""
         self._credentials: Dict[str, str] = {}  # credential cookie -> token id
         self._access_tokens: Dict[str, str] = {}  # credential cookie -> access token
-        self._expired: Set[str] = set()
-        self._queued_faults: List[str] = []
+        self._valid: Set[str] = {self.access_token}  # tokens the conversation accepts
+        self._queued_faults: List[_Fault] = []
+        self._conversations: Dict[str, _Conversation] = {}
         self._server: Optional[asyncio.AbstractServer] = None
         self._connections: Set["asyncio.Task[None]"] = set()
 
@@ -226,18 +472,22 @@ class MockServer:
     # -- test controls --------------------------------------------------------------
 
     def fail_next(self, fault: str, times: int = 1) -> None:
-        """Apply `fault` to the next `times` conversations."""
-        _parse_fault(fault)
-        self._queued_faults.extend([fault] * times)
+        """Apply `fault` to the next `times` conversations (ValueError if it is unknown)."""
+        self._queued_faults.extend([_parse_fault(fault)] * times)
 
     def expire_tokens(self) -> None:
-        """Make every access token issued so far expired, as the upstream does."""
-        self._expired.update(self._access_tokens.values())
+        """Make every access token issued or accepted so far expired, as the upstream does."""
+        self._valid.clear()
         self._access_tokens.clear()
 
     def count(self, method: str, path: str) -> int:
         """How many requests of `method` to `path` arrived."""
         return sum(1 for r in self.requests if r.method == method and r.path == path)
+
+    @property
+    def open_connections(self) -> int:
+        """Connections the server is serving now."""
+        return len(self._connections)
 
     # -- HTTP -----------------------------------------------------------------------
 
@@ -253,16 +503,28 @@ class MockServer:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             while True:
+                started = time.perf_counter()
                 try:
-                    request = await _read_request(reader)
+                    request = await asyncio.wait_for(
+                        _read_request(reader), self.options.keep_alive_timeout or None
+                    )
+                except asyncio.TimeoutError:
+                    break  # idle too long: close, as servers do
                 except _BadRequest as exc:
                     await _send_json(writer, exc.status, {"detail": exc.detail}, keep_alive=False)
+                    self._log_exchange("-", "-", exc.status, started)
                     break
                 if request is None:
                     break
                 self.requests.append(request)
+                if len(self.requests) > self.options.max_recorded:
+                    del self.requests[: len(self.requests) - self.options.max_recorded]
                 keep_alive = (request.header("connection") or "").lower() != "close"
-                keep_alive = await self._route(request, reader, writer, keep_alive)
+                _status.set(0)
+                try:
+                    keep_alive = await self._route(request, reader, writer, keep_alive)
+                finally:
+                    self._log_exchange(request.method, request.path, _status.get(), started)
                 if not keep_alive:
                     break
         except (_Closed, ConnectionError, asyncio.IncompleteReadError):
@@ -275,20 +537,30 @@ class MockServer:
             self._connections.discard(task)
             writer.close()
 
+    def _log_exchange(self, method: str, path: str, status: int, started: float) -> None:
+        if self._log is not None:
+            elapsed = (time.perf_counter() - started) * 1000
+            self._log(f"{method} {_printable(path)} {status or '-'} {elapsed:.0f} ms")
+
     async def _route(
         self, request: RecordedRequest, reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter, keep_alive: bool,
     ) -> bool:
-        routes = {
+        conversation_path = "/backend-api/conversation" if self.options.profile == "backend-api" else "/api/conversation"
+        routes = {} if self.options.profile == "backend-api" else {
             "/api/loads": ("GET", self._loads),
             "/auth/login": ("POST", self._login),
             "/api/auth/session": ("GET", self._session),
         }
-        if request.path == "/api/conversation":
+        if request.path == conversation_path:
             if request.method != "POST":
                 await _send_json(writer, 405, {"detail": "Method Not Allowed"}, keep_alive=keep_alive)
                 return keep_alive
-            return await self._conversation(request, reader, writer, keep_alive)
+            try:
+                return await self._conversation(request, reader, writer, keep_alive)
+            except _BadRequest as exc:
+                await _send_json(writer, exc.status, {"detail": exc.detail}, keep_alive=keep_alive)
+                return keep_alive
         route = routes.get(request.path)
         if route is None:
             await _send_json(writer, 404, {"detail": "Not Found"}, keep_alive=keep_alive)
@@ -316,7 +588,11 @@ class MockServer:
         if mode == "malformed":
             return 200, {"loads": "unavailable"}, []
         counts = random.Random(self.options.seed + 1)
-        return 200, {"loads": [{"token_id": t, "count": counts.randint(1, 99)} for t in self.token_ids]}, []
+        loads = [{"token_id": t, "count": counts.randint(1, 99)} for t in self.token_ids]
+        if self.options.idle_accounts:
+            for entry in loads[::2]:
+                entry["count"] = 0
+        return 200, {"loads": loads}, []
 
     def _login(self, request: RecordedRequest) -> Tuple[int, Any, List[Tuple[str, str]]]:
         form = urllib.parse.parse_qs(request.body.decode("utf-8", "replace"))
@@ -342,6 +618,7 @@ class MockServer:
         if token is None:
             token = self.options.access_token or "eyJ" + uuid.UUID(int=self._random.getrandbits(128)).hex
             self._access_tokens[credential] = token
+            self._valid.add(token)
         return 200, {
             "user": {"id": "user-" + self._credentials[credential][:12], "name": "shared",
                      "email": "shared@example.com", "image": None, "picture": None, "groups": []},
@@ -356,55 +633,126 @@ class MockServer:
         self, request: RecordedRequest, reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter, keep_alive: bool,
     ) -> bool:
-        authorization = request.header("x-authorization") or ""
-        token = authorization[7:] if authorization.startswith("Bearer ") else ""
-        if not token:
-            await _send_json(writer, 401, {"detail": "Unauthorized: no X-Authorization header"}, keep_alive=keep_alive)
-            return keep_alive
-        if token not in self._access_tokens.values():
-            await _send_json(writer, 401, {"detail": _EXPIRED}, keep_alive=keep_alive)
-            return keep_alive
+        self._check_token(request)
         try:
-            body = json.loads(request.body)
-        except ValueError:
-            await _send_json(writer, 400, {"detail": "Invalid JSON body."}, keep_alive=keep_alive)
-            return keep_alive
+            body = request.json()
+        except (ValueError, RecursionError):
+            raise _BadRequest(400, "Invalid JSON body.") from None
         problem = _conversation_problem(body)
         if problem:
-            await _send_json(writer, 422, {"detail": problem}, keep_alive=keep_alive)
-            return keep_alive
-        prompt = body["messages"][0]["content"]["parts"][0]
-        fault = self._fault_for(request, prompt)
-        name, args = _parse_fault(fault) if fault else ("", [])
-        if name == "delay_headers":
-            await asyncio.sleep(float(args[0]))
-        if name == "hang":
+            raise _BadRequest(422, problem)
+        fault = self._fault_for(request, body)
+        if fault.name == "delay_headers":
+            await asyncio.sleep(fault.arg(0))
+        if fault.name == "hang":
             await _wait_for_close(reader)
             return False
-        if name in ("status", "expired200", "content_type"):
-            await self._send_error_fault(writer, name, args, keep_alive)
+        if fault.name in ("status", "expired200", "content_type", "challenge"):
+            await self._send_error_fault(writer, fault, keep_alive)
             return keep_alive
-        reply = self.options.reply
-        text = reply(prompt) if callable(reply) else (reply if reply is not None else default_reply(prompt))
-        events = self._events(body, "" if name == "empty" else text, name, args)
-        return await self._send_stream(request, reader, writer, events, name, args, keep_alive)
+        turn = self._turn(body, empty=fault.name == "empty")
+        if self.options.format == "v1":
+            events = self._delta_events(turn, fault)
+        else:
+            events = self._snapshot_events(turn, fault)
+        return await self._send_stream(request, reader, writer, events, fault, keep_alive)
 
-    def _fault_for(self, request: RecordedRequest, prompt: str) -> Optional[str]:
+    def _check_token(self, request: RecordedRequest) -> None:
+        names = ("authorization",) if self.options.profile == "backend-api" else ("x-authorization", "authorization")
+        given = next((request.header(name) or "" for name in names if request.header(name)), "")
+        token = given[7:] if given.startswith("Bearer ") else ""
+        if not token:
+            header = "Authorization" if self.options.profile == "backend-api" else "X-Authorization"
+            raise _BadRequest(401, f"Unauthorized: no {header} header")
+        if token not in self._valid:
+            raise _BadRequest(401, _EXPIRED)
+
+    def _fault_for(self, request: RecordedRequest, body: Dict[str, Any]) -> _Fault:
         if self._queued_faults:
             return self._queued_faults.pop(0)
-        in_prompt = _FAULT_IN_PROMPT.search(prompt)
-        fault = request.header("x-mock-fault") or (in_prompt.group(1) if in_prompt else None)
-        return fault or self.options.fault
+        named = request.header("x-mock-fault")
+        if not named and self.options.directives:
+            in_prompt = _FAULT_IN_PROMPT.search(_prompt_of(body))
+            named = in_prompt.group(1) if in_prompt else None
+        if not named:
+            return self._fault
+        try:
+            return _parse_fault(named)
+        except ValueError as exc:
+            raise _BadRequest(400, str(exc)) from None
 
-    async def _send_error_fault(
-        self, writer: asyncio.StreamWriter, name: str, args: List[str], keep_alive: bool
-    ) -> None:
-        if name == "expired200":
-            await _send_json(writer, 200, {"detail": _EXPIRED}, keep_alive=keep_alive)
-        elif name == "content_type":
-            await _send_body(writer, 200, "text/html; charset=utf-8", b"<html><body>Hi</body></html>", keep_alive)
+    def _turn(self, body: Dict[str, Any], *, empty: bool) -> _Turn:
+        """The reply to stream, from the request and the conversation so far."""
+        options = self.options
+        parent = body["parent_message_id"]
+        conversation_id = body.get("conversation_id")
+        if conversation_id is None:
+            if body["action"] == "continue":
+                raise _BadRequest(400, "continue needs a conversation_id.")
+            conversation = _Conversation(str(uuid.UUID(int=self._random.getrandbits(128))))
+            self._conversations[conversation.id] = conversation
         else:
-            status = int(args[0])
+            found = self._conversations.get(conversation_id)
+            if found is None:
+                raise _BadRequest(404, {"message": f"Conversation {conversation_id} not found.",
+                                        "code": "conversation_not_found"})
+            conversation = found
+            if parent not in conversation.parents:
+                raise _BadRequest(400, {"message": f"Parent message {parent} is not in this conversation.",
+                                        "code": "invalid_parent_message"})
+        user: Optional[Dict[str, Any]] = None
+        if body["action"] == "continue":
+            if parent not in conversation.unfinished:
+                raise _BadRequest(400, "There is nothing to continue: that message finished.")
+            whole, sent = conversation.unfinished.pop(parent)
+            message_id, prompt = parent, conversation.prompts[-1]
+        else:
+            user = body["messages"][0]
+            prompt = _prompt_of(body)
+            whole = self._reply_text(prompt, conversation)
+            sent, message_id = 0, str(uuid.UUID(int=self._random.getrandbits(128)))
+            conversation.parents[str(user.get("id"))] = parent
+            conversation.parents[message_id] = str(user.get("id"))
+            conversation.prompts.append(prompt)
+        end, finish = len(whole), options.finish
+        if options.max_tokens and len(whole) - sent > options.max_tokens:
+            end, finish = sent + options.max_tokens, "max_tokens"
+            conversation.unfinished[message_id] = (whole, end)
+        step = options.step
+        in_prompt = _STEP_IN_PROMPT.search(prompt) if options.directives else None
+        if in_prompt:
+            step = min(int(in_prompt.group(1)), MAX_REPLY_CHARS) or 1
+        return _Turn(conversation.id, message_id, user, body.get("model") or "text-davinci-002-render-sha",
+                     "" if empty else whole[:sent], "" if empty else whole[:end], finish, _title(prompt), step)
+
+    def _reply_text(self, prompt: str, conversation: _Conversation) -> str:
+        reply = self.options.reply
+        if callable(reply):
+            return reply(prompt)
+        if reply is not None:
+            return reply
+        if self.options.directives:
+            chars = _CHARS_IN_PROMPT.search(prompt)
+            if chars and int(chars.group(1)) > MAX_REPLY_CHARS:
+                raise _BadRequest(400, f"[[chars N]] asks for at most {MAX_REPLY_CHARS} characters.")
+            text = default_reply(prompt)
+        else:
+            text = _echo_reply(prompt)
+        if conversation.prompts:
+            earlier = conversation.prompts[-1]
+            text = f"Turn {len(conversation.prompts) + 1}: before, you said “{_shown(earlier)}”. {text}"
+        return text
+
+    async def _send_error_fault(self, writer: asyncio.StreamWriter, fault: _Fault, keep_alive: bool) -> None:
+        if fault.name == "expired200":
+            await _send_json(writer, 200, {"detail": _EXPIRED}, keep_alive=keep_alive)
+        elif fault.name == "content_type":
+            await _send_body(writer, 200, "text/html; charset=utf-8", b"<html><body>Hi</body></html>", keep_alive)
+        elif fault.name == "challenge":
+            await _send_body(writer, 403, "text/html; charset=UTF-8", _CHALLENGE_PAGE.encode(), keep_alive,
+                             headers=[("cf-mitigated", "challenge")])
+        else:
+            status = fault.arg(0)
             if status == 504:
                 await _send_body(writer, 504, "text/html", _CDN_PAGE.encode(), keep_alive)
                 return
@@ -415,153 +763,291 @@ class MockServer:
                 500: "Internal Server Error",
             }.get(status, "Only one message at a time. Please allow any other responses to "
                           "complete before sending another message, or wait one minute.")
-            headers = [("Retry-After", args[1])] if status == 429 and len(args) > 1 else []
+            retry_after = fault.arg(1)
+            headers = [("Retry-After", str(retry_after))] if status == 429 and retry_after is not None else []
             await _send_json(writer, status, {"detail": detail}, keep_alive=keep_alive, headers=headers)
 
-    def _events(
-        self, body: Dict[str, Any], text: str, fault: str, args: List[str]
-    ) -> Iterator[Tuple[Tuple[_Bytes, ...], bool]]:
-        """The stream's events as (the parts of their JSON, carries assistant text).
+    # -- the stream: cumulative snapshots ----------------------------------------------
 
-        The parts are only valid until the next event: the text grows in place.
-        """
+    def _dump(self, value: Any) -> bytes:
         options = self.options
-        conversation_id = body.get("conversation_id") or str(uuid.UUID(int=self._random.getrandbits(128)))
-        user = body["messages"][0]
-        model = body.get("model") or "text-davinci-002-render-sha"
-        now = time.time()
-        def dump(value: Any) -> str:
-            return json.dumps(value, ensure_ascii=options.ascii_json, indent=1 if options.multiline else None)
+        return json.dumps(value, ensure_ascii=options.ascii_json, indent=1 if options.multiline else None).encode()
 
-        yield (dump({
-            "message": {"id": str(uuid.uuid4()), "author": {"role": "system", "name": None, "metadata": {}},
-                        "create_time": now, "update_time": None,
-                        "content": {"content_type": "text", "parts": [""]}, "status": "finished_successfully",
-                        "end_turn": True, "weight": 0.0, "metadata": {}, "recipient": "all"},
-            "conversation_id": conversation_id, "error": None}).encode(),), False
-        yield (dump({
-            "message": {"id": user.get("id"), "author": {"role": "user", "name": None, "metadata": {}},
-                        "create_time": now, "update_time": None, "content": user["content"],
-                        "status": "finished_successfully", "end_turn": None, "weight": 1.0,
-                        "metadata": {"timestamp_": "absolute", "message_type": None}, "recipient": "all"},
-            "conversation_id": conversation_id, "error": None}).encode(),), False
-        message_id = str(uuid.uuid4())
+    def _escaped_pieces(self, turn: _Turn) -> List[bytes]:
+        """The reply's text as JSON string content: what an earlier round sent, then a
+        piece per event. Escaping piece by piece is escaping the whole: no piece splits a
+        character."""
+        text, before = turn.text, turn.before
+        pieces = [before] + [text[i:i + turn.step] for i in range(len(before), len(text), turn.step)]
+        return [self._dump(piece)[1:-1] for piece in pieces]
+
+    def _snapshot_events(self, turn: _Turn, fault: _Fault) -> Iterator[_Event]:
+        dump = self._dump
+        conversation_id, now = turn.conversation_id, time.time()
+        if turn.user is not None:
+            yield _Event((dump({
+                "message": {"id": str(uuid.uuid4()), "author": {"role": "system", "name": None, "metadata": {}},
+                            "create_time": now, "update_time": None,
+                            "content": {"content_type": "text", "parts": [""]}, "status": "finished_successfully",
+                            "end_turn": True, "weight": 0.0, "metadata": {}, "recipient": "all"},
+                "conversation_id": conversation_id, "error": None}),))
+            yield _Event((dump({
+                "message": {"id": turn.user.get("id"), "author": {"role": "user", "name": None, "metadata": {}},
+                            "create_time": now, "update_time": None, "content": turn.user["content"],
+                            "status": "finished_successfully", "end_turn": None, "weight": 1.0,
+                            "metadata": {"timestamp_": "absolute", "message_type": None}, "recipient": "all"},
+                "conversation_id": conversation_id, "error": None}),))
 
         def assistant(status: str, finished: bool) -> Tuple[bytes, bytes]:
-            metadata: Dict[str, Any] = {"message_type": "next", "model_slug": model}
+            metadata: Dict[str, Any] = {"message_type": "next" if turn.user is not None else "continue",
+                                        "model_slug": turn.model}
             if finished:
-                metadata["finish_details"] = {"type": options.finish, "stop": "<|im_end|>"}
+                metadata["finish_details"] = {"type": turn.finish, "stop": "<|im_end|>"}
             event: Dict[str, Any] = {
-                "message": {"id": message_id, "author": {"role": "assistant", "name": None, "metadata": {}},
+                "message": {"id": turn.message_id, "author": {"role": "assistant", "name": None, "metadata": {}},
                             "create_time": now, "update_time": None,
                             "content": {"content_type": "text", "parts": ["\x00TEXT\x00"]},
                             "status": status, "end_turn": True if finished else None, "weight": 1.0,
                             "metadata": metadata, "recipient": "all"},
                 "conversation_id": conversation_id, "error": None}
             head, tail = dump(event).split(dump("\x00TEXT\x00"))
-            return (head + '"').encode(), ('"' + tail).encode()
+            return head + b'"', b'"' + tail
 
-        # The escaped text grows in place, piece by piece: escaping or copying the whole
-        # text for every event would make the mock quadratic and the benchmark's bottleneck.
-        escaped = bytearray()
+        # Each event's text is a slice of the whole escaped text: copying or escaping the
+        # text so far for every event would make the mock quadratic.
+        pieces = self._escaped_pieces(turn)
+        escaped = b"".join(pieces)
+        view = memoryview(escaped)
         head, tail = assistant("in_progress", False)
-        step_in_prompt = _STEP_IN_PROMPT.search(str(user["content"].get("parts", [""])[0]))
-        step = max(int(step_in_prompt.group(1)) if step_in_prompt else options.step, 1)
-        sent = 0
-        for start in range(0, len(text), step):
-            escaped += dump(text[start:start + step])[1:-1].encode()
-            sent += 1
-            if fault == "error_event" and sent > int(args[0]):
-                yield (json.dumps({"message": None, "conversation_id": conversation_id,
-                                   "error": "Something went wrong in the model."}).encode(),), False
+        end = len(pieces[0])
+        for sent, piece in enumerate(pieces[1:], 1):
+            end += len(piece)
+            if fault.name == "error_event" and sent > fault.arg(0):
+                yield _Event((dump({"message": None, "conversation_id": conversation_id, "error": _MODEL_ERROR}),))
                 return
-            if fault == "rewrite" and sent == int(args[0]) + 1:
-                yield (head, b"REWRITTEN ", escaped, tail), True
+            if fault.name == "handoff" and sent > 1:
+                yield _Event((dump({"type": "stream_handoff", "conversation_id": conversation_id,
+                                    "options": [{"type": "websocket"}]}),))
+                return
+            if fault.name == "rewrite" and sent == fault.arg(0) + 1:
+                yield _Event((head, b"REWRITTEN ", view[:end], tail), assistant=True)
                 continue
-            yield (head, escaped, tail), True
-        if text:
+            yield _Event((head, view[:end], tail), assistant=True)
+        if escaped:
             head, tail = assistant("finished_successfully", True)
-            yield (head, escaped, tail), True
-        yield (dump({"conversation_id": conversation_id, "message_id": message_id, "is_completion": True,
-                     "moderation_response": {"flagged": False, "blocked": False,
-                                             "moderation_id": "modr-" + message_id[:8]}}).encode(),), False
-        yield (b"[DONE]",), False
+            yield _Event((head, view, tail), assistant=True)
+        yield _Event((dump({"conversation_id": conversation_id, "message_id": turn.message_id, "is_completion": True,
+                            "moderation_response": {"flagged": False, "blocked": False,
+                                                    "moderation_id": "modr-" + turn.message_id[:8]}}),))
+        yield _Event((dump({"type": "title_generation", "title": turn.title, "conversation_id": conversation_id}),))
+        yield _DONE
+
+    # -- the stream: the delta format ------------------------------------------------
+
+    def _delta_events(self, turn: _Turn, fault: _Fault) -> Iterator[_Event]:
+        """The reply in the delta format, with every construct of it; the seed places them."""
+        dump, conversation_id = self._dump, turn.conversation_id
+        schedule = random.Random(f"{self.options.seed}:{turn.message_id}")
+
+        def delta(record: Dict[str, Any], assistant: bool = False) -> _Event:
+            padding = b" " * schedule.choice((0, 0, 0, 1, 3))  # JSON may end in white space
+            return _Event((dump(record) + padding,), "delta", assistant)
+
+        def notice(notice_type: str, **fields: Any) -> _Event:
+            return _Event((dump({"type": notice_type, **fields, "conversation_id": conversation_id}),))
+
+        def message(message_id: str, role: str, content: Dict[str, Any], **extra: Any) -> Dict[str, Any]:
+            fields = {"id": message_id, "author": {"role": role, "name": extra.pop("name", None), "metadata": {}},
+                      "create_time": time.time(), "update_time": None, "content": content,
+                      "status": "in_progress", "end_turn": None, "weight": 1.0,
+                      "metadata": extra.pop("metadata", {}), "recipient": "all", "channel": None}
+            fields.update(extra)
+            return {"message": fields, "conversation_id": conversation_id, "error": None}
+
+        def ping() -> _Event:
+            return _Event((b" ping - " + time.strftime("%Y-%m-%d %H:%M:%S").encode(),), ":")
+
+        def hidden_id() -> str:
+            return str(uuid.UUID(int=schedule.getrandbits(128)))
+
+        parts = "/message/content/parts/0"
+        yield _Event((b'"v1"',), "delta_encoding")
+        yield notice("resume_conversation_token", kind="conversation_id", token="rct-" + turn.message_id[:8])
+        if turn.user is not None:
+            yield notice("input_message", input_message={**turn.user, "author": {"role": "user"}})
+            yield delta({"p": "", "o": "add", "v": message(str(turn.user.get("id")), "user", turn.user["content"],
+                                                           status="finished_successfully"), "c": 0})
+        yield notice("title_generation", title="New chat")
+        yield notice("message_marker", message_id=turn.message_id, marker="user_visible_token", event="first")
+        # A commentary preamble addressed to everyone: the web page hides it.
+        yield delta({"p": "", "o": "add", "c": 1, "v": message(
+            hidden_id(), "assistant", {"content_type": "text", "parts": [""]}, channel="commentary",
+            metadata={"is_thinking_preamble_message": True})})
+        yield delta({"p": parts, "o": "append", "v": "Let me think"})
+        yield delta({"v": " about that."})
+        yield ping()
+        # Reasoning, as thoughts.
+        yield delta({"p": "", "o": "add", "c": 2, "v": message(
+            hidden_id(), "assistant", {"content_type": "thoughts", "thoughts": [], "source_analysis_msg_id": ""},
+            channel="analysis", recipient="all")})
+        yield delta({"p": "/message/content/thoughts", "o": "append",
+                     "v": [{"summary": "Reading the question", "content": "The user wrote to me."}]})
+        # A tool round trip: a call addressed to the tool, and the tool's answer.
+        yield delta({"p": "", "o": "add", "c": 3, "v": message(
+            hidden_id(), "assistant", {"content_type": "code", "language": "unknown", "text": ""},
+            recipient="web.run")})
+        yield delta({"p": "/message/content/text", "o": "append", "v": '{"search_query": "hello"}'})
+        yield delta({"p": "", "o": "patch", "v": [
+            {"p": "/message/status", "o": "replace", "v": "finished_successfully"},
+            {"p": "/message/end_turn", "o": "replace", "v": False},
+            {"p": "/message/metadata/search_done", "o": "add", "v": True}]})
+        yield delta({"p": "", "o": "add", "c": 4, "v": message(
+            hidden_id(), "tool", {"content_type": "text", "parts": ["Search results: none worth quoting."]},
+            name="web.run", metadata={"scratch": {"draft": True}}, status="finished_successfully")})
+        yield delta({"p": parts, "o": "truncate", "v": 14})
+        yield delta({"p": "/message/metadata/scratch", "o": "remove"})
+        yield notice("server_ste_metadata", metadata={"model_slug": turn.model, "turn_use_case": "text"})
+        # The reply itself, document 5; other documents interleave by switching "c".
+        yield delta({"p": "", "o": "add", "c": 5, "v": message(
+            turn.message_id, "assistant", {"content_type": "text", "parts": [turn.before]}, channel="final",
+            metadata={"message_type": "next" if turn.user is not None else "continue", "model_slug": turn.model,
+                      "citations": []})})
+        pieces = [turn.text[i:i + turn.step] for i in range(len(turn.before), len(turn.text), turn.step)]
+        slots = max(len(pieces), 6)
+        pieces += [""] * (slots - len(pieces))
+        switch, patch, batch, padding_ping = schedule.sample(range(1, slots), 4)
+        explicit = True  # the next text record must name its path and op
+        for sent, piece in enumerate(pieces, 1):
+            if fault.name == "error_event" and sent > fault.arg(0):
+                yield delta({"p": "", "o": "add", "c": 6, "v": {"message": None, "conversation_id": conversation_id,
+                                                                "error": _MODEL_ERROR}})
+                return
+            if fault.name == "handoff" and sent > 1:
+                yield notice("stream_handoff", options=[{"type": "websocket"}])
+                return
+            if fault.name == "rewrite" and sent == fault.arg(0) + 1:
+                yield delta({"p": parts, "o": "replace", "c": 5,
+                             "v": "REWRITTEN " + turn.text[: len(turn.before) + sum(map(len, pieces[:sent]))]},
+                            assistant=True)
+                explicit = True
+                continue
+            if sent - 1 == switch:  # back to the reasoning for a moment, then "c" returns
+                yield delta({"p": "/message/content/thoughts/0/content", "o": "append", "v": " Then answer.", "c": 2})
+                yield delta({"p": parts, "o": "append", "v": piece, "c": 5}, assistant=True)
+                explicit = False
+            elif sent - 1 == patch:  # a patch without a path
+                yield delta({"o": "patch", "v": [
+                    {"p": parts, "o": "append", "v": piece},
+                    {"p": "/message/metadata", "o": "append", "v": {"citations": []}}]}, assistant=True)
+                explicit = True
+            elif sent - 1 == batch:  # a bare batch
+                yield delta({"v": [
+                    {"p": parts, "o": "append", "v": piece},
+                    {"p": "/message/metadata/citations", "o": "append", "v": [{"start_ix": 0, "end_ix": 0}]}]},
+                    assistant=True)
+                explicit = True
+            elif explicit:
+                yield delta({"p": parts, "o": "append", "v": piece}, assistant=True)
+                explicit = False
+            else:
+                yield delta({"v": piece}, assistant=True)
+            if sent - 1 == padding_ping:
+                yield ping()
+        yield delta({"p": "", "o": "patch", "v": [
+            {"p": "/message/status", "o": "replace", "v": "finished_successfully"},
+            {"p": "/message/end_turn", "o": "replace", "v": True},
+            {"p": "/message/metadata", "o": "append",
+             "v": {"finish_details": {"type": turn.finish, "stop_tokens": [200002]}, "is_complete": True}}]})
+        yield notice("title_generation", title=turn.title)
+        yield notice("message_stream_complete")
+        yield notice("conversation_detail_metadata", banner_info=None, blocked_features=[],
+                     model_limits=[], default_model_slug=turn.model)
+        yield _DONE
+
+    # -- the stream on the wire ------------------------------------------------------
+
+    def _wire(self, events: Iterator[_Event]) -> Iterator[Tuple[Tuple[Union[bytes, memoryview], ...], Optional[_Event]]]:
+        """Each event as it goes on the wire before the transfer and content codings,
+        with the event; the byte order mark, if any, comes first on its own."""
+        options = self.options
+        newline = options.newline.encode()
+        prefix = b"data: " if options.data_space else b"data:"
+        plain = not (options.multiline or options.pings or options.comments)
+        if options.bom:
+            yield (_BOM,), None
+        for event in events:
+            if event.kind == ":":
+                yield (b":", *event.data, newline, newline), event
+                continue
+            field = b"event: " + event.kind.encode() + newline if event.kind else b""
+            if plain:
+                yield (field, prefix, *event.data, newline, newline), event
+                continue
+            payload = b"".join(event.data)
+            lines = payload.split(b"\n") if options.multiline else [payload]
+            out = field + b"".join([prefix + line + newline for line in lines]) + newline
+            if options.pings:
+                stamp = b'"' + str(time.time()).encode() + b'"'
+                out = b"event: ping" + newline + prefix + stamp + newline + newline + out
+            if options.comments:
+                out = b": keep-alive" + newline + out
+            yield (out,), event
 
     async def _send_stream(
         self, request: RecordedRequest, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-        events: Iterator[Tuple[Tuple[_Bytes, ...], bool]], fault: str, args: List[str],
-        keep_alive: bool,
+        events: Iterator[_Event], fault: _Fault, keep_alive: bool,
     ) -> bool:
         options = self.options
         framing = options.framing
         keep_alive = keep_alive and framing != "close"
-        newline = options.newline.encode()
-        prefix = b"data: " if options.data_space else b"data:"
-        plain = not (options.multiline or options.pings or options.comments)
         compressor = zlib.compressobj(wbits=31) if self._compress(request) else None
-        first = [b"\xef\xbb\xbf"] if options.bom else []
-
-        def encoded(parts: Tuple[_Bytes, ...]) -> Tuple[_Bytes, ...]:
-            """The event as it goes on the wire, before the transfer coding."""
-            if plain:
-                pieces: Tuple[_Bytes, ...] = (prefix, *parts, newline, newline)
-            else:
-                payload = b"".join(parts)
-                lines = payload.split(b"\n") if options.multiline else [payload]
-                out = b"".join([prefix + line + newline for line in lines]) + newline
-                if options.pings:
-                    stamp = b'"' + str(time.time()).encode() + b'"'
-                    out = b"event: ping" + newline + prefix + stamp + newline + newline + out
-                if options.comments:
-                    out = b": keep-alive" + newline + out
-                pieces = (out,)
-            if first:
-                pieces = (first.pop(), *pieces)
-            if compressor is not None:
-                joined = b"".join(pieces)
-                pieces = (compressor.compress(joined) + compressor.flush(zlib.Z_SYNC_FLUSH),)
-            return pieces
-
+        wire = self._wire(events)
+        if compressor is not None:
+            wire = ((((compressor.compress(b"".join(pieces)) + compressor.flush(zlib.Z_SYNC_FLUSH)),), event)
+                    for pieces, event in wire)
         headers = [("Content-Type", "text/event-stream; charset=utf-8"), ("Cache-Control", "no-cache")]
         if compressor is not None:
             headers.append(("Content-Encoding", "gzip"))
-        flagged: List[Tuple[Tuple[_Bytes, ...], bool]] = []
         if framing == "length":
             # The length must be known first: build the whole body (fine for a mock); a
             # fault then leaves it short of what was declared.
-            flagged = [((b"".join(encoded(parts)),), flag) for parts, flag in events]
-            tail = compressor.flush() if compressor is not None else b""
-            if tail:
-                flagged.append(((tail,), False))
-            headers.append(("Content-Length", str(sum(len(p[0][0]) for p in flagged))))
-            events = iter(flagged)
+            built = [((b"".join(pieces),), event) for pieces, event in wire]
+            if compressor is not None:
+                built.append(((compressor.flush(),), None))
+            headers.append(("Content-Length", str(sum(len(pieces[0]) for pieces, _ in built))))
+            wire = iter(built)
         elif framing == "chunked":
             headers.append(("Transfer-Encoding", "chunked"))
         await _write_head(writer, 200, headers, keep_alive)
         chunked = framing == "chunked"
-        delay = float(args[0]) if fault == "delay_events" else options.delay
+        delay = fault.arg(0) if fault.name == "delay_events" else options.delay
         # Events go out in batches of about 64 KiB unless something needs each one on its
         # own: a delay, a fault, or writes of a given size.
-        each = bool(delay or fault or options.write_size)
+        each = bool(delay or fault.name or options.write_size)
         batch = bytearray()
-        assistant_count = 0
-        for count, (parts, is_assistant) in enumerate(events):
-            if fault in ("cut", "reset", "garbage", "hang_after") and count == int(args[0]):
-                return await self._break_stream(reader, writer, fault, chunked, keep_alive)
-            wire = parts if framing == "length" else encoded(parts)
-            if chunked:
-                batch += b"%x\r\n" % sum(len(piece) for piece in wire)
-            for piece in wire:
+        count = assistant_count = 0
+        for pieces, event in wire:
+            if event is not None:
+                if fault.name in _BREAKS and count == fault.arg(0):
+                    if batch:
+                        await self._write(writer, batch)
+                    return await self._break_stream(reader, writer, fault, chunked, keep_alive)
+                count += 1
+            size = sum(len(piece) for piece in pieces)
+            if chunked and size:
+                batch += b"%x\r\n" % size
+            for piece in pieces:
                 batch += piece
-            if chunked:
+            if chunked and size:
                 batch += b"\r\n"
             if each or len(batch) >= 65536:
                 await self._write(writer, batch)
                 batch = bytearray()
-            assistant_count += is_assistant
-            if fault == "pause_after" and is_assistant and assistant_count == int(args[0]):
-                await asyncio.sleep(float(args[1]))
-            if delay:
+            if event is not None and event.assistant:
+                assistant_count += 1
+                if fault.name == "pause_after" and assistant_count == fault.arg(0):
+                    await asyncio.sleep(fault.arg(1))
+            if delay and event is not None:
                 await asyncio.sleep(delay)
         if compressor is not None and framing != "length":
             tail = compressor.flush()
@@ -573,18 +1059,18 @@ class MockServer:
         return keep_alive
 
     async def _break_stream(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, fault: str,
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, fault: _Fault,
         chunked: bool, keep_alive: bool,
     ) -> bool:
         """End the stream the way `fault` says; returns whether the connection stays open."""
-        if fault == "reset":
+        if fault.name == "reset":
             sock = writer.get_extra_info("socket")
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             writer.transport.abort()
-        elif fault == "garbage":
+        elif fault.name == "garbage":
             garbage = random.Random(self.options.seed)
             await self._write(writer, bytes(garbage.getrandbits(8) for _ in range(64)))
-        elif fault == "hang_after":
+        elif fault.name == "hang_after":
             await _wait_for_close(reader)
         elif chunked:  # "cut": a clean end of the body, only [DONE] is missing
             await self._write(writer, b"0\r\n\r\n")
@@ -605,18 +1091,9 @@ class MockServer:
             raise _Closed() from None
 
 
-def _parse_fault(fault: str) -> Tuple[str, List[str]]:
-    name, *args = fault.split(":")
-    needs = {"status": 1, "delay_headers": 1, "delay_events": 1, "pause_after": 2, "hang": 0,
-             "hang_after": 1, "cut": 1, "reset": 1, "garbage": 1, "error_event": 1, "rewrite": 1,
-             "expired200": 0, "content_type": 0, "empty": 0}
-    if name not in needs or len(args) < needs[name]:
-        raise ValueError(f"unknown fault {fault!r}; faults: {', '.join(FAULTS)}")
-    try:
-        [float(a) for a in args]
-    except ValueError:
-        raise ValueError(f"fault {fault!r}: arguments must be numbers") from None
-    return name, args
+def _prompt_of(body: Dict[str, Any]) -> str:
+    messages = body.get("messages") or []
+    return str(messages[0]["content"]["parts"][0]) if messages else ""
 
 
 def _conversation_problem(body: Any) -> Optional[str]:
@@ -624,16 +1101,21 @@ def _conversation_problem(body: Any) -> Optional[str]:
         return "The body must be a JSON object."
     if body.get("action") not in ("next", "variant", "continue"):
         return "action must be next, variant or continue."
-    messages = body.get("messages")
-    try:
-        parts = messages[0]["content"]["parts"]  # type: ignore[index]
-        if not isinstance(parts[0], str):
-            raise TypeError
-    except (TypeError, KeyError, IndexError):
-        return "messages[0].content.parts[0] must be a string."
     for key in ("parent_message_id", "model"):
         if not isinstance(body.get(key), str):
             return f"{key} must be a string."
+    if body.get("conversation_id") is not None and not isinstance(body["conversation_id"], str):
+        return "conversation_id must be a string."
+    if body["action"] == "continue" and not body.get("messages"):
+        return None
+    messages = body.get("messages")
+    try:
+        message = messages[0]  # type: ignore[index]
+        parts = message["content"]["parts"]
+        if not isinstance(parts[0], str) or not isinstance(message, dict):
+            raise TypeError
+    except (TypeError, KeyError, IndexError):
+        return "messages[0].content.parts[0] must be a string."
     return None
 
 
@@ -643,6 +1125,10 @@ def _cookie(request: RecordedRequest, name: str) -> Optional[str]:
         if key == name:
             return value
     return None
+
+
+def _printable(text: str) -> str:
+    return "".join(c if c.isprintable() else "?" for c in text)[:200]
 
 
 async def _read_request(reader: asyncio.StreamReader) -> Optional[RecordedRequest]:
@@ -655,6 +1141,8 @@ async def _read_request(reader: asyncio.StreamReader) -> Optional[RecordedReques
         return None
     except asyncio.LimitOverrunError:
         raise _BadRequest(431, "Request Header Fields Too Large") from None
+    if len(head) > _MAX_HEAD:
+        raise _BadRequest(431, "Request Header Fields Too Large")
     lines = head[:-4].decode("latin-1").split("\r\n")
     request_line = lines[0].split(" ")
     if len(request_line) != 3 or not request_line[2].startswith("HTTP/1."):
@@ -667,15 +1155,17 @@ async def _read_request(reader: asyncio.StreamReader) -> Optional[RecordedReques
             raise _BadRequest(400, "Malformed header line.")
         headers.append((name, value.strip()))
     lookup = {k.lower(): v for k, v in headers}
-    if "transfer-encoding" in lookup:
-        raise _BadRequest(411, "Length Required")
-    try:
-        length = int(lookup.get("content-length", "0"))
-        if length < 0 or length > 16 * 1024 * 1024:
-            raise ValueError
-    except ValueError:
-        raise _BadRequest(400, "Bad Content-Length.") from None
-    body = await reader.readexactly(length) if length else b""
+    coding = lookup.get("transfer-encoding")
+    if coding is not None:
+        if coding.strip().lower() != "chunked" or "content-length" in lookup:
+            raise _BadRequest(400, "Only a chunked Transfer-Encoding, without Content-Length, is understood.")
+        body = await _read_chunked_body(reader)
+    else:
+        length_text = lookup.get("content-length", "0").strip()
+        if not (length_text.isdigit() and length_text.isascii() and int(length_text) <= _MAX_BODY):
+            raise _BadRequest(400, "Bad Content-Length.")
+        length = int(length_text)
+        body = await reader.readexactly(length) if length else b""
     if target.startswith(("http://", "https://")):  # absolute form, as proxies forward it
         parts = urllib.parse.urlsplit(target)
         target = urllib.parse.urlunsplit(("", "", parts.path, parts.query, parts.fragment))
@@ -683,14 +1173,41 @@ async def _read_request(reader: asyncio.StreamReader) -> Optional[RecordedReques
     return RecordedRequest(method, path, query, tuple(headers), body)
 
 
+async def _read_chunked_body(reader: asyncio.StreamReader) -> bytes:
+    body = bytearray()
+    while True:
+        try:
+            size_line = (await reader.readuntil(b"\r\n"))[:-2].split(b";")[0].strip()
+        except asyncio.LimitOverrunError:
+            raise _BadRequest(400, "Chunk size line too long.") from None
+        if not size_line or len(size_line) > 8 or size_line.strip(b"0123456789abcdefABCDEF"):
+            raise _BadRequest(400, "Malformed chunk size.")
+        size = int(size_line, 16)
+        if len(body) + size > _MAX_BODY:
+            raise _BadRequest(413, "Request body too large.")
+        if size == 0:
+            while (await reader.readuntil(b"\r\n")) != b"\r\n":  # trailers, dropped
+                pass
+            return bytes(body)
+        body += await reader.readexactly(size)
+        if await reader.readexactly(2) != b"\r\n":
+            raise _BadRequest(400, "Chunk data not followed by CRLF.")
+
+
 async def _wait_for_close(reader: asyncio.StreamReader) -> None:
     while await reader.read(65536):
         pass
 
 
+# The status of the response being written on this connection (each is its own task),
+# for the access log.
+_status: "contextvars.ContextVar[int]" = contextvars.ContextVar("mock_server_status", default=0)
+
+
 async def _write_head(
     writer: asyncio.StreamWriter, status: int, headers: List[Tuple[str, str]], keep_alive: bool
 ) -> None:
+    _status.set(status)
     try:
         reason = http.HTTPStatus(status).phrase
     except ValueError:  # a status the standard library does not name
@@ -761,35 +1278,33 @@ def serve_in_thread(options: Optional[MockOptions] = None, **overrides: Any) -> 
         thread.join()
 
 
+# ---------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------
+
+
 def _cli_parser() -> argparse.ArgumentParser:
+    """Built from `MockOptions`' fields: each default and help is written once, there."""
     parser = argparse.ArgumentParser(
-        prog="mock_server", description="An offline copy of the FakeGpt upstream.",
+        prog="mock_server", description="An offline copy of the ChatGPT web conversation protocol's servers.",
         epilog="faults: " + "; ".join(f"{k}: {v}" for k, v in FAULTS.items()),
     )
-    defaults = MockOptions()
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
-    parser.add_argument("--framing", choices=["chunked", "length", "close"], default=defaults.framing)
-    parser.add_argument("--newline", choices=["lf", "crlf", "cr"], default="lf")
-    parser.add_argument("--no-data-space", dest="data_space", action="store_false")
-    parser.add_argument("--multiline", action="store_true")
-    parser.add_argument("--comments", action="store_true")
-    parser.add_argument("--pings", action="store_true")
-    parser.add_argument("--bom", action="store_true")
-    parser.add_argument("--write-size", type=int, default=0, help="write the stream N bytes at a time")
-    parser.add_argument("--step", type=int, default=defaults.step, help="characters per event")
-    parser.add_argument("--delay", type=float, default=0.0, help="seconds between events")
-    parser.add_argument("--reply", help="the reply text (default: derived from the prompt)")
-    parser.add_argument("--finish", default="stop", choices=["stop", "max_tokens"])
-    parser.add_argument("--ascii-json", action="store_true")
-    parser.add_argument("--gzip", choices=["off", "accept", "always"], default="off")
-    parser.add_argument("--loads", choices=["normal", "empty", "malformed"], default="normal")
-    parser.add_argument("--login", choices=["ok", "refuse"], default="ok")
-    parser.add_argument("--session", choices=["ok", "empty"], default="ok")
-    parser.add_argument("--fault", help="a fault for every conversation, e.g. cut:3 or status:429:7")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--certfile")
-    parser.add_argument("--keyfile")
+    parser.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=0, help="the port to listen on; 0 picks a free one")
+    parser.add_argument("--quiet", action="store_true", help="no access log on stderr")
+    for field in dataclasses.fields(MockOptions):
+        flag, help_text = "--" + field.name.replace("_", "-"), field.metadata["help"]
+        if isinstance(field.default, bool):
+            if field.default:
+                parser.add_argument("--no-" + flag[2:], dest=field.name, action="store_false", help="do not " + help_text)
+            else:
+                parser.add_argument(flag, action="store_true", help=help_text)
+            continue
+        kind = type(field.default) if field.default is not None else str
+        default = "lf" if field.name == "newline" else field.default
+        shown = " (default: %(default)s)" if field.default not in (None, "") else ""
+        parser.add_argument(flag, type=kind, default=default, choices=field.metadata.get("choices"),
+                            help=help_text + shown)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
@@ -798,14 +1313,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Serve until Ctrl-C or SIGTERM; the first line of stdout is the base URL."""
     parser = _cli_parser()
     args = vars(parser.parse_args(argv))
-    host, port = args.pop("host"), args.pop("port")
-    args["newline"] = {"lf": "\n", "crlf": "\r\n", "cr": "\r"}[args["newline"]]
-    if args["fault"]:
-        try:
-            _parse_fault(args["fault"])
-        except ValueError as exc:
-            parser.error(str(exc))
-    options = MockOptions(**args)
+    host, port, quiet = args.pop("host"), args.pop("port"), args.pop("quiet")
+    try:
+        options = MockOptions(**args)
+    except ValueError as exc:
+        parser.error(str(exc))
+
+    def log(line: str) -> None:
+        print(f"mock_server: {line}", file=sys.stderr, flush=True)
 
     async def serve() -> None:
         stop = asyncio.Event()
@@ -813,7 +1328,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         for signum in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(signum, stop.set)
-        async with MockServer(options, host=host, port=port) as server:
+        async with MockServer(options, host=host, port=port, log=None if quiet else log) as server:
             print(server.url, flush=True)
             await stop.wait()
 

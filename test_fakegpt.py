@@ -9,6 +9,7 @@ import ast
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import gc
 import http.client
 import json
@@ -1334,9 +1335,9 @@ def test_abandoned_streams_close_their_connections_at_once(provider: "type[FakeG
     assert all(firsts)
     assert open_descriptors() <= before + 2
     deadline = time.monotonic() + 5
-    while mock._connections and time.monotonic() < deadline:
+    while mock.open_connections and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert not mock._connections  # the server saw every connection close
+    assert not mock.open_connections  # the server saw every connection close
 
 
 def test_a_reader_that_falls_behind_pauses_the_socket_instead_of_buffering_the_reply() -> None:
@@ -1878,7 +1879,7 @@ def test_cli_honours_proxy_environment_and_no_proxy(mock: mock_server.MockServer
 
 
 def test_mock_server_command_line_prints_its_url_and_stops_quietly_on_sigterm() -> None:
-    process = subprocess.Popen([sys.executable, "-m", "mock_server", "--port", "0"], stdout=subprocess.PIPE,
+    process = subprocess.Popen([sys.executable, "-m", "mock_server", "--port", "0", "--quiet"], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, cwd=HERE)
     try:
         assert process.stdout is not None
@@ -1892,6 +1893,168 @@ def test_mock_server_command_line_prints_its_url_and_stops_quietly_on_sigterm() 
         process.send_signal(signal.SIGTERM)
         stdout, stderr = process.communicate(timeout=10)
     assert process.returncode == 0 and stderr == "" and stdout == ""
+
+
+def independent_conversation(server: mock_server.MockServer, prompt: str, path: str = "/api/conversation",
+                             **body: Any) -> Tuple[int, Dict[str, str], bytes]:
+    """POST a conversation with http.client: the status, the headers and the raw body."""
+    parts = urllib.parse.urlsplit(server.url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    payload = {"action": "next", "messages": [{"id": "u1", "author": {"role": "user"},
+                                                "content": {"content_type": "text", "parts": [prompt]}}],
+               "parent_message_id": "p0", "model": "text-davinci-002-render-sha", **body}
+    connection.request("POST", path, json.dumps(payload),
+                       {"Authorization": f"Bearer {server.access_token}", "Content-Type": "application/json"})
+    response = connection.getresponse()
+    raw = response.read()
+    connection.close()
+    return response.status, {k.lower(): v for k, v in response.getheaders()}, raw
+
+
+def split_events(body: bytes) -> List[Tuple[Optional[str], str]]:
+    """(event type, data) of each event, by plain byte splitting, not fakegpt's decoder."""
+    body = body[3:] if body.startswith(b"\xef\xbb\xbf") else body
+    text = body.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+    events = []
+    for block in text.split("\n\n"):
+        kind, datas = None, []
+        for line in block.split("\n"):
+            if line.startswith("event:"):
+                kind = line[6:].strip()
+            elif line.startswith("data:"):
+                datas.append(line[6:] if line.startswith("data: ") else line[5:])
+        if datas and kind != "ping":
+            events.append((kind, "\n".join(datas)))
+    return events
+
+
+@pytest.mark.parametrize("options", [
+    {}, {"framing": "length"}, {"framing": "close"}, {"newline": "crlf"}, {"newline": "\r"},
+    {"data_space": False}, {"multiline": True}, {"comments": True}, {"pings": True}, {"bom": True},
+    {"write_size": 7}, {"gzip": "always"}, {"ascii_json": True},
+    {"bom": True, "gzip": "always", "framing": "length", "newline": "cr", "multiline": True},
+])
+def test_mock_framings_read_by_an_independent_reader(options: Dict[str, Any]) -> None:
+    prompt = "Framings, read by http.client"
+    with mock_server.serve_in_thread(**options) as server:
+        status, headers, raw = independent_conversation(server, prompt)
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    if options.get("gzip") == "always":
+        assert headers["content-encoding"] == "gzip"
+        raw = zlib.decompress(raw, 16 + zlib.MAX_WBITS)
+    assert raw.startswith(b"\xef\xbb\xbf") == bool(options.get("bom"))
+    events = split_events(raw)
+    assert events[-1] == (None, "[DONE]")
+    texts = []
+    for _, data in events[:-1]:
+        message = json.loads(data).get("message") or {}
+        if message.get("author", {}).get("role") == "assistant":
+            texts.append(message["content"]["parts"][0])
+    assert texts and texts[-1] == mock_server.default_reply(prompt)
+    assert all(later.startswith(earlier) for earlier, later in zip(texts, texts[1:]))  # cumulative
+
+
+@pytest.mark.parametrize("options, words", [
+    ({"fault": "nonsense"}, "unknown fault 'nonsense'"), ({"fault": "status:1e3"}, "CODE must be an HTTP error status"),
+    ({"fault": "cut:1.5"}, "N must be a whole number"), ({"fault": "cut"}, "write it as cut:N"),
+    ({"fault": "delay_events:nan"}, "SECONDS must be a number of seconds"), ({"fault": "status:429:-1"}, "RETRY_AFTER"),
+    ({"newline": "crlf"}, None), ({"newline": "\n\n"}, "newline must be one of"), ({"framing": "lines"}, "framing must be one of"),
+    ({"step": 0}, "step must be a whole number of at least 1"), ({"delay": -1}, "delay must be a number of seconds"),
+    ({"bom": "yes"}, "bom must be True or False"), ({"stream_format": "v2"}, "stream_format must be one of"),
+    ({"profile": "aurora"}, "profile must be one of"), ({"access_token": "a b"}, "access_token must be printable"),
+])
+def test_mock_options_and_faults_are_checked_where_given(options: Dict[str, Any], words: Optional[str]) -> None:
+    if words is None:
+        assert mock_server.MockOptions(**options).newline == "\r\n"  # the command line's spelling works too
+        return
+    with pytest.raises(ValueError, match=re.escape(words)):
+        mock_server.MockServer(**options)
+    if "fault" in options:
+        with pytest.raises(ValueError, match=re.escape(words)):
+            mock_server.MockServer().fail_next(options["fault"])
+
+
+def test_mock_fault_header_with_a_bad_fault_is_a_400(mock: mock_server.MockServer) -> None:
+    parts = urllib.parse.urlsplit(mock.url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    body = {"action": "next", "messages": [{"id": "u", "content": {"parts": ["hi"]}}], "parent_message_id": "p", "model": "m"}
+    connection.request("POST", "/api/conversation", json.dumps(body),
+                       {"Authorization": f"Bearer {mock.access_token}", "X-Mock-Fault": "cut:many"})
+    response = connection.getresponse()
+    assert response.status == 400 and "N must be a whole number" in json.loads(response.read())["detail"]
+
+
+def test_mock_command_line_has_a_flag_with_help_for_every_option() -> None:
+    parser = mock_server._cli_parser()
+    flags = {action.dest: action for action in parser._actions}
+    for field in dataclasses.fields(mock_server.MockOptions):
+        assert field.name in flags and flags[field.name].help, field.name
+    args = vars(parser.parse_args(["--newline", "cr", "--no-directives", "--stream-format", "v1", "--max-tokens", "9"]))
+    for key in ("host", "port", "quiet"):
+        args.pop(key)
+    options = mock_server.MockOptions(**args)
+    assert (options.newline, options.directives, options.format, options.max_tokens) == ("\r", False, "v1", 9)
+    assert mock_server.MockOptions(**{**args, "newline": "lf", "directives": True}) == mock_server.MockOptions(
+        stream_format="v1", max_tokens=9)  # every other default is the dataclass's own
+
+
+def test_mock_access_log_names_method_path_status_and_time_but_no_secret() -> None:
+    lines: List[str] = []
+
+    async def run() -> None:
+        async with mock_server.MockServer(log=lines.append, access_token=SENTINEL) as server:
+            provider = provider_for(server.url)
+            await gather_pieces(provider)
+
+    asyncio.run(run())
+    assert [line.split(" ")[:3] for line in lines] == [
+        ["GET", "/api/loads", "200"], ["POST", "/auth/login", "200"], ["GET", "/api/auth/session", "200"],
+        ["POST", "/api/conversation", "200"]]
+    assert all(re.fullmatch(r"\S+ \S+ \d{3} \d+ ms", line) for line in lines)
+    assert SENTINEL not in "".join(lines) and "credential" not in "".join(lines)
+
+
+def test_mock_prompt_directives_can_be_turned_off() -> None:
+    prompt = "[[fault hang]] [[chars 5]] as plain text"
+    with mock_server.serve_in_thread(directives=False) as server:
+        _, _, raw = independent_conversation(server, prompt)
+    texts = [json.loads(d)["message"]["content"]["parts"][0] for k, d in split_events(raw)[:-1]
+             if (json.loads(d).get("message") or {}).get("author", {}).get("role") == "assistant"]
+    assert "[[fault hang]]" in texts[-1] and len(texts[-1]) > 5
+    with mock_server.serve_in_thread() as server:
+        status, _, raw = independent_conversation(server, "[[chars 999999999]]")
+    assert status == 400 and b"at most" in raw  # bounded, not gigabytes
+
+
+def test_mock_keeps_a_bounded_request_log_and_closes_idle_connections() -> None:
+    with mock_server.serve_in_thread(max_recorded=3, keep_alive_timeout=0.2) as server:
+        parts = urllib.parse.urlsplit(server.url)
+        connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=5)
+        for index in range(5):
+            connection.request("GET", f"/api/loads?t={index}")
+            connection.getresponse().read()
+        assert [request.query for request in server.requests] == ["t=2", "t=3", "t=4"]
+        time.sleep(0.5)
+        assert server.open_connections == 0  # closed by the server after 0.2 s idle
+        connection.close()
+
+
+def test_mock_accepts_a_chunked_request_body(mock: mock_server.MockServer) -> None:
+    body = json.dumps({"action": "next", "messages": [{"id": "u", "content": {"parts": ["chunked"]}}],
+                       "parent_message_id": "p", "model": "m"}).encode()
+    chunks = b"".join(b"%x\r\n%b\r\n" % (len(piece), piece) for piece in (body[:10], body[10:])) + b"0\r\n\r\n"
+    head = (f"POST /api/conversation HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {mock.access_token}\r\n"
+            "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n").encode()
+    with socket.create_connection((mock.host, mock.port), timeout=5) as sock:
+        sock.sendall(head + chunks)
+        received = b""
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            received += data
+    assert received.startswith(b"HTTP/1.1 200") and mock.requests[-1].json()["messages"][0]["content"]["parts"] == ["chunked"]
+    assert json.dumps(mock_server.default_reply("chunked"), ensure_ascii=False)[1:-1].encode() in received
 
 
 def raw_exchange(url: str, request: bytes) -> Tuple[int, Any]:

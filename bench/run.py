@@ -107,7 +107,7 @@ def main() -> int:
                         help="which workloads to run, comma-separated (default: all)")
     args = parser.parse_args()
     wanted = set(args.workloads.upper().split(","))
-    mock = subprocess.Popen([sys.executable, "-m", "mock_server", "--port", "0"], cwd=ROOT,
+    mock = subprocess.Popen([sys.executable, "-m", "mock_server", "--port", "0", "--quiet"], cwd=ROOT,
                             stdout=subprocess.PIPE, text=True)
     try:
         assert mock.stdout is not None
