@@ -906,14 +906,6 @@ class ChatEvent:
         return f"ChatEvent({fields})"
 
 
-class _Shape(NamedTuple):
-    """The bytes around ``parts[0]`` in the last event, proved to be one assistant message's."""
-
-    head: bytes
-    tail: bytes
-    one_line: bool  # neither holds a line break: the event came from a single data line
-
-
 _PARTS_MARKERS = (b'"parts": ["', b'"parts":["')
 # A JSON string's bytes that are its text as they stand: no escapes, no control characters.
 _NEEDS_JSON = re.compile(rb"[\x00-\x1f\\]")
@@ -938,6 +930,11 @@ class ConversationDecoder:
     events and errors.
     """
 
+    __slots__ = (
+        "done", "conversation_id", "message_id", "status", "finish_reason", "_fast_path", "_pieces",
+        "_event_finish_reason", "_head", "_tail", "_one_line", "_escaped_text", "_buffer", "_buffer_view",
+    )
+
     def __init__(self, *, fast_path: bool = True) -> None:
         self.done = False
         self.conversation_id: Optional[str] = None
@@ -947,9 +944,12 @@ class ConversationDecoder:
         self._fast_path = fast_path
         self._pieces: List[str] = []
         self._event_finish_reason: Optional[str] = None  # the last event's own, not carried over
-        # The known-shape path's state: the shape, and parts[0] as sent (JSON-escaped),
-        # often a view of the buffer it arrived in.
-        self._shape: Optional[_Shape] = None
+        # The known-shape path's state: the bytes around parts[0] in the last event (no
+        # head: no shape known), whether they hold no line break, and parts[0] as sent
+        # (JSON-escaped), often a view of the buffer it arrived in.
+        self._head: Optional[bytes] = None
+        self._tail = b""
+        self._one_line = False
         self._escaped_text: Union[bytes, memoryview] = b""
         self._buffer: Optional[bytes] = None  # the last buffer given to `extend`,
         self._buffer_view: Optional[memoryview] = None  # and a view of it
@@ -989,7 +989,7 @@ class ConversationDecoder:
     # -- the reference path: every event decoded in full ------------------------------
 
     def _decode(self, raw: bytes) -> Optional[ChatEvent]:
-        self._shape = None
+        self._head = None
         try:
             payload = json.loads(raw.decode("utf-8", "replace"))
         except ValueError:
@@ -1045,66 +1045,32 @@ class ConversationDecoder:
         """While a shape is known: how many bytes every event that extends the text so
         far has before its new text (the head, and the text so far as sent), none of
         them a line break; None otherwise."""
-        shape = self._shape
-        if shape is None or not shape.one_line:
+        if self._head is None or not self._one_line:
             return None
-        return len(shape.head) + len(self._escaped_text)
+        return len(self._head) + len(self._escaped_text)
 
     def extend(self, buffer: bytes, start: int, end: int) -> Optional[str]:
         """If ``buffer[start:end]`` is an event's data of the known shape, with text that
         extends the text so far, take it in and return the new text (possibly empty);
         otherwise return None and change nothing. The text so far is never decoded
         again. Call `detach` before `buffer` is freed or reused."""
-        shape = self._shape
-        if shape is None:
+        head, escaped_text = self._head, self._escaped_text
+        if head is None:
             return None
-        text_start = start + len(shape.head)
-        resume = text_start + len(self._escaped_text)
-        if not (
-            buffer.startswith(shape.head, start, end)
-            and buffer.startswith(self._escaped_text, text_start, end)
-        ):
+        text_start = start + len(head)
+        resume = text_start + len(escaped_text)
+        if not (buffer.startswith(head, start, end) and buffer.startswith(escaped_text, text_start, end)):
             return None
-        if _text_ends_at(buffer, resume, end, shape.tail):
-            return self._grow(buffer, text_start, resume, end - len(shape.tail))
-        return self._reframe(buffer, start, text_start, resume, end)
-
-    def detach(self) -> None:
-        """Let go of the buffers given to `extend`: the text so far is copied out of them."""
-        if isinstance(self._escaped_text, memoryview):
-            self._escaped_text = self._escaped_text.tobytes()
-        self._buffer = self._buffer_view = None
-
-    def _reframe(
-        self, buffer: bytes, start: int, text_start: int, resume: int, end: int
-    ) -> Optional[str]:
-        """`extend` for an event whose bytes after the text changed (the final event's
-        status, say): the envelope is decoded too, and its bytes become the shape's."""
-        assert self._shape is not None
-        text_end = _string_end(buffer, resume)
-        if not resume <= text_end < end:
-            return None
-        head, tail = self._shape.head, buffer[text_end:end]
-        # The same head leaves a JSON parser at the same place, inside a string; two
-        # different texts there that both read back prove it is still parts[0] (a later
-        # duplicate key could make another string the text), and the envelope is read.
-        probed = [_probe(head, tail, probe) for probe in ("", "x")]
-        if probed[0] is None or probed[1] is None:
-            return None  # decoding it in full says what is wrong, if anything is
-        payload, reply = probed[0]
-        if reply[0] != self.message_id:
-            return None
-        self._read_envelope(payload)
-        text = self._grow(buffer, text_start, resume, text_end)
-        if text is not None:
-            self._take_status(reply[2], reply[3])
-            self._shape = _Shape(head, tail, self._shape.one_line and b"\n" not in tail)
-        return text
-
-    def _grow(self, buffer: bytes, text_start: int, resume: int, text_end: int) -> Optional[str]:
-        """The new text of the event whose ``parts[0]`` is ``buffer[text_start:text_end]``,
-        known to begin with the text so far, taken in; ``buffer[resume:text_end]`` is the
-        new text, still JSON-escaped. None, and nothing taken, if it does not decode."""
+        reframed = None
+        tail = self._tail
+        if _text_ends_at(buffer, resume, end, tail):
+            text_end = end - len(tail)
+        else:
+            reframed = self._reframe(buffer, resume, end)
+            if reframed is None:
+                return None
+            text_end = reframed[0]
+        # The new text, still JSON-escaped, is buffer[resume:text_end].
         suffix = buffer[resume:text_end]
         try:
             text = suffix.decode("utf-8")  # strict: never a lone surrogate
@@ -1117,14 +1083,46 @@ class ConversationDecoder:
                     return None  # the second half of a surrogate pair: decoding in full joins them
         except ValueError:
             return None
+        if reframed is not None:
+            _, payload, status, finish_reason = reframed
+            self._read_envelope(payload)
+            self._take_status(status, finish_reason)
+            self._tail = buffer[text_end:end]
+            self._one_line = self._one_line and b"\n" not in self._tail
         # A view: copying the text so far per event would cost more than the event.
         if buffer is not self._buffer:
             self._buffer, self._buffer_view = buffer, memoryview(buffer)
-        assert self._buffer_view is not None
-        self._escaped_text = self._buffer_view[text_start:text_end]
+        self._escaped_text = self._buffer_view[text_start:text_end]  # type: ignore[index]
         if text:
             self._pieces.append(text)
         return text
+
+    def detach(self) -> None:
+        """Let go of the buffers given to `extend`: the text so far is copied out of them."""
+        if isinstance(self._escaped_text, memoryview):
+            self._escaped_text = self._escaped_text.tobytes()
+        self._buffer = self._buffer_view = None
+
+    def _reframe(
+        self, buffer: bytes, resume: int, end: int
+    ) -> Optional[Tuple[int, Dict[str, Any], Optional[str], Optional[str]]]:
+        """For an event whose bytes after the text changed (the final event's status,
+        say): where its text ends, its envelope, status and finish reason, or None."""
+        assert self._head is not None
+        text_end = _string_end(buffer, resume)
+        if not resume <= text_end < end:
+            return None
+        # The same head leaves a JSON parser at the same place, inside a string; two
+        # different texts there that both read back prove it is still parts[0] (a later
+        # duplicate key could make another string the text), and the envelope is read.
+        head, tail = self._head, buffer[text_end:end]
+        probed = [_probe(head, tail, probe) for probe in ("", "x")]
+        if probed[0] is None or probed[1] is None:
+            return None  # decoding it in full says what is wrong, if anything is
+        payload, (message_id, _, status, finish_reason) = probed[0]
+        if message_id != self.message_id:
+            return None
+        return text_end, payload, status, finish_reason
 
     def _learn_shape(self, raw: bytes, text: str) -> None:
         """Remember where ``parts[0]`` sits in `raw`, if that can be proved."""
@@ -1152,7 +1150,8 @@ class ConversationDecoder:
         if _probe(head, tail, "x" if text == "" else "") is None:
             return
         self._escaped_text = raw[start:end]
-        self._shape = _Shape(head, tail, b"\n" not in head and b"\n" not in tail)
+        self._head, self._tail = head, tail
+        self._one_line = b"\n" not in head and b"\n" not in tail
 
 
 def _probe(
@@ -1277,16 +1276,16 @@ class _ReplyDecoder:
 
         Such an event is ``data: `` + its data + LF LF, and its data starts with bytes
         known to hold no line break (`ConversationDecoder.known_prefix_size`), so the
-        search for the line's end starts after them.
+        search for the line's end starts after them. Each event taken only makes them
+        longer, so the size read once holds for the whole run.
         """
         conversation, size = self.conversation, len(chunk)
         max_line, max_data, text_only = self._max_line, self._max_data, self.text_only
-        extend = conversation.extend
+        extend, known = conversation.extend, conversation.known_prefix_size
+        if known is None:
+            return pos
         while chunk.startswith(b"data: ", pos):
             first = pos + 6
-            known = conversation.known_prefix_size
-            if known is None:
-                break
             last = chunk.find(b"\n", first + known)
             if last < 0 or last + 1 == size or chunk[last + 1] != 0x0A:
                 break  # incomplete, or more than one line
