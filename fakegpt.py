@@ -857,37 +857,45 @@ class SSEDecoder:
 class ChatEvent:
     """One update of the assistant's reply.
 
-    ``delta`` is the text this event adds (possibly empty); ``text`` the message's whole
-    text so far; ``status`` is "in_progress" or "finished_successfully";
-    ``finish_reason`` is the final ``finish_details.type`` ("stop", "max_tokens") once
-    sent; ``conversation_id`` and ``message_id`` continue the conversation later.
+    ``delta`` is the text this event adds (possibly empty); ``text`` the reply's whole
+    text so far; ``reasoning`` the reasoning this event adds (the model's thoughts, never
+    part of the text); ``status`` is "in_progress" or "finished_successfully";
+    ``finish_reason`` is this event's ``finish_details.type`` ("stop", "max_tokens") if
+    it carries one; ``conversation_id`` and ``message_id`` continue the conversation later.
     """
 
     __slots__ = (
-        "delta", "status", "finish_reason", "conversation_id", "message_id", "_pieces", "_count"
+        "delta", "status", "finish_reason", "conversation_id", "message_id", "reasoning",
+        "_pieces", "_length",
     )
 
     def __init__(
         self, delta: str, status: Optional[str], finish_reason: Optional[str],
         conversation_id: Optional[str], message_id: Optional[str], pieces: List[str],
+        length: int, reasoning: str = "",
     ) -> None:
         self.delta = delta
         self.status = status
         self.finish_reason = finish_reason
         self.conversation_id = conversation_id
         self.message_id = message_id
+        self.reasoning = reasoning
         # The text is joined only when asked for: a long reply has thousands of events.
+        # The pieces are the reply's own list (joined in place now and then), so every
+        # event shares one copy of the text and keeps only its length.
         self._pieces = pieces
-        self._count = len(pieces)
+        self._length = length
 
     @property
     def text(self) -> str:
-        return "".join(self._pieces[: self._count])
+        text = "".join(self._pieces)
+        return text if len(text) == self._length else text[: self._length]
 
     def as_dict(self) -> Dict[str, Optional[str]]:
         """The event without ``text``, as ``--json`` writes it."""
         return {
             "delta": self.delta,
+            "reasoning": self.reasoning,
             "status": self.status,
             "finish_reason": self.finish_reason,
             "conversation_id": self.conversation_id,
@@ -906,6 +914,59 @@ class ChatEvent:
         return f"ChatEvent({fields})"
 
 
+class _Reply(NamedTuple):
+    """What a visible message says of itself (see `_visible_reply`)."""
+
+    message_id: Optional[str]
+    text: "Union[str, _Text]"
+    status: Optional[str]
+    finish_reason: Optional[str]
+    end_turn: Optional[bool]
+    model: Optional[str]
+
+
+class _Text:
+    """A string of the delta format that grows by ``append``: kept as pieces, so that a
+    reply of thousands of appends is not copied whole at each one."""
+
+    __slots__ = ("pieces", "length")
+
+    def __init__(self, first: str, then: str) -> None:
+        self.pieces = [first, then]
+        self.length = len(first) + len(then)
+
+    def append(self, more: str) -> None:
+        self.pieces.append(more)
+        self.length += len(more)
+
+    def since(self, start: int) -> str:
+        """The text from character `start` on, joining only the pieces it needs."""
+        taken, size, index = [], self.length, len(self.pieces)
+        while size > start:
+            index -= 1
+            piece = self.pieces[index]
+            size -= len(piece)
+            taken.append(piece if size >= start else piece[start - size:])
+        return "".join(reversed(taken))
+
+    def __str__(self) -> str:
+        if len(self.pieces) > 1:
+            self.pieces[:] = ["".join(self.pieces)]
+        return self.pieces[0]
+
+
+def _plain(value: Any) -> Any:
+    """A value of a delta document as JSON would give it (a `_Text` as its string)."""
+    return str(value) if isinstance(value, _Text) else value
+
+
+_DELTA_OPS = frozenset({"add", "replace", "append", "truncate", "remove", "patch"})
+_MAX_PATCH_DEPTH = 32
+_VISIBLE_CHANNELS = (None, "final")
+_VISIBLE_SEPARATOR = "\n\n"  # between two visible messages of one reply (delta format)
+_NOTICE_KEYS = ("type",)
+
+
 _PARTS_MARKERS = (b'"parts": ["', b'"parts":["')
 # A JSON string's bytes that are its text as they stand: no escapes, no control characters.
 _NEEDS_JSON = re.compile(rb"[\x00-\x1f\\]")
@@ -915,15 +976,26 @@ _scan_json_string: Callable[[str, int], Tuple[str, int]] = json.decoder.scanstri
 class ConversationDecoder:
     """Turns the reply stream's events into `ChatEvent`s; pure, no I/O.
 
-    Only assistant messages of type ``next`` addressed to everyone give text. Their
-    ``parts[0]`` is cumulative; the rule for it: text that extends what was already given
-    yields the new suffix; a repeat or a shorter prefix of it yields nothing; anything
-    else would mean rewriting text already delivered and raises `ProtocolError`, and so
-    does a second message once the first has given text. A truthy ``error`` raises `UpstreamError`
-    (`TokenExpiredError` for ``token_expired``); ``[DONE]`` sets ``done``.
+    Both stream formats of the ChatGPT web protocol are read, detected record by record:
+    cumulative snapshots (each event repeats the whole message) and the delta format
+    (``event: delta`` records of JSON-pointer ops on numbered documents, with ``c``, ``p``
+    and ``o`` carried forward, patches and bare batches), with their notices
+    (``title_generation``, ``server_ste_metadata``, ...).
+
+    Only visible text is text: an assistant message addressed to everyone, of text
+    content, not on the ``commentary`` or ``analysis`` channel, not a thinking preamble.
+    Reasoning (``thoughts`` content, the ``analysis`` channel) comes separately, in
+    ``ChatEvent.reasoning``. Text once delivered is never taken back: a snapshot that does
+    not extend it yields nothing if it is a prefix and raises `ProtocolError` otherwise,
+    as does a delta op that would change it, or (snapshots) another message once the
+    first has given text; in the delta format a second visible message continues the
+    text after a blank line. A truthy ``error`` raises `UpstreamError` (`TokenExpiredError`
+    for ``token_expired``); ``stream_handoff`` raises `ProtocolError`; ``[DONE]`` sets
+    ``done``, and ``complete`` is true once the reply is whole (``[DONE]``, or the visible
+    message finished with ``end_turn``).
 
     The reference path decodes every event in full. The known-shape path (on unless
-    ``fast_path=False``) serves the usual event, which repeats the whole text so far:
+    ``fast_path=False``) serves the usual snapshot, which repeats the whole text so far:
     once an event has been decoded in full, the next one whose bytes around ``parts[0]``
     are the same and whose ``parts[0]`` starts with the previous one as sent only needs
     its new suffix decoded. `extend` is its one entry point. Both paths give the same
@@ -931,19 +1003,41 @@ class ConversationDecoder:
     """
 
     __slots__ = (
-        "done", "conversation_id", "message_id", "status", "finish_reason", "_fast_path", "_pieces",
-        "_event_finish_reason", "_head", "_tail", "_one_line", "_escaped_text", "_buffer", "_buffer_view",
+        "done", "conversation_id", "message_id", "status", "finish_reason", "end_turn", "title",
+        "model", "_fast_path", "_pieces", "_length", "_reasoning", "_event_finish_reason",
+        "_documents", "_cursor", "_visible", "_visible_text", "_base", "_doc_reasoning",
+        "_head", "_tail", "_one_line", "_escaped_text", "_buffer", "_buffer_view",
     )
 
-    def __init__(self, *, fast_path: bool = True) -> None:
+    def __init__(
+        self, *, fast_path: bool = True, continues: Optional["ConversationDecoder"] = None
+    ) -> None:
+        """`continues`: the decoder of the reply this one continues (``"action":
+        "continue"``); the text goes on from its text, in the same message."""
         self.done = False
-        self.conversation_id: Optional[str] = None
-        self.message_id: Optional[str] = None
+        self.conversation_id: Optional[str] = continues.conversation_id if continues else None
+        self.message_id: Optional[str] = continues.message_id if continues else None
         self.status: Optional[str] = None
         self.finish_reason: Optional[str] = None
+        self.end_turn: Optional[bool] = None
+        self.title: Optional[str] = continues.title if continues else None
+        self.model: Optional[str] = continues.model if continues else None
         self._fast_path = fast_path
-        self._pieces: List[str] = []
+        given = continues.text if continues else ""
+        self._pieces: List[str] = [given] if given else []
+        self._length = len(given)  # characters in _pieces
+        self._reasoning: List[str] = [continues.reasoning] if continues and continues.reasoning else []
         self._event_finish_reason: Optional[str] = None  # the last event's own, not carried over
+        # The delta format's state: the documents by number, the carried (c, p, o), the
+        # document that is the visible message, its text as last seen (to tell growth by
+        # append from a rewrite), the text of earlier visible messages before it, and
+        # each document's reasoning delivered so far.
+        self._documents: Dict[Any, Dict[str, Any]] = {}
+        self._cursor: Tuple[Any, Optional[str], Optional[str]] = (0, None, None)
+        self._visible: Any = None
+        self._visible_text: Any = None
+        self._base = 0
+        self._doc_reasoning: Dict[Any, str] = {}
         # The known-shape path's state: the bytes around parts[0] in the last event (no
         # head: no shape known), whether they hold no line break, and parts[0] as sent
         # (JSON-escaped), often a view of the buffer it arrived in.
@@ -956,56 +1050,117 @@ class ConversationDecoder:
 
     @property
     def text(self) -> str:
-        """The current message's text so far."""
-        if len(self._pieces) > 1:
-            self._pieces = ["".join(self._pieces)]
-        return self._pieces[0] if self._pieces else ""
+        """The reply's text so far."""
+        pieces = self._pieces
+        if len(pieces) > 1:
+            pieces[:] = ["".join(pieces)]  # in place: events share this list
+        return pieces[0] if pieces else ""
 
     @property
     def has_text(self) -> bool:
         """Whether any text has been delivered."""
-        return bool(self._pieces)
+        return self._length > 0
+
+    @property
+    def reasoning(self) -> str:
+        """The reasoning delivered so far."""
+        return "".join(self._reasoning)
+
+    @property
+    def complete(self) -> bool:
+        """Whether the reply is whole: ``[DONE]`` came, or the visible message finished
+        with ``end_turn``."""
+        return self.done or (self.status == "finished_successfully" and self.end_turn is True)
 
     def feed(self, event: ServerSentEvent) -> Optional[ChatEvent]:
         """The `ChatEvent` this event makes, or None if it carries no reply."""
-        if event.event != "message":
-            return None  # "ping" and other named events carry no reply
+        kind = event.event
         raw = event.raw
-        if len(raw) < 16 and raw.strip() == b"[DONE]":
-            self.done = True
-            return None
-        delta = self.extend(raw, 0, len(raw))
-        if delta is not None:
-            return self.event(delta)
-        return self._decode(raw)
+        if kind == "message":
+            if len(raw) < 16 and raw.strip() == b"[DONE]":
+                self.done = True
+                return None
+            delta = self.extend(raw, 0, len(raw))
+            if delta is not None:
+                return self.event(delta)
+        elif kind != "delta":
+            return None  # "ping", "delta_encoding" and other named events carry no reply
+        payload = _json_payload(raw, "event data")
+        if not isinstance(payload, dict):
+            return None  # bare strings and numbers are keep-alives
+        if kind == "delta" or (("v" in payload or "o" in payload) and "message" not in payload):
+            return self._delta(payload)
+        if "type" in payload and "message" not in payload:
+            return self._notice(payload)
+        return self._snapshot(raw, payload)
 
-    def event(self, delta: str) -> ChatEvent:
+    def event(self, delta: str, reasoning: str = "") -> ChatEvent:
         """The `ChatEvent` of the event just taken in, whose new text is `delta`."""
         return ChatEvent(
             delta, self.status, self._event_finish_reason, self.conversation_id,
-            self.message_id, self._pieces,
+            self.message_id, self._pieces, self._length, reasoning,
         )
 
-    # -- the reference path: every event decoded in full ------------------------------
+    def _deliver(self, delta: str) -> None:
+        if delta:
+            self._pieces.append(delta)
+            self._length += len(delta)
 
-    def _decode(self, raw: bytes) -> Optional[ChatEvent]:
+    def _take_status(self, reply: _Reply) -> None:
+        self.status = reply.status
+        self.end_turn = reply.end_turn
+        self._event_finish_reason = reply.finish_reason
+        self.finish_reason = reply.finish_reason or self.finish_reason
+        if reply.status == "finished_successfully" and self.finish_reason is None:
+            self.finish_reason = "stop"  # finished, and no reason given
+        if reply.model:
+            self.model = reply.model
+
+    def _read_envelope(self, payload: Dict[str, Any]) -> None:
+        """An error raises; the conversation id is kept."""
+        _raise_for_event_error(payload)
+        conversation_id = payload.get("conversation_id")
+        if isinstance(conversation_id, str):
+            self.conversation_id = conversation_id
+
+    # -- notices ------------------------------------------------------------------------
+
+    def _notice(self, payload: Dict[str, Any]) -> Optional[ChatEvent]:
+        self._read_envelope(payload)
+        kind = payload.get("type")
+        if kind == "title_generation" and isinstance(payload.get("title"), str):
+            self.title = payload["title"]
+        elif kind == "server_ste_metadata":
+            metadata = payload.get("metadata")
+            model = metadata.get("model_slug") if isinstance(metadata, dict) else None
+            if isinstance(model, str) and model:
+                self.model = model
+        elif kind == "stream_handoff":
+            raise ProtocolError(
+                "the upstream moved the rest of the reply to a websocket (stream_handoff), "
+                "which this client does not speak; ask the server for a plain event stream"
+            )
+        return None
+
+    # -- snapshots: the reference path, every event decoded in full ----------------------
+
+    def _snapshot(self, raw: bytes, payload: Dict[str, Any]) -> Optional[ChatEvent]:
         self._head = None
-        try:
-            payload = json.loads(raw.decode("utf-8", "replace"))
-        except ValueError:
-            raise ProtocolError(f"event data is not JSON: {_excerpt(raw)!r}") from None
-        if not isinstance(payload, dict):
-            return None  # bare strings and numbers are keep-alives
-        reply = self._read_envelope(payload)
+        self._read_envelope(payload)
+        message = payload.get("message")
+        reply = _visible_reply(message)
         if reply is None:
-            return None
-        message_id, text, status, finish_reason = reply
-        if message_id != self.message_id:
+            reasoning = _reasoning_of(message)
+            if reasoning is None or not isinstance(message, dict):
+                return None
+            return self._reason(("snapshot", message.get("id")), reasoning)
+        text = _plain(reply.text)
+        if reply.message_id != self.message_id:
             if self.has_text:
                 # One reply is one assistant message; starting another would deliver
                 # its whole text again (a corrupted id looks just like this).
                 raise ProtocolError("the upstream switched to another message in mid-reply")
-            self.message_id = message_id
+            self.message_id = reply.message_id
         given = self.text
         if text.startswith(given):
             delta = text[len(given):]
@@ -1015,28 +1170,121 @@ class ConversationDecoder:
             raise ProtocolError(
                 f"the reply rewrote text already delivered (at character {_common_prefix(given, text)})"
             )
-        if delta:
-            self._pieces.append(delta)
-        self._take_status(status, finish_reason)
+        self._deliver(delta)
+        self._take_status(reply)
         if self._fast_path:
             self._learn_shape(raw, text)
         return self.event(delta)
 
-    def _read_envelope(
-        self, payload: Dict[str, Any]
-    ) -> Optional[Tuple[Optional[str], str, Optional[str], Optional[str]]]:
-        """What an event says besides its text: an error raises, the conversation id is
-        kept, and an assistant reply's fields are returned (see `_assistant_reply`)."""
-        _raise_for_event_error(payload)
-        conversation_id = payload.get("conversation_id")
-        if isinstance(conversation_id, str):
-            self.conversation_id = conversation_id
-        return _assistant_reply(payload.get("message"))
+    def _reason(self, document: Any, reasoning: str) -> Optional[ChatEvent]:
+        """The event for a reasoning message's text, if it grew."""
+        seen = self._doc_reasoning.get(document, "")
+        if not reasoning.startswith(seen) or reasoning == seen:
+            self._doc_reasoning[document] = reasoning  # rewritten reasoning is not re-sent
+            return None
+        self._doc_reasoning[document] = reasoning
+        added = reasoning[len(seen):]
+        self._reasoning.append(added)
+        return self.event("", added)
 
-    def _take_status(self, status: Optional[str], finish_reason: Optional[str]) -> None:
-        self.status = status
-        self._event_finish_reason = finish_reason
-        self.finish_reason = finish_reason or self.finish_reason
+    # -- the delta format ----------------------------------------------------------------
+
+    def _delta(self, record: Dict[str, Any]) -> Optional[ChatEvent]:
+        document, path, op = self._cursor
+        if "c" in record:
+            document = record["c"]
+        if isinstance(document, (dict, list)):
+            raise ProtocolError("a delta record whose document number is not a number or string")
+        value = record.get("v")
+        if "p" not in record and "o" not in record and isinstance(value, dict) and "message" in value:
+            self._cursor = (document, "", "add")  # a whole message: document c anew
+            self._apply(document, "", "add", value, 0)
+        elif "o" not in record and _is_batch(value):
+            self._cursor = (document, path, op)  # a bare batch states no path or op
+            self._apply(document, "", "patch", value, 0)
+        else:
+            path, op = record.get("p", path), record.get("o", op)
+            if path is None or op is None:
+                raise ProtocolError("a delta record without a path or an op, and none to carry forward")
+            self._cursor = (document, path, op)
+            if "v" not in record and op != "remove":
+                raise ProtocolError(f"a delta record without a value: {_excerpt(json.dumps(record))!r}")
+            self._apply(document, path, op, value, 0)
+        return self._look_at(document)
+
+    def _apply(self, document: Any, path: Any, op: Any, value: Any, depth: int) -> None:
+        if op not in _DELTA_OPS or not isinstance(path, str):
+            raise ProtocolError(f"unknown delta op {_excerpt(str(op))!r} or path {_excerpt(str(path))!r}")
+        if op == "patch":
+            if not isinstance(value, list) or depth >= _MAX_PATCH_DEPTH:
+                raise ProtocolError("a delta patch whose value is not a list of ops (or nested too deep)")
+            for inner in value:
+                if not isinstance(inner, dict) or "o" not in inner or "p" not in inner:
+                    raise ProtocolError("a delta patch with an op that lacks its own path or op")
+                if "v" not in inner and inner["o"] != "remove":
+                    raise ProtocolError("a delta patch with an op that lacks its value")
+                self._apply(document, inner["p"], inner["o"], inner.get("v"), depth + 1)
+            return
+        if path == "":
+            root = self._documents.get(document)
+            if op in ("add", "replace") and isinstance(value, dict):
+                self._documents[document] = value
+            elif op == "append" and isinstance(value, dict) and root is not None:
+                root.update(value)
+            elif op == "remove":
+                self._documents.pop(document, None)
+            else:
+                raise ProtocolError(f"delta op {op!r} cannot apply to a whole document")
+            return
+        root = self._documents.get(document)
+        if root is None:
+            raise ProtocolError(f"a delta for document {document!r} before it was added")
+        if not path.startswith("/"):
+            raise ProtocolError(f"a delta path that is not a JSON pointer: {_excerpt(path)!r}")
+        tokens = [t.replace("~1", "/").replace("~0", "~") for t in path[1:].split("/")]
+        parent: Any = root
+        for token in tokens[:-1]:
+            parent = _child(parent, token, path)
+        _apply_op(parent, tokens[-1], op, value, path)
+
+    def _look_at(self, document: Any) -> Optional[ChatEvent]:
+        """What a delta on `document` changed of the reply: new text, reasoning, status."""
+        root = self._documents.get(document)
+        if root is None:
+            return None
+        self._read_envelope(root)
+        message = root.get("message")
+        reply = _visible_reply(message)
+        if reply is None:
+            reasoning = _reasoning_of(message)
+            if reasoning is not None:
+                return self._reason(("delta", document), reasoning)
+            if document == self._visible:  # no longer visible: its text stays delivered
+                self._visible = None
+            return None
+        if document != self._visible:
+            if self._visible is not None and self._length > self._base and reply.message_id != self.message_id:
+                self._deliver(_VISIBLE_SEPARATOR)  # another visible message: the text goes on
+            if reply.message_id != self.message_id:
+                self._base = self._length
+            self._visible, self._visible_text = document, None
+            self.message_id = reply.message_id
+        text = reply.text
+        delivered = self._length - self._base
+        if text is self._visible_text and isinstance(text, _Text):
+            delta = text.since(delivered)  # grown by appends only
+        else:
+            whole = _plain(text)
+            given = self.text[self._base:] if delivered else ""
+            if not whole.startswith(given):
+                raise ProtocolError(
+                    f"a delta rewrote text already delivered (at character {self._base + _common_prefix(given, whole)})"
+                )
+            delta = whole[delivered:]
+        self._visible_text = text
+        self._deliver(delta)
+        self._take_status(reply)
+        return self.event(delta)
 
     # -- the known-shape path -----------------------------------------------------------
 
@@ -1084,9 +1332,9 @@ class ConversationDecoder:
         except ValueError:
             return None
         if reframed is not None:
-            _, payload, status, finish_reason = reframed
+            _, payload, reply = reframed
             self._read_envelope(payload)
-            self._take_status(status, finish_reason)
+            self._take_status(reply)
             self._tail = buffer[text_end:end]
             self._one_line = self._one_line and b"\n" not in self._tail
         # A view: copying the text so far per event would cost more than the event.
@@ -1095,6 +1343,7 @@ class ConversationDecoder:
         self._escaped_text = self._buffer_view[text_start:text_end]  # type: ignore[index]
         if text:
             self._pieces.append(text)
+            self._length += len(text)
         return text
 
     def detach(self) -> None:
@@ -1105,9 +1354,9 @@ class ConversationDecoder:
 
     def _reframe(
         self, buffer: bytes, resume: int, end: int
-    ) -> Optional[Tuple[int, Dict[str, Any], Optional[str], Optional[str]]]:
+    ) -> Optional[Tuple[int, Dict[str, Any], _Reply]]:
         """For an event whose bytes after the text changed (the final event's status,
-        say): where its text ends, its envelope, status and finish reason, or None."""
+        say): where its text ends, its envelope and what it says of the reply, or None."""
         assert self._head is not None
         text_end = _string_end(buffer, resume)
         if not resume <= text_end < end:
@@ -1119,10 +1368,10 @@ class ConversationDecoder:
         probed = [_probe(head, tail, probe) for probe in ("", "x")]
         if probed[0] is None or probed[1] is None:
             return None  # decoding it in full says what is wrong, if anything is
-        payload, (message_id, _, status, finish_reason) = probed[0]
-        if message_id != self.message_id:
+        payload, reply = probed[0]
+        if reply.message_id != self.message_id:
             return None
-        return text_end, payload, status, finish_reason
+        return text_end, payload, reply
 
     def _learn_shape(self, raw: bytes, text: str) -> None:
         """Remember where ``parts[0]`` sits in `raw`, if that can be proved."""
@@ -1154,17 +1403,15 @@ class ConversationDecoder:
         self._one_line = b"\n" not in head and b"\n" not in tail
 
 
-def _probe(
-    head: bytes, tail: bytes, probe: str
-) -> Optional[Tuple[Dict[str, Any], Tuple[Optional[str], str, Optional[str], Optional[str]]]]:
-    """The event ``head + probe + tail`` and its assistant reply, if that reply's text is
+def _probe(head: bytes, tail: bytes, probe: str) -> Optional[Tuple[Dict[str, Any], _Reply]]:
+    """The event ``head + probe + tail`` and its visible reply, if that reply's text is
     `probe`; None if it is not, or the event is not one."""
     try:
         payload = json.loads((head + probe.encode() + tail).decode("utf-8", "replace"))
-        reply = _assistant_reply(payload.get("message")) if isinstance(payload, dict) else None
-    except (ValueError, FakeGptError):
+        reply = _visible_reply(payload.get("message")) if isinstance(payload, dict) else None
+    except (ValueError, RecursionError, FakeGptError):
         return None
-    if reply is None or reply[1] != probe:
+    if reply is None or reply.text != probe:
         return None
     return payload, reply
 
@@ -1313,19 +1560,109 @@ def _blank_line_end(chunk: bytes, pos: int) -> int:
     return len(chunk)
 
 
-def _assistant_reply(
-    message: Any,
-) -> Optional[Tuple[Optional[str], str, Optional[str], Optional[str]]]:
-    """(message id, parts[0], status, finish reason) of an assistant text message, else None."""
+def _json_payload(raw: Union[bytes, str], what: str) -> Any:
+    """`raw` as JSON; anything else (nesting too deep for the parser too) is a `ProtocolError`."""
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        raise ProtocolError(f"{what} is not JSON: {_excerpt(text)!r}") from None
+
+
+def _is_batch(value: Any) -> bool:
+    """Whether `value` is a list of delta ops, each with its own path and op."""
+    return (
+        isinstance(value, list) and bool(value)
+        and all(isinstance(op, dict) and "p" in op and "o" in op for op in value)
+    )
+
+
+def _child(parent: Any, token: str, path: str) -> Any:
+    if isinstance(parent, dict):
+        if token in parent:
+            return parent[token]
+    elif isinstance(parent, list):
+        index = _list_index(parent, token, path, end_allowed=False)
+        return parent[index]
+    raise ProtocolError(f"a delta path that leads nowhere: {_excerpt(path)!r}")
+
+
+def _list_index(items: List[Any], token: str, path: str, *, end_allowed: bool) -> int:
+    size = len(items)
+    if token == "-" and end_allowed:
+        return size
+    if token.isdigit() and token.isascii() and (token == "0" or not token.startswith("0")):
+        index = int(token)
+        if index < size or (end_allowed and index == size):
+            return index
+    raise ProtocolError(f"a delta path with an index out of range: {_excerpt(path)!r}")
+
+
+def _apply_op(parent: Any, key: str, op: str, value: Any, path: str) -> None:
+    """One op (not a patch) on ``parent[key]``, as the delta format defines it."""
+    if isinstance(parent, dict):
+        if op in ("add", "replace") or (op == "append" and key not in parent):
+            parent[key] = value
+        elif op == "append":
+            parent[key] = _appended(parent[key], value, path)
+        elif op == "truncate":
+            if key in parent:
+                parent[key] = _truncated(parent[key], value, path)
+        else:  # remove
+            parent.pop(key, None)
+    elif isinstance(parent, list):
+        index = _list_index(parent, key, path, end_allowed=op == "add")
+        if op == "add":
+            parent.insert(index, value)
+        elif op == "replace":
+            parent[index] = value
+        elif op == "append":
+            parent[index] = _appended(parent[index], value, path)
+        elif op == "truncate":
+            parent[index] = _truncated(parent[index], value, path)
+        else:
+            del parent[index]
+    else:
+        raise ProtocolError(f"a delta path that leads nowhere: {_excerpt(path)!r}")
+
+
+def _appended(target: Any, value: Any, path: str) -> Any:
+    """``append``: a string concatenates, a list takes the items, an object merges keys."""
+    if isinstance(target, _Text) and isinstance(value, str):
+        target.append(value)
+        return target
+    if isinstance(target, str) and isinstance(value, str):
+        return _Text(target, value) if value else target
+    if isinstance(target, list):
+        return target + value if isinstance(value, list) else [*target, value]
+    if isinstance(target, dict) and isinstance(value, dict):
+        return {**target, **value}
+    raise ProtocolError(f"a delta append of {type(value).__name__} to {type(_plain(target)).__name__} at {_excerpt(path)!r}")
+
+
+def _truncated(target: Any, length: Any, path: str) -> Any:
+    if isinstance(length, int) and not isinstance(length, bool) and length >= 0:
+        plain = _plain(target)
+        if isinstance(plain, (str, list)):
+            return plain[:length]
+    raise ProtocolError(f"a delta truncate that cannot apply at {_excerpt(path)!r}")
+
+
+def _visible_reply(message: Any) -> Optional[_Reply]:
+    """The reply's fields if `message` is one the user sees: by the assistant, to
+    everyone, of text content, on no channel or the final one, not a thinking preamble."""
     if not isinstance(message, dict):
         return None
     author = message.get("author")
-    metadata = message.get("metadata")
     if not isinstance(author, dict) or author.get("role") != "assistant":
         return None
-    if not isinstance(metadata, dict) or metadata.get("message_type") != "next":
-        return None
     if message.get("recipient", "all") not in ("all", None):
+        return None
+    if message.get("channel") not in _VISIBLE_CHANNELS:
+        return None
+    metadata = message.get("metadata")
+    metadata = metadata if isinstance(metadata, dict) else {}
+    if metadata.get("is_thinking_preamble_message"):
         return None
     content = message.get("content")
     if not isinstance(content, dict):
@@ -1333,18 +1670,41 @@ def _assistant_reply(
     if content.get("content_type", "text") != "text":
         return None
     parts = content.get("parts")
-    if not isinstance(parts, list) or not parts or not isinstance(parts[0], str):
+    if not isinstance(parts, list) or not parts or not isinstance(parts[0], (str, _Text)):
         raise ProtocolError("assistant message without text in content.parts[0]")
     finish = metadata.get("finish_details")
     finish_reason = finish.get("type") if isinstance(finish, dict) else None
-    message_id = message.get("id")
-    status = message.get("status")
-    return (
+    message_id, status = message.get("id"), message.get("status")
+    end_turn, model = message.get("end_turn"), metadata.get("model_slug")
+    return _Reply(
         message_id if isinstance(message_id, str) else None,
         parts[0],
         status if isinstance(status, str) else None,
         finish_reason if isinstance(finish_reason, str) else None,
+        end_turn if isinstance(end_turn, bool) else None,
+        model if isinstance(model, str) else None,
     )
+
+
+def _reasoning_of(message: Any) -> Optional[str]:
+    """The reasoning an assistant message holds (``thoughts`` content, or text on the
+    ``analysis`` channel), None if it is not reasoning."""
+    if not isinstance(message, dict):
+        return None
+    author, content = message.get("author"), message.get("content")
+    if not isinstance(author, dict) or author.get("role") != "assistant" or not isinstance(content, dict):
+        return None
+    if content.get("content_type") == "thoughts":
+        thoughts = content.get("thoughts")
+        if not isinstance(thoughts, list):
+            return None
+        texts = [_plain(t.get("content")) for t in thoughts if isinstance(t, dict)]
+        return "\n\n".join(t for t in texts if isinstance(t, str) and t)
+    if message.get("channel") == "analysis" and content.get("content_type", "text") == "text":
+        parts = content.get("parts")
+        if isinstance(parts, list) and parts and isinstance(_plain(parts[0]), str):
+            return str(_plain(parts[0]))
+    return None
 
 
 def _raise_for_event_error(payload: Dict[str, Any]) -> None:
