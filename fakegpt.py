@@ -64,15 +64,19 @@ __all__ = [
     "AsyncResult",
     "AuthenticationError",
     "ChatEvent",
+    "ChallengeError",
     "ChatStream",
     "ConnectError",
     "ConversationDecoder",
     "Data",
     "DEFAULT_MODEL",
     "DEFAULT_URL",
+    "PROFILES",
     "EndOfMessage",
     "FakeGpt",
     "FakeGptError",
+    "FinishReason",
+    "JsonConversation",
     "HTTPStatusError",
     "LimitExceeded",
     "Limits",
@@ -104,11 +108,16 @@ __all__ = [
 
 DEFAULT_URL = "https://chat-shared2.zhile.io"
 DEFAULT_MODEL = "text-davinci-002-render-sha"
+PROFILES = ("shared", "backend-api")
+"""``shared``: the shared-token site's login and ``/api/conversation``; ``backend-api``:
+a ChatGPT-web gateway's ``/backend-api/conversation`` with an access token."""
 # Names gpt4free passes for "whatever this provider's default model is".
 _DEFAULT_MODEL_ALIASES = frozenset({"", "gpt-3.5-turbo", DEFAULT_MODEL})
 
 Messages = List[Dict[str, str]]
-AsyncResult = AsyncGenerator[str, None]
+AsyncResult = AsyncGenerator[Union[str, Any], None]
+"""Text pieces (``str``); with ``return_conversation=True``, gpt4free's conversation and
+finish-reason objects after them."""
 
 _log = logging.getLogger("fakegpt")
 
@@ -196,6 +205,11 @@ class HTTPStatusError(FakeGptError):
         self.detail = detail
         self.code = code
         self.body = body
+
+
+class ChallengeError(HTTPStatusError):
+    """The upstream answered with a Cloudflare challenge page (a browser check) instead
+    of the API: a client without a browser cannot pass it."""
 
 
 class TokenExpiredError(HTTPStatusError):
@@ -1738,6 +1752,7 @@ def _detail_and_code(error: Any) -> Tuple[str, Optional[str]]:
 _READ_BUFFER_SIZE = 256 * 1024  # one per thread: each read lands in it, then in the parser
 _PAUSE_READING_AT = 1024 * 1024  # bytes in the parser not yet parsed: more pauses the socket
 _T = TypeVar("_T")
+_MAX_CONTINUATIONS = 5  # auto_continue: at most this many "continue" requests a reply
 
 
 class Timeouts(NamedTuple):
@@ -2297,6 +2312,15 @@ class _CookieResponse:
         return self._head
 
 
+class _Secret(str):
+    """A string never shown: its repr is a placeholder."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "'***'"
+
+
 class _Options(NamedTuple):
     endpoint: _Endpoint
     base_path: str
@@ -2309,6 +2333,10 @@ class _Options(NamedTuple):
     conversation_id: Optional[str]
     parent_message_id: Optional[str]
     history_and_training_disabled: bool
+    profile: str
+    access_token: Optional[_Secret]  # given by the caller: no login
+    account_id: Optional[str]
+    auto_continue: bool
 
 
 class _Client:
@@ -2434,6 +2462,11 @@ def _status_error(
     status = head.status
     message = f"{what}: HTTP {status}" + (f": {detail}" if detail else "")
     fields: Dict[str, Any] = {"status": status, "detail": detail, "code": code, "body": text_body}
+    if _is_challenge(head, body):
+        return ChallengeError(
+            f"{what}: the upstream answered with a Cloudflare challenge page (HTTP {status}), "
+            "a browser check that this client cannot pass", **fields,
+        )
     if status == 429:
         retry_after = _retry_after(head.get("retry-after"))
         if retry_after is not None:
@@ -2442,6 +2475,16 @@ def _status_error(
     if status in (401, 403) or code == "token_expired":
         return TokenExpiredError(message, **fields)
     return HTTPStatusError(message, **fields)
+
+
+_CHALLENGE_MARKERS = (b"_cf_chl_opt", b"challenge-platform", b"cf-please-wait", b"<title>Just a moment")
+
+
+def _is_challenge(head: Response, body: bytes) -> bool:
+    """Whether the answer is a Cloudflare challenge page."""
+    if (head.get("cf-mitigated") or "").strip().lower() == "challenge":
+        return True
+    return any(marker in body for marker in _CHALLENGE_MARKERS)
 
 
 _HTML_TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
@@ -2518,11 +2561,13 @@ def _choose_token_id(payload: Any) -> str:
 
 
 class _Session:
-    """What one upstream has given us: the cookies and the access token."""
+    """What one upstream has given us: the cookies and the access token; or, for a
+    token the caller gave (``access_token``), that token and no login."""
 
-    def __init__(self) -> None:
+    def __init__(self, access_token: Optional[str] = None) -> None:
         self.cookie_jar = http.cookiejar.CookieJar()
-        self.access_token: Optional[str] = None
+        self.access_token = access_token
+        self.given = access_token is not None
         self._login: Optional["asyncio.Task[str]"] = None
 
     def secrets(self) -> List[str]:
@@ -2545,7 +2590,7 @@ class _Session:
 
     def invalidate(self, token: str) -> None:
         """Forget `token` and the cookies, unless a newer login replaced them already."""
-        if self.access_token == token:
+        if self.access_token == token and not self.given:
             self.access_token = None
             self.cookie_jar.clear()
 
@@ -2644,9 +2689,26 @@ def _options(
     limits = kwargs.get("limits") or Limits()
     if not isinstance(limits, Limits):
         raise UsageError("limits must be a fakegpt.Limits")
-    for name in ("conversation_id", "parent_message_id"):
+    continued = _conversation_keyword(kwargs.get("conversation"))
+    for name in ("conversation_id", "parent_message_id", "chatgpt_account_id"):
         if kwargs.get(name) is not None and not isinstance(kwargs[name], str):
             raise UsageError(f"{name} must be a string")
+    profile = kwargs.get("profile", "shared")
+    if profile not in PROFILES:
+        raise UsageError(f"profile must be one of {', '.join(map(repr, PROFILES))}, not {profile!r}")
+    token = kwargs.get("access_token")
+    if token is None:
+        token = os.environ.get("FAKEGPT_ACCESS_TOKEN") or None
+    if token is not None and not (isinstance(token, str) and _TOKEN_TEXT.fullmatch(token)):
+        raise UsageError("access_token must be a non-empty string of printable ASCII without spaces")
+    if profile == "backend-api" and token is None:
+        raise UsageError(
+            "the backend-api profile needs an access token: pass access_token=..., or set "
+            "FAKEGPT_ACCESS_TOKEN (command line: --access-token-file FILE)"
+        )
+    account_id = kwargs.get("chatgpt_account_id")
+    if account_id is not None and not _TOKEN_TEXT.fullmatch(account_id):
+        raise UsageError("chatgpt_account_id must be printable ASCII without spaces")
     return _Options(
         endpoint=endpoint,
         base_path=base_path,
@@ -2656,10 +2718,32 @@ def _options(
         timeouts=Timeouts.coerce(kwargs.get("timeout")),
         limits=limits,
         ssl_context=context,
-        conversation_id=kwargs.get("conversation_id"),
-        parent_message_id=kwargs.get("parent_message_id"),
+        conversation_id=kwargs.get("conversation_id") or continued[0],
+        parent_message_id=kwargs.get("parent_message_id") or continued[1],
         history_and_training_disabled=bool(kwargs.get("history_and_training_disabled", True)),
+        profile=profile,
+        access_token=None if token is None else _Secret(token),
+        account_id=account_id,
+        auto_continue=bool(kwargs.get("auto_continue", False)),
     )
+
+
+_TOKEN_TEXT = re.compile(r"[\x21-\x7e]+")
+
+
+def _conversation_keyword(conversation: Any) -> Tuple[Optional[str], Optional[str]]:
+    """(conversation id, parent message id) from gpt4free's ``conversation=``: the
+    `JsonConversation` a reply returned, or its dict."""
+    if conversation is None:
+        return None, None
+    data = conversation if isinstance(conversation, dict) else getattr(conversation, "__dict__", None)
+    if not isinstance(data, dict):
+        raise UsageError("conversation must be the JsonConversation a reply returned, or its dict")
+    conversation_id = data.get("conversation_id")
+    parent = data.get("parent_message_id") or data.get("message_id")
+    if not isinstance(conversation_id, str) or not isinstance(parent, str):
+        raise UsageError("conversation must carry a conversation_id and a message_id (strings)")
+    return conversation_id, parent
 
 
 class ChatStream:
@@ -2704,7 +2788,24 @@ class ChatStream:
 
     @property
     def finish_reason(self) -> Optional[str]:
+        """``finish_details.type`` ("stop", "max_tokens"), or "stop" when the reply
+        finished without one."""
         return self._decoder.finish_reason
+
+    @property
+    def title(self) -> Optional[str]:
+        """The conversation's title, once the upstream has generated one (the last wins)."""
+        return self._decoder.title
+
+    @property
+    def model(self) -> Optional[str]:
+        """The model that answers, where the stream names it."""
+        return self._decoder.model
+
+    @property
+    def reasoning(self) -> str:
+        """The model's reasoning delivered so far (never part of ``text``)."""
+        return self._decoder.reasoning
 
     def __aiter__(self) -> "ChatStream":
         return self
@@ -2751,18 +2852,39 @@ class ChatStream:
         await self.aclose()
 
     async def _run(self, *, text_only: bool) -> AsyncGenerator[List[Any], None]:
+        options = self._options
+        client = _Client(options)
+        if options.access_token is not None:
+            session = _Session(options.access_token)
+        else:
+            session = self._sessions.setdefault(client.base_url, _Session())
+        continues: Optional[ConversationDecoder] = None
+        for _ in range(1 + (_MAX_CONTINUATIONS if options.auto_continue else 0)):
+            async for batch in self._round(client, session, text_only, continues):
+                yield batch
+            decoder = self._decoder
+            if decoder.finish_reason != "max_tokens" or not (decoder.conversation_id and decoder.message_id):
+                return
+            _log.info("the reply stopped at max_tokens: asking the upstream to continue it")
+            continues = decoder
+
+    async def _round(
+        self, client: _Client, session: _Session, text_only: bool,
+        continues: Optional[ConversationDecoder],
+    ) -> AsyncGenerator[List[Any], None]:
+        """One request and its reply; a token refused before any text means one more
+        login (for a shared-token session) and one more try."""
         provider = self._provider
-        client = _Client(self._options)
-        session = self._sessions.setdefault(client.base_url, _Session())
         for attempt in (1, 2):
             token = await session.token(client)
-            provider._access_token, provider._cookie_jar = token, session.cookie_jar
+            if not session.given:
+                provider._access_token, provider._cookie_jar = token, session.cookie_jar
             try:
-                async for batch in self._converse(client, session, token, text_only):
+                async for batch in self._converse(client, session, token, text_only, continues):
                     yield batch
                 return
             except TokenExpiredError:
-                if self._decoder.has_text or attempt == 2:
+                if session.given or self._decoder.has_text or attempt == 2:
                     raise
                 _log.debug("the access token was refused: logging in again")
                 session.invalidate(token)
@@ -2770,22 +2892,24 @@ class ChatStream:
                     provider._access_token = None
 
     async def _converse(
-        self, client: _Client, session: _Session, token: str, text_only: bool
+        self, client: _Client, session: _Session, token: str, text_only: bool,
+        continues: Optional[ConversationDecoder],
     ) -> AsyncGenerator[List[Any], None]:
         options = self._options
-        body = json.dumps(_conversation_body(self.prompt, options)).encode("ascii")
-        response = await client.request(
-            "POST", "/api/conversation", body=body, cookie_jar=session.cookie_jar,
-            headers=[
-                ("Content-Type", "application/json"),
-                ("Accept", "text/event-stream"),
-                ("Accept-Encoding", "identity"),
-                ("X-Authorization", f"Bearer {token}"),
-            ],
-        )
+        path = "/backend-api/conversation" if options.profile == "backend-api" else "/api/conversation"
+        body = json.dumps(_conversation_body(self.prompt, options, continues)).encode("ascii")
+        headers = [
+            ("Content-Type", "application/json"),
+            ("Accept", "text/event-stream"),
+            ("Accept-Encoding", "identity"),
+            ("Authorization" if options.profile == "backend-api" else "X-Authorization", f"Bearer {token}"),
+        ]
+        if options.account_id:
+            headers.append(("ChatGPT-Account-ID", options.account_id))
+        response = await client.request("POST", path, body=body, cookie_jar=session.cookie_jar, headers=headers)
         try:
-            await self._expect_event_stream(response, session)
-            decoder = self._decoder = ConversationDecoder()
+            await self._expect_event_stream(response, session, f"POST {path}")
+            decoder = self._decoder = ConversationDecoder(continues=continues)
             reply = _ReplyDecoder(decoder, options.limits, text_only=text_only)
             async for chunk in response.chunks():
                 batch: List[Any] = []
@@ -2806,28 +2930,28 @@ class ChatStream:
         finally:
             response.close()
             client.clock.stop()
-        if not decoder.done:
+        if not decoder.complete:
             raise self._cut("the stream ended before [DONE]")
         if not decoder.has_text:
             raise NoResponseError("No valid response: the reply finished without any text")
 
-    async def _expect_event_stream(self, response: _HTTPResponse, session: _Session) -> None:
+    async def _expect_event_stream(self, response: _HTTPResponse, session: _Session, what: str) -> None:
         head = response.head
         content_type = (head.get("content-type") or "").split(";")[0].strip().lower()
         if head.status < 300 and content_type == "text/event-stream":
             return
         raw = await response.read(self._options.limits.max_error_body_size)
         redact = session.secrets()
-        if head.status >= 300:
-            raise _status_error(head, raw, what="POST /api/conversation", redact=redact)
+        if head.status >= 300 or _is_challenge(head, raw):
+            raise _status_error(head, raw, what=what, redact=redact)
         try:
             payload = json.loads(raw.decode("utf-8", "replace"))
-        except ValueError:
+        except (ValueError, RecursionError):
             payload = None
         if isinstance(payload, dict):
             _raise_for_event_error(payload)
         raise ProtocolError(
-            "POST /api/conversation: expected an event stream, got "
+            f"{what}: expected an event stream, got "
             f"{content_type or 'no Content-Type'}: {_excerpt(raw)!r}"
         )
 
@@ -2849,7 +2973,28 @@ def _uuid4() -> str:
     return f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"
 
 
-def _conversation_body(prompt: str, options: _Options) -> Dict[str, Any]:
+def _conversation_body(
+    prompt: str, options: _Options, continues: Optional[ConversationDecoder] = None
+) -> Dict[str, Any]:
+    if continues is not None:
+        body: Dict[str, Any] = {
+            "action": "continue",
+            "conversation_id": continues.conversation_id,
+            "parent_message_id": continues.message_id,
+            "model": options.model,
+            "timezone_offset_min": -120,
+            "history_and_training_disabled": options.history_and_training_disabled,
+            "arkose_token": "",
+            "force_paragen": False,
+        }
+    else:
+        body = _new_turn_body(prompt, options)
+    if options.profile == "backend-api":
+        body["supported_encodings"] = ["v1"]  # the delta format; snapshots read as well
+    return body
+
+
+def _new_turn_body(prompt: str, options: _Options) -> Dict[str, Any]:
     body: Dict[str, Any] = {
         "action": "next",
         "messages": [
@@ -2933,15 +3078,26 @@ class FakeGpt:
     async def create_async_generator(
         cls, model: str, messages: Messages, proxy: Optional[str] = None, **kwargs: Any
     ) -> AsyncResult:
-        """The reply's text, piece by piece, as soon as each piece arrives."""
+        """The reply's text, piece by piece, as soon as each piece arrives. With
+        ``return_conversation=True``, then a ``JsonConversation`` (pass it back as
+        ``conversation=`` to continue) and a ``FinishReason``, gpt4free's own classes when
+        g4f is installed."""
         async with cls.stream(model, messages, proxy, **kwargs) as events:
             async for piece in events.texts():
                 yield piece
+            if kwargs.get("return_conversation"):
+                conversation_class, finish_class = _gpt4free_responses()
+                yield conversation_class(
+                    conversation_id=events.conversation_id, message_id=events.message_id,
+                    parent_message_id=events.message_id,
+                )
+                yield finish_class(events.finish_reason or "stop")
 
     @classmethod
     async def create_async(cls, model: str, messages: Messages, **kwargs: Any) -> str:
         """The whole reply as one string."""
-        return "".join([piece async for piece in cls.create_async_generator(model, messages, **kwargs)])
+        pieces = cls.create_async_generator(model, messages, **kwargs)
+        return "".join([piece async for piece in pieces if isinstance(piece, str)])
 
     @classmethod
     def create_completion(
@@ -2975,6 +3131,50 @@ class FakeGpt:
                 line += f" = {parameter.default!r}"
             lines.append(line)
         return f"fakegpt.{cls.__name__} supports: (\n" + ",\n".join(lines) + "\n)"
+
+
+class JsonConversation:
+    """A stand-in for gpt4free's ``JsonConversation`` where g4f is not installed: the
+    conversation to continue, as attributes (``get_dict()`` gives them)."""
+
+    def __init__(self, **fields: Any) -> None:
+        self.__dict__.update(fields)
+
+    def get_dict(self) -> Dict[str, Any]:
+        return dict(self.__dict__)
+
+    def __str__(self) -> str:
+        return ""
+
+    def __repr__(self) -> str:
+        return f"JsonConversation({self.__dict__!r})"
+
+
+class FinishReason:
+    """A stand-in for gpt4free's ``FinishReason`` where g4f is not installed."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def get_dict(self) -> Dict[str, Any]:
+        return {"reason": self.reason}
+
+    def __str__(self) -> str:
+        return ""
+
+    def __repr__(self) -> str:
+        return f"FinishReason({self.reason!r})"
+
+
+def _gpt4free_responses() -> Tuple[Callable[..., Any], Callable[[str], Any]]:
+    """gpt4free's JsonConversation and FinishReason if g4f is importable, else ours."""
+    import importlib  # here: only a return_conversation call needs it
+
+    try:
+        module = importlib.import_module("g4f.providers.response")
+        return module.JsonConversation, module.FinishReason
+    except (ImportError, AttributeError):
+        return JsonConversation, FinishReason
 
 
 def _iterate_sync(pieces: AsyncIterator[_T]) -> Iterator[_T]:
@@ -3052,20 +3252,29 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 _CLI_EPILOG = """\
 exit codes: 0 ok, 1 upstream or protocol error, 2 usage error, 130 interrupted.
-environment: FAKEGPT_URL (the upstream), HTTPS_PROXY, HTTP_PROXY, NO_PROXY.
+environment: FAKEGPT_URL (the upstream), FAKEGPT_ACCESS_TOKEN (an access token),
+HTTPS_PROXY, HTTP_PROXY, NO_PROXY.
 With no prompt on a terminal, fakegpt chats: Ctrl-D quits, Ctrl-C stops a reply."""
 
 
 def _cli_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fakegpt",
-        description="Stream a reply from a FakeGpt shared-token ChatGPT proxy.",
+        description="Stream a reply from a server of the ChatGPT web conversation protocol.",
         epilog=_CLI_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("prompt", nargs="?", help="the prompt; '-' or none reads standard input")
     parser.add_argument("--mock", action="store_true", help="talk to the bundled mock upstream")
     parser.add_argument("--url", help=f"the upstream (default: $FAKEGPT_URL or {DEFAULT_URL})")
+    parser.add_argument("--profile", choices=PROFILES, default="shared",
+                        help="shared: the shared-token site's login and /api/conversation; backend-api: "
+                        "a ChatGPT-web gateway's /backend-api/conversation (default: %(default)s)")
+    parser.add_argument("--access-token-file", metavar="FILE",
+                        help="read the access token from FILE (never pass a token as an argument: "
+                        "other users can read process lists); default: $FAKEGPT_ACCESS_TOKEN")
+    parser.add_argument("--conversation-id", help="continue this conversation")
+    parser.add_argument("--parent-message-id", help="the message to answer (with --conversation-id)")
     parser.add_argument("--proxy", help="an http://[user:password@]host:port proxy")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="the upstream model (default: %(default)s)")
     parser.add_argument("--timeout", type=float, help="give up after this many seconds")
@@ -3090,9 +3299,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if reconfigure is not None:
             reconfigure(errors="replace")
     try:
+        token = _read_token_file(args.access_token_file) if args.access_token_file else None
+    except UsageError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    try:
         if args.mock:
-            return _with_mock(args)
-        return _run(args, args.url or os.environ.get("FAKEGPT_URL") or DEFAULT_URL, trust_env=True)
+            return _with_mock(args, token)
+        return _run(args, args.url or os.environ.get("FAKEGPT_URL") or DEFAULT_URL, token, trust_env=True)
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -3101,18 +3314,41 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_ERROR
 
 
-def _with_mock(args: argparse.Namespace) -> int:
+def _read_token_file(path: str) -> str:
+    try:
+        with open(path, "rb") as file:
+            data = file.read(64 * 1024)
+    except OSError as exc:
+        raise UsageError(f"cannot read the access token file {path}: {exc.strerror or exc}") from None
+    token = data.decode("utf-8", "replace").strip()
+    if not token:
+        raise UsageError(f"the access token file {path} is empty")
+    return token
+
+
+def _with_mock(args: argparse.Namespace, token: Optional[str]) -> int:
     try:
         import mock_server
     except ImportError:
         return _fail("--mock needs mock_server.py beside fakegpt.py", EXIT_USAGE)
+    token = token or os.environ.get("FAKEGPT_ACCESS_TOKEN") or None
+    if token is not None and _TOKEN_TEXT.fullmatch(token) is None:
+        return _fail("the access token must be printable ASCII without spaces", EXIT_USAGE)
     # A little time between events, as a model takes, so that the demo visibly streams.
-    with mock_server.serve_in_thread(delay=0.01) as server:
-        return _run(args, server.url, trust_env=False)
+    with mock_server.serve_in_thread(delay=0.01, profile=args.profile, access_token=token) as server:
+        given = server.access_token if args.profile == "backend-api" else token
+        return _run(args, server.url, given, trust_env=False)
 
 
-def _run(args: argparse.Namespace, url: str, *, trust_env: bool) -> int:
-    options: Dict[str, Any] = {"url": url, "trust_env": trust_env}
+def _run(args: argparse.Namespace, url: str, token: Optional[str], *, trust_env: bool) -> int:
+    options: Dict[str, Any] = {"url": url, "trust_env": trust_env, "profile": args.profile,
+                               "auto_continue": True}
+    if token is not None:
+        options["access_token"] = token
+    if args.conversation_id:
+        options["conversation_id"] = args.conversation_id
+    if args.parent_message_id:
+        options["parent_message_id"] = args.parent_message_id
     if args.timeout is not None:
         options["timeout"] = args.timeout
     if args.proxy:
