@@ -833,9 +833,8 @@ class MockServer:
                 yield _Event((head, b"REWRITTEN ", view[:end], tail), assistant=True)
                 continue
             yield _Event((head, view[:end], tail), assistant=True)
-        if escaped:
-            head, tail = assistant("finished_successfully", True)
-            yield _Event((head, view, tail), assistant=True)
+        head, tail = assistant("finished_successfully", True)  # even with no text, as the upstream does
+        yield _Event((head, view, tail), assistant=True)
         yield _Event((dump({"conversation_id": conversation_id, "message_id": turn.message_id, "is_completion": True,
                             "moderation_response": {"flagged": False, "blocked": False,
                                                     "moderation_id": "modr-" + turn.message_id[:8]}}),))

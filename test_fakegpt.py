@@ -9,6 +9,7 @@ import ast
 import asyncio
 import base64
 import contextlib
+import copy
 import dataclasses
 import gc
 import http.client
@@ -898,6 +899,384 @@ def test_reply_decoder_raises_in_the_call_that_meets_the_error() -> None:
     with pytest.raises(fakegpt.LimitExceeded):
         reply.feed(chunk, events)
     assert [e.delta for e in events] == ["Hi"]
+
+
+def feed_records(records: Sequence[Tuple[Optional[str], Any]], decoder: Optional[ConversationDecoder] = None) -> Tuple[List[ChatEvent], ConversationDecoder]:
+    """Feed (event type, JSON value or raw bytes) records; the events and the decoder."""
+    decoder = decoder or ConversationDecoder()
+    events = []
+    for kind, value in records:
+        raw = value if isinstance(value, bytes) else json.dumps(value).encode()
+        event = decoder.feed(E(event=kind or "message", raw=raw))
+        if event is not None:
+            events.append(event)
+    return events, decoder
+
+
+def message_root(message_id: str, *, role: str = "assistant", text: Any = "", recipient: str = "all",
+                 channel: Optional[str] = None, content_type: str = "text", metadata: Optional[Dict[str, Any]] = None,
+                 status: str = "in_progress", end_turn: Optional[bool] = None) -> Dict[str, Any]:
+    content: Dict[str, Any] = {"content_type": content_type}
+    if content_type == "thoughts":
+        content["thoughts"] = text
+    else:
+        content["parts"] = [text]
+    return {"message": {"id": message_id, "author": {"role": role}, "content": content, "status": status,
+                        "end_turn": end_turn, "recipient": recipient, "channel": channel, "metadata": metadata or {}},
+            "conversation_id": "c1", "error": None}
+
+
+def delta(record: Dict[str, Any]) -> Tuple[str, Dict[str, Any]]:
+    return ("delta", record)
+
+
+PARTS = "/message/content/parts/0"
+
+
+def test_delta_format_carries_c_p_and_o_forward_and_applies_every_op() -> None:
+    records = [
+        ("delta_encoding", b'"v1"'),
+        delta({"p": "", "o": "add", "v": message_root("m1"), "c": 0}),
+        delta({"p": PARTS, "o": "append", "v": "This"}),
+        delta({"v": " statement"}),  # same document, path and op
+        (None, b": not an event, a comment line would never get here"[:0] or b'{"type": "message_marker"}'),
+        delta({"o": "patch", "v": [{"p": PARTS, "o": "append", "v": " is"}, {"p": "/message/metadata", "o": "append", "v": {"a": 1}}]}),
+        delta({"v": [{"p": PARTS, "o": "append", "v": " made"}, {"p": "/message/metadata/b", "o": "add", "v": [1]}]}),  # a bare batch
+        delta({"p": "/message/metadata/b", "o": "append", "v": [2, 3]}),
+        delta({"p": "/message/metadata/b", "o": "truncate", "v": 2}),
+        delta({"p": "/message/metadata/a", "o": "remove"}),
+        delta({"p": "/message/metadata/b/0", "o": "replace", "v": 9}),
+        delta({"p": "", "o": "patch", "v": [{"p": PARTS, "o": "append", "v": " of ops."},
+                                           {"p": "", "o": "patch", "v": [{"p": "/message/status", "o": "replace", "v": "finished_successfully"}]},
+                                           {"p": "/message/end_turn", "o": "replace", "v": True}]}),
+    ]
+    events, decoder = feed_records(records)
+    assert "".join(e.delta for e in events) == "This statement is made of ops."
+    assert decoder.status == "finished_successfully" and decoder.complete and not decoder.done
+    assert decoder.finish_reason == "stop"  # finished, no finish_details: "stop"
+
+
+def test_delta_documents_interleave_and_c_switches_back() -> None:
+    records = [
+        delta({"p": "", "o": "add", "v": message_root("m1"), "c": 0}),
+        delta({"p": PARTS, "o": "append", "v": "Hel"}),
+        delta({"p": "", "o": "add", "v": message_root("t1", content_type="thoughts", text=[]), "c": 1}),
+        delta({"p": "/message/content/thoughts", "o": "append", "v": [{"summary": "s", "content": "Think"}]}),
+        delta({"p": "/message/content/thoughts/0/content", "o": "append", "v": "ing."}),
+        delta({"p": PARTS, "o": "append", "v": "lo", "c": 0}),  # back to the reply
+        delta({"v": "!"}),  # and "c" carries forward too
+    ]
+    events, decoder = feed_records(records)
+    assert "".join(e.delta for e in events) == "Hello!"
+    assert decoder.reasoning == "Thinking." and "".join(e.reasoning for e in events) == "Thinking."
+
+
+@pytest.mark.parametrize("hidden, why", [
+    (message_root("h", channel="commentary"), "commentary, even addressed to all"),
+    (message_root("h", channel="analysis"), "the analysis channel is reasoning"),
+    (message_root("h", metadata={"is_thinking_preamble_message": True}), "a thinking preamble"),
+    (message_root("h", recipient="web.run"), "addressed to a tool"),
+    (message_root("h", role="tool"), "a tool's answer"),
+    (message_root("h", role="user"), "the user's echo"),
+    (message_root("h", content_type="code"), "code"),
+    (message_root("h", content_type="execution_output"), "a tool's output"),
+    (message_root("h", content_type="reasoning_recap"), "a reasoning recap"),
+])
+@pytest.mark.parametrize("form", ["snapshots", "deltas"])
+def test_only_visible_text_is_text(hidden: Dict[str, Any], why: str, form: str) -> None:
+    visible = message_root("m1", channel="final")
+    if form == "snapshots":
+        hidden["message"]["content"].setdefault("parts", ["secret words"])[0:1] = ["secret words"]
+        records: List[Tuple[Optional[str], Any]] = [(None, hidden)]
+        visible["message"]["content"]["parts"] = ["Hi"]
+        records.append((None, visible))
+    else:
+        records = [delta({"p": "", "o": "add", "v": hidden, "c": 1}),
+                   delta({"p": "/message/content/parts/0" if "parts" in hidden["message"]["content"] else "/message/content/thoughts",
+                          "o": "append", "v": "secret words" if "parts" in hidden["message"]["content"] else [{"content": "secret words"}]}),
+                   delta({"p": "", "o": "add", "v": visible, "c": 2}), delta({"p": PARTS, "o": "append", "v": "Hi"})]
+    events, decoder = feed_records(records)
+    assert "".join(e.delta for e in events) == "Hi" and decoder.text == "Hi", why
+    assert "secret" not in decoder.text
+
+
+@pytest.mark.parametrize("form", ["snapshots", "deltas"])
+def test_notices_give_title_and_model_and_the_last_title_wins(form: str) -> None:
+    reply = message_root("m1", text="Hi", metadata={"model_slug": "gpt-4o"})
+    records: List[Tuple[Optional[str], Any]] = [
+        (None, {"type": "title_generation", "title": "First", "conversation_id": "c1"}),
+        (None, {"type": "server_ste_metadata", "metadata": {"model_slug": "gpt-4o-mini"}, "conversation_id": "c1"}),
+        (None, reply) if form == "snapshots" else delta({"p": "", "o": "add", "v": reply, "c": 0}),
+        (None, {"type": "title_generation", "title": "Second", "conversation_id": "c1"}),
+        (None, {"type": "message_stream_complete", "conversation_id": "c1"}),
+        (None, {"type": "conversation_detail_metadata", "model_limits": [], "conversation_id": "c1"}),
+        (None, {"type": "resume_conversation_token", "token": "t", "conversation_id": "c1"}),
+        (None, {"type": "input_message", "input_message": {"content": {"parts": ["Hi?"]}}, "conversation_id": "c1"}),
+    ]
+    events, decoder = feed_records(records)
+    assert (decoder.title, decoder.model, decoder.text, decoder.conversation_id) == ("Second", "gpt-4o", "Hi", "c1")
+
+
+@pytest.mark.parametrize("records, complete", [
+    ([delta({"p": "", "o": "add", "v": message_root("m1", text="Hi", status="finished_successfully", end_turn=True)})], True),
+    ([delta({"p": "", "o": "add", "v": message_root("m1", text="Hi", status="finished_successfully", end_turn=False)})], False),
+    ([delta({"p": "", "o": "add", "v": message_root("m1", text="Hi", status="in_progress", end_turn=True)})], False),
+    ([delta({"p": "", "o": "add", "v": message_root("m1", text="Hi")}),  # a hidden message's end ends nothing
+      delta({"p": "", "o": "add", "c": 1, "v": message_root("t", recipient="web.run", status="finished_successfully", end_turn=True)})], False),
+    ([(None, message_root("m1", text="Hi", status="finished_successfully", end_turn=True))], True),
+    ([(None, message_root("m1", text="Hi")), (None, b"[DONE]")], True),
+])
+def test_a_reply_is_complete_at_done_or_when_the_visible_message_finished_its_turn(records: List[Tuple[Optional[str], Any]], complete: bool) -> None:
+    assert feed_records(records)[1].complete is complete
+
+
+def test_finish_reason_comes_from_finish_details_in_both_formats() -> None:
+    finished = message_root("m1", text="Hi", status="finished_successfully", end_turn=True,
+                            metadata={"finish_details": {"type": "max_tokens"}})
+    assert feed_records([(None, finished)])[1].finish_reason == "max_tokens"
+    records = [delta({"p": "", "o": "add", "v": message_root("m1", text="Hi")}),
+               delta({"p": "/message/metadata", "o": "append", "v": {"finish_details": {"type": "max_tokens"}}})]
+    assert feed_records(records)[1].finish_reason == "max_tokens"
+
+
+@pytest.mark.parametrize("op", [
+    {"p": PARTS, "o": "truncate", "v": 2},
+    {"p": PARTS, "o": "replace", "v": "Hallo there"},
+    {"p": "", "o": "add", "v": message_root("m1", text="Bye")},
+    {"p": "/message/content/parts", "o": "replace", "v": ["Hel"]},
+])
+def test_a_delta_that_would_change_delivered_text_raises(op: Dict[str, Any]) -> None:
+    records = [delta({"p": "", "o": "add", "v": message_root("m1")}), delta({"p": PARTS, "o": "append", "v": "Hello"})]
+    events, decoder = feed_records(records)
+    with pytest.raises(fakegpt.ProtocolError, match="rewrote text already delivered"):
+        feed_records([delta(op)], decoder)
+    assert decoder.text == "Hello"
+
+
+def test_ops_on_hidden_documents_may_rewrite_anything() -> None:
+    records = [delta({"p": "", "o": "add", "v": message_root("m1"), "c": 0}), delta({"p": PARTS, "o": "append", "v": "Hello"}),
+               delta({"p": "", "o": "add", "v": message_root("h", channel="commentary", text="Let me see"), "c": 1}),
+               delta({"p": PARTS, "o": "truncate", "v": 3}), delta({"p": PARTS, "o": "replace", "v": "Other"}),
+               delta({"p": "", "o": "add", "v": message_root("h2", recipient="python"), "c": 1})]
+    assert feed_records(records)[1].text == "Hello"
+
+
+@pytest.mark.parametrize("records, error, words", [
+    ([delta({"p": "", "o": "add", "v": {"message": None, "conversation_id": "c1", "error": "Something went wrong."}})],
+     fakegpt.UpstreamError, "Something went wrong."),
+    ([(None, {"type": "stream_handoff", "conversation_id": "c1", "options": []})], fakegpt.ProtocolError, "websocket"),
+    ([delta({"v": "text with no path to go to"})], fakegpt.ProtocolError, "without a path or an op"),
+    ([delta({"p": PARTS, "o": "append", "v": "x", "c": 3})], fakegpt.ProtocolError, "before it was added"),
+    ([delta({"p": "", "o": "add", "v": message_root("m1")}), delta({"p": "/message/nowhere/deep", "o": "append", "v": "x"})],
+     fakegpt.ProtocolError, "leads nowhere"),
+    ([delta({"p": "", "o": "add", "v": message_root("m1")}), delta({"p": PARTS, "o": "append", "v": 5})],
+     fakegpt.ProtocolError, "append of int to str"),
+    ([delta({"p": "", "o": "add", "v": message_root("m1")}), delta({"p": PARTS, "o": "explode", "v": 5})],
+     fakegpt.ProtocolError, "unknown delta op"),
+    ([("delta", b'{"p": "", "o": "patch", "v": ' + b"[" * 100000 + b"]" * 100000 + b"}")], fakegpt.ProtocolError, "not JSON"),
+])
+def test_delta_errors_are_clear(records: List[Tuple[Optional[str], Any]], error: type, words: str) -> None:
+    with pytest.raises(error, match=re.escape(words)):
+        feed_records(records)
+
+
+def test_a_second_visible_message_of_the_delta_format_continues_after_a_blank_line() -> None:
+    records = [delta({"p": "", "o": "add", "v": message_root("m1", text="First."), "c": 0}),
+               delta({"p": "", "o": "add", "v": message_root("t", recipient="web.run"), "c": 1}),
+               delta({"p": "", "o": "add", "v": message_root("m2", text="Second."), "c": 2})]
+    events, decoder = feed_records(records)
+    assert decoder.text == "First.\n\nSecond." and decoder.message_id == "m2"
+
+
+def test_a_continued_reply_goes_on_without_a_seam_in_both_formats() -> None:
+    first, _ = feed_records([(None, message_root("m1", text="Hello wor"))])
+    decoder = first[-1]  # the ChatEvent; the decoder itself comes next
+    _, decoder1 = feed_records([(None, message_root("m1", text="Hello wor", status="finished_successfully", end_turn=True,
+                                                     metadata={"finish_details": {"type": "max_tokens"}}))])
+    assert decoder1.finish_reason == "max_tokens" and decoder.text == "Hello wor"
+    snapshots, after = feed_records([(None, message_root("m1", text="Hello world."))], ConversationDecoder(continues=decoder1))
+    assert "".join(e.delta for e in snapshots) == "ld." and after.text == "Hello world."
+    deltas, after = feed_records([delta({"p": "", "o": "add", "v": message_root("m1", text="Hello wor")}),
+                                  delta({"p": PARTS, "o": "append", "v": "ld."})], ConversationDecoder(continues=decoder1))
+    assert "".join(e.delta for e in deltas) == "ld." and after.text == "Hello world."
+
+
+def test_kept_events_share_one_copy_of_the_text() -> None:
+    # Events kept while the text is asked for along the way must not each pin a copy.
+    text = "я" * 12000  # two bytes a character in memory
+    datas = [assistant_event(text[: i + 1]) for i in range(0, 12000, 40)]
+    decoder = ConversationDecoder(fast_path=False)  # every event decoded in full
+    tracemalloc.start()
+    try:
+        kept = []
+        for data in datas:
+            kept.append(decoder.feed(E(raw=data)))
+            decoder.text  # noqa: B018 - asked for, as a caller would
+        current, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert current < 1024 * 1024  # a copy per event would be 300 x 12 KB on average
+    assert kept[5] is not None and kept[5].text == text[:201] and kept[-1] is not None and kept[-1].text == text[:11961]
+
+
+def reference_documents(records: Sequence[Dict[str, Any]]) -> Dict[Any, Any]:
+    """The delta format applied plainly, written apart from fakegpt: every document."""
+    documents: Dict[Any, Any] = {}
+    carried: Dict[str, Any] = {"c": 0, "p": None, "o": None}
+
+    def apply(document: Any, path: str, op: str, value: Any) -> None:
+        if op == "patch":
+            for inner in value:
+                apply(document, inner["p"], inner["o"], inner.get("v"))
+            return
+        if path == "":
+            documents[document] = copy.deepcopy(value)
+            return
+        *route, last = path.split("/")[1:]
+        node = documents[document]
+        for key in route:
+            node = node[int(key)] if isinstance(node, list) else node[key]
+        where: Any = int(last) if isinstance(node, list) else last
+        if op == "add" and isinstance(node, list):
+            node.insert(where, copy.deepcopy(value))
+        elif op in ("add", "replace") or (op == "append" and isinstance(node, dict) and where not in node):
+            node[where] = copy.deepcopy(value)
+        elif op == "append":
+            old = node[where]
+            if isinstance(old, str):
+                node[where] = old + value
+            elif isinstance(old, list):
+                node[where] = old + (value if isinstance(value, list) else [value])
+            else:
+                node[where] = {**old, **value}
+        elif op == "truncate":
+            node[where] = node[where][:value]
+        elif op == "remove":
+            if isinstance(node, list):
+                del node[where]
+            else:
+                node.pop(where, None)  # removing what is not there changes nothing
+
+    for record in records:
+        document = record.get("c", carried["c"])
+        value = record.get("v")
+        if "p" not in record and "o" not in record and isinstance(value, dict) and "message" in value:
+            carried = {"c": document, "p": "", "o": "add"}
+            apply(document, "", "add", value)
+        elif "o" not in record and isinstance(value, list) and value and all(isinstance(op, dict) and {"p", "o"} <= op.keys() for op in value):
+            carried["c"] = document
+            apply(document, "", "patch", value)
+        else:
+            carried = {"c": document, "p": record.get("p", carried["p"]), "o": record.get("o", carried["o"])}
+            apply(document, carried["p"], carried["o"], value)
+    return documents
+
+
+op_step = st.one_of(
+    st.tuples(st.just("text"), st.text(max_size=4)),
+    st.tuples(st.just("commentary"), st.text(max_size=4)),
+    st.tuples(st.just("thought"), st.text(max_size=4)),
+    st.tuples(st.just("meta"), st.sampled_from([0, 1, 2]), st.sampled_from(["k", "j"]), st.integers(0, 9)),
+    st.tuples(st.just("unmeta"), st.sampled_from([0, 1, 2]), st.sampled_from(["k", "j"])),
+    st.tuples(st.just("truncate"), st.integers(0, 6)),
+    st.tuples(st.just("status"), st.sampled_from(["in_progress", "finished_successfully"]), st.booleans()),
+)
+
+
+@PROPERTY
+@given(st.lists(st.tuples(op_step, st.sampled_from(["plain", "patch", "batch", "nested"]), st.booleans()), max_size=25),
+       st.permutations([0, 1, 2]), st.lists(st.integers(0, 400), max_size=6))
+def test_property_delta_decoder_agrees_with_a_plain_reference_applier(steps: List[Tuple[Any, str, bool]], order: List[int], cuts: List[int]) -> None:
+    roots = {0: message_root("m1", metadata={"k": 0}), 1: message_root("h1", channel="commentary", metadata={"k": 0}),
+             2: message_root("t1", content_type="thoughts", text=[{"summary": "s", "content": ""}], metadata={"k": 0})}
+    records: List[Dict[str, Any]] = [{"p": "", "o": "add", "v": roots[c], "c": c} if c else {"v": roots[c], "c": c} for c in order]
+    cursor: Dict[str, Any] = {"c": order[-1], "p": "", "o": "add"}
+    carried_c = order[-1]
+    for step, form, terse in steps:
+        kind = step[0]
+        if kind == "text":
+            document, op = 0, {"p": PARTS, "o": "append", "v": step[1]}
+        elif kind == "commentary":
+            document, op = 1, {"p": PARTS, "o": "append", "v": step[1]}
+        elif kind == "thought":
+            document, op = 2, {"p": "/message/content/thoughts/0/content", "o": "append", "v": step[1]}
+        elif kind == "meta":
+            document, op = step[1], {"p": f"/message/metadata/{step[2]}", "o": "add", "v": step[3]}
+        elif kind == "unmeta":
+            document, op = step[1], {"p": f"/message/metadata/{step[2]}", "o": "remove"}
+        elif kind == "truncate":  # only ever the hidden commentary
+            document, op = 1, {"p": PARTS, "o": "truncate", "v": step[1]}
+        else:
+            document, op = 0, {"p": "", "o": "patch", "v": [{"p": "/message/status", "o": "replace", "v": step[1]},
+                                                          {"p": "/message/end_turn", "o": "replace", "v": step[2]}]}
+        if form == "plain" or op["o"] == "patch":
+            record = dict(op)
+            if terse and cursor["c"] == document and cursor["p"] == op["p"] and cursor["o"] == op["o"]:
+                record = {"v": op["v"]} if "v" in op else record  # both carried forward
+            if op["o"] != "patch":
+                cursor = {"c": document, "p": op["p"], "o": op["o"]}
+            else:
+                cursor = {"c": document, "p": "", "o": "patch"}
+        elif form == "patch":
+            record = {"o": "patch", "v": [op]}  # no path: it carries forward, unused
+            cursor = {"c": document, "p": cursor["p"], "o": "patch"}
+        elif form == "batch":
+            record = {"v": [op]}
+            cursor["c"] = document
+        else:
+            record = {"p": "", "o": "patch", "v": [{"p": "", "o": "patch", "v": [op]}]}
+            cursor = {"c": document, "p": "", "o": "patch"}
+        if not (terse and document == carried_c):
+            record["c"] = document
+        carried_c = document
+        records.append(record)
+    body = b"".join(b"event: delta\ndata: " + json.dumps(r).encode() + b"\n\n" for r in records) + b"data: [DONE]\n\n"
+    conversation, events = ConversationDecoder(), []
+    reply = fakegpt._ReplyDecoder(conversation, Limits())
+    for chunk in split_at(body, cuts):
+        reply.feed(chunk, events)
+    documents = reference_documents(records)
+    visible = documents[0]["message"]
+    assert conversation.text == visible["content"]["parts"][0] == "".join(e.delta for e in events)
+    assert conversation.reasoning == documents[2]["message"]["content"]["thoughts"][0]["content"]
+    assert (conversation.status, conversation.end_turn) == (visible["status"], visible["end_turn"])
+
+
+def mock_stream(fmt: str, text: str, *, step: int, seed: int, finish: str = "stop") -> bytes:
+    """The raw HTTP response of one conversation with a mock of `fmt`, read by a plain socket."""
+    async def run() -> bytes:
+        async with mock_server.MockServer(profile="backend-api", stream_format=fmt, reply=text, step=step,
+                                          seed=seed, finish=finish) as server:
+            reader, writer = await asyncio.open_connection(server.host, server.port)
+            body = json.dumps({"action": "next", "messages": [{"id": "u1", "content": {"parts": ["Hi"]}}],
+                               "parent_message_id": "p", "model": "m"}).encode()
+            writer.write(b"POST /backend-api/conversation HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                         b"Authorization: Bearer " + server.access_token.encode() + b"\r\n"
+                         b"Content-Length: %d\r\n\r\n%b" % (len(body), body))
+            raw = await reader.read()
+            writer.close()
+            return raw
+    return asyncio.run(run())
+
+
+@settings(PROPERTY, max_examples=40)
+@given(st.text(max_size=40), st.integers(1, 7), st.integers(0, 2**16), st.sampled_from(["stop", "max_tokens"]),
+       st.lists(st.integers(0, 5000), max_size=8))
+def test_property_the_delta_format_gives_what_the_snapshots_give_for_any_reply_and_split(
+        text: str, step: int, seed: int, finish: str, cuts: List[int]) -> None:
+    outcomes = []
+    for fmt in ("snapshots", "v1"):
+        raw = mock_stream(fmt, text, step=step, seed=seed, finish=finish)
+        conversation, events = ConversationDecoder(), []
+        reply = fakegpt._ReplyDecoder(conversation, Limits())
+        for event in reader_events(split_at(raw, cuts)):
+            if isinstance(event, Data):
+                reply.feed(event.data, events)
+        outcomes.append(("".join(e.delta for e in events), conversation.title, conversation.finish_reason,
+                         conversation.complete, conversation.model))
+    assert outcomes[0] == outcomes[1]
+    assert outcomes[0][0] == text and outcomes[0][3]
+    assert outcomes[0][2] == finish
 
 
 # ---------------------------------------------------------------------------------------
