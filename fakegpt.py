@@ -3263,6 +3263,7 @@ def _cli_parser() -> argparse.ArgumentParser:
         description="Stream a reply from a server of the ChatGPT web conversation protocol.",
         epilog=_CLI_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # "--access-token X" must not pass for --access-token-file
     )
     parser.add_argument("prompt", nargs="?", help="the prompt; '-' or none reads standard input")
     parser.add_argument("--mock", action="store_true", help="talk to the bundled mock upstream")

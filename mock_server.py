@@ -350,9 +350,21 @@ class _Conversation:
 
     def __init__(self, conversation_id: str) -> None:
         self.id = conversation_id
-        self.parents: Dict[str, str] = {}  # message id -> its parent's id
-        self.prompts: List[str] = []
-        self.unfinished: Dict[str, Tuple[str, int]] = {}  # assistant id -> (reply, characters sent)
+        self.parents: Dict[str, str] = {}  # message id -> its parent's id: a tree, as upstream
+        self.prompts: Dict[str, str] = {}  # user message id -> its prompt
+        self.unfinished: Dict[str, Tuple[str, int, str]] = {}  # assistant id -> (reply, sent, prompt)
+
+    def history(self, parent: str) -> Tuple[int, Optional[str]]:
+        """How many user turns lead to `parent`, and the latest of their prompts."""
+        turns, latest, node = 0, None, parent
+        for _ in range(len(self.parents) + 1):  # ids are the client's: a cycle must end
+            if node in self.prompts:
+                turns += 1
+                latest = latest if latest is not None else self.prompts[node]
+            if node not in self.parents:
+                break
+            node = self.parents[node]
+        return turns, latest
 
 
 class _Turn(NamedTuple):
@@ -704,20 +716,21 @@ class MockServer:
         if body["action"] == "continue":
             if parent not in conversation.unfinished:
                 raise _BadRequest(400, "There is nothing to continue: that message finished.")
-            whole, sent = conversation.unfinished.pop(parent)
-            message_id, prompt = parent, conversation.prompts[-1]
+            whole, sent, prompt = conversation.unfinished.pop(parent)
+            message_id = parent
         else:
             user = body["messages"][0]
             prompt = _prompt_of(body)
-            whole = self._reply_text(prompt, conversation)
+            turns, earlier = conversation.history(parent)
+            whole = self._reply_text(prompt, turns + 1, earlier)
             sent, message_id = 0, str(uuid.UUID(int=self._random.getrandbits(128)))
             conversation.parents[str(user.get("id"))] = parent
             conversation.parents[message_id] = str(user.get("id"))
-            conversation.prompts.append(prompt)
+            conversation.prompts[str(user.get("id"))] = prompt
         end, finish = len(whole), options.finish
         if options.max_tokens and len(whole) - sent > options.max_tokens:
             end, finish = sent + options.max_tokens, "max_tokens"
-            conversation.unfinished[message_id] = (whole, end)
+            conversation.unfinished[message_id] = (whole, end, prompt)
         step = options.step
         in_prompt = _STEP_IN_PROMPT.search(prompt) if options.directives else None
         if in_prompt:
@@ -725,7 +738,7 @@ class MockServer:
         return _Turn(conversation.id, message_id, user, body.get("model") or "text-davinci-002-render-sha",
                      "" if empty else whole[:sent], "" if empty else whole[:end], finish, _title(prompt), step)
 
-    def _reply_text(self, prompt: str, conversation: _Conversation) -> str:
+    def _reply_text(self, prompt: str, turn: int, earlier: Optional[str]) -> str:
         reply = self.options.reply
         if callable(reply):
             return reply(prompt)
@@ -738,9 +751,8 @@ class MockServer:
             text = default_reply(prompt)
         else:
             text = _echo_reply(prompt)
-        if conversation.prompts:
-            earlier = conversation.prompts[-1]
-            text = f"Turn {len(conversation.prompts) + 1}: before, you said “{_shown(earlier)}”. {text}"
+        if earlier is not None:
+            text = f"Turn {turn}: before, you said “{_shown(earlier)}”. {text}"
         return text
 
     async def _send_error_fault(self, writer: asyncio.StreamWriter, fault: _Fault, keep_alive: bool) -> None:

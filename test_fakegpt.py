@@ -30,9 +30,10 @@ import threading
 import time
 import tracemalloc
 import urllib.parse
+import urllib.request
 import warnings
 import zlib
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Awaitable, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
@@ -1111,7 +1112,7 @@ def test_kept_events_share_one_copy_of_the_text() -> None:
         kept = []
         for data in datas:
             kept.append(decoder.feed(E(raw=data)))
-            decoder.text  # noqa: B018 - asked for, as a caller would
+            assert decoder.text  # asked for along the way, as a caller would
         current, _ = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -1917,6 +1918,184 @@ def test_the_class_works_where_gpt4free_expects_a_provider(provider: "type[FakeG
     assert provider.params.startswith("fakegpt.Provider supports: (")
 
 
+def answering(response: bytes) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+    """A handler that reads one request and writes `response`, then closes."""
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(response)
+        await writer.drain()
+        writer.close()
+    return handle
+
+
+def event_stream(*datas: bytes) -> bytes:
+    body = b"".join(b"data: " + d + b"\n\n" for d in datas)
+    return b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n" + body
+
+
+@pytest.mark.parametrize("fmt", ["v1", "snapshots"])
+def test_backend_api_profile_posts_with_a_bearer_token_and_reads_either_format(fmt: str) -> None:
+    with mock_server.serve_in_thread(profile="backend-api", stream_format=fmt) as server:
+        provider = provider_for(server.url)
+
+        async def run() -> fakegpt.ChatStream:
+            async with provider.stream("", USER, profile="backend-api", access_token=server.access_token,
+                                       chatgpt_account_id="acct-7") as reply:
+                async for _ in reply:
+                    pass
+            return reply
+
+        reply = asyncio.run(run())
+        request = server.requests[-1]
+    assert reply.text == FULL_REPLY and reply.finish_reason == "stop" and reply.title == "Hello"
+    assert reply.model == fakegpt.DEFAULT_MODEL and reply.conversation_id and reply.message_id
+    assert (reply.reasoning != "") is (fmt == "v1")  # the mock's v1 streams carry reasoning
+    assert request.path == "/backend-api/conversation" and len(server.requests) == 1  # no login
+    assert request.header("authorization") == f"Bearer {server.access_token}"
+    assert request.header("x-authorization") is None and request.header("chatgpt-account-id") == "acct-7"
+    assert request.json()["supported_encodings"] == ["v1"]
+
+
+def test_a_shared_site_with_a_token_skips_the_login_and_the_token_may_come_from_the_environment(
+        mock: mock_server.MockServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    provider = provider_for(mock.url)
+    assert "".join(pieces_of(provider, access_token=mock.access_token)) == FULL_REPLY
+    monkeypatch.setenv("FAKEGPT_ACCESS_TOKEN", mock.access_token)
+    assert "".join(pieces_of(provider)) == FULL_REPLY
+    assert [r.path for r in mock.requests] == ["/api/conversation"] * 2
+    assert mock.requests[-1].header("x-authorization") == f"Bearer {mock.access_token}"
+    assert provider._access_token is None  # a given token is the caller's, not the class's
+
+
+def test_backend_api_without_a_token_says_how_to_give_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FAKEGPT_ACCESS_TOKEN", raising=False)
+    with pytest.raises(fakegpt.UsageError, match="access_token=.*FAKEGPT_ACCESS_TOKEN.*--access-token-file"):
+        FakeGpt.stream("", USER, profile="backend-api", url="http://127.0.0.1:9")
+    for bad in ({"profile": "aurora"}, {"access_token": "two words"}, {"chatgpt_account_id": 7}):
+        with pytest.raises(fakegpt.UsageError):
+            FakeGpt.stream("", USER, url="http://127.0.0.1:9", **bad)
+
+
+def test_a_refused_given_token_raises_without_a_login(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="fakegpt")
+    with mock_server.serve_in_thread(profile="backend-api", access_token=SENTINEL) as server:
+        server.expire_tokens()
+        raised, _ = failure(provider_for(server.url), profile="backend-api", access_token=SENTINEL)
+        paths = [r.path for r in server.requests]
+    assert isinstance(raised, fakegpt.TokenExpiredError) and paths == ["/backend-api/conversation"]
+    stream = FakeGpt.stream("", USER, url="http://127.0.0.1:9", profile="backend-api", access_token=SENTINEL)
+    shown = [str(raised), repr(raised), caplog.text, repr(vars(stream)), repr(stream._options)]
+    assert not any(SENTINEL in text for text in shown)
+
+
+@pytest.mark.parametrize("final, complete", [
+    (assistant_event("Hi there", status="finished_successfully", finish="stop").replace(b'"end_turn": null', b'"end_turn": true'), True),
+    (assistant_event("Hi there", status="finished_successfully", finish="stop"), False),  # no end_turn
+    (assistant_event("Hi there"), False),
+])
+def test_a_stream_without_done_is_whole_only_if_the_visible_message_finished_its_turn(final: bytes, complete: bool) -> None:
+    with thread_server(answering(event_stream(assistant_event("Hi"), final))) as (host, port):
+        provider = provider_for(f"http://{host}:{port}")
+        if complete:
+            assert "".join(pieces_of(provider, access_token="t")) == "Hi there"
+        else:
+            raised, pieces = failure(provider, access_token="t")
+            assert isinstance(raised, fakegpt.TruncatedStreamError) and "".join(pieces) == "Hi there"
+
+
+def test_a_cloudflare_challenge_page_says_so_and_is_not_a_token_expiry(mock: mock_server.MockServer) -> None:
+    provider = provider_for(mock.url)
+    raised, _ = failure(provider, "[[fault challenge]] Hi")
+    assert isinstance(raised, fakegpt.ChallengeError) and raised.status == 403
+    assert "Cloudflare challenge page" in str(raised) and not isinstance(raised, fakegpt.TokenExpiredError)
+    assert mock.count("POST", "/auth/login") == 1  # no second login for it
+    page = mock_server._CHALLENGE_PAGE.encode()
+    response = b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%b" % (len(page), page)
+    with thread_server(answering(response)) as (host, port):
+        raised, _ = failure(provider_for(f"http://{host}:{port}"), access_token="t")
+    assert isinstance(raised, fakegpt.ChallengeError) and raised.status == 200
+
+
+@pytest.mark.parametrize("fmt", ["snapshots", "v1"])
+@pytest.mark.parametrize("fault, error, words", [
+    ("handoff", fakegpt.ProtocolError, "websocket"),
+    ("error_event:3", fakegpt.UpstreamError, "Something went wrong in the model."),
+    ("rewrite:3", fakegpt.ProtocolError, "rewrote text already delivered"),
+])
+def test_in_stream_faults_of_both_formats_raise_after_the_text(fmt: str, fault: str, error: type, words: str) -> None:
+    with mock_server.serve_in_thread(profile="backend-api", stream_format=fmt) as server:
+        raised, pieces = failure(provider_for(server.url), f"[[fault {fault}]] Hi", profile="backend-api",
+                                 access_token=server.access_token)
+    assert isinstance(raised, error) and words in str(raised)
+    reply = mock_server.default_reply(f"[[fault {fault}]] Hi")
+    assert reply.startswith("".join(pieces)) and (fault == "handoff" or pieces)
+
+
+@pytest.mark.parametrize("fmt", ["snapshots", "v1"])
+def test_auto_continue_joins_a_max_tokens_reply_without_a_seam(fmt: str) -> None:
+    with mock_server.serve_in_thread(profile="backend-api", stream_format=fmt, max_tokens=25) as server:
+        provider = provider_for(server.url)
+        options = {"profile": "backend-api", "access_token": server.access_token}
+
+        async def run(**more: Any) -> fakegpt.ChatStream:
+            async with provider.stream("", USER, **options, **more) as reply:
+                async for _ in reply:
+                    pass
+            return reply
+
+        cut = asyncio.run(run())
+        assert (cut.text, cut.finish_reason) == (FULL_REPLY[:25], "max_tokens")
+        whole = asyncio.run(run(auto_continue=True))
+        bodies = [r.json() for r in server.requests]
+    assert (whole.text, whole.finish_reason) == (FULL_REPLY, "stop")
+    continues = [b for b in bodies[1:] if b["action"] == "continue"]
+    assert len(continues) == len(FULL_REPLY) // 25 and all(b["parent_message_id"] == whole.message_id for b in continues)
+    assert all(b["conversation_id"] == whole.conversation_id for b in continues)
+
+
+def test_the_mock_remembers_conversations(provider: "type[FakeGpt]", mock: mock_server.MockServer) -> None:
+    async def turn(content: str, **kwargs: Any) -> fakegpt.ChatStream:
+        async with provider.stream("", [{"role": "user", "content": content}], **kwargs) as reply:
+            async for _ in reply:
+                pass
+        return reply
+
+    first = asyncio.run(turn("Hello"))
+    assert first.text == mock_server.default_reply("Hello")  # a first turn is as it always was
+    second = asyncio.run(turn("And now?", conversation_id=first.conversation_id, parent_message_id=first.message_id))
+    assert second.text == "Turn 2: before, you said “Hello”. " + mock_server.default_reply("And now?")
+    raised, _ = failure(provider, "Hi", conversation_id=first.conversation_id, parent_message_id="no-such-message")
+    assert isinstance(raised, fakegpt.HTTPStatusError) and raised.status == 400 and "not in this conversation" in str(raised)
+    raised, _ = failure(provider, "Hi", conversation_id="no-such-conversation")
+    assert isinstance(raised, fakegpt.HTTPStatusError) and raised.status == 404
+
+
+def test_gpt4free_return_conversation_and_conversation_continue_a_conversation(provider: "type[FakeGpt]") -> None:
+    async def run(**kwargs: Any) -> List[Any]:
+        return [p async for p in provider.create_async_generator("", [{"role": "user", "content": "Hello"}], **kwargs)]
+
+    items = asyncio.run(run(return_conversation=True))
+    conversation, finish = items[-2:]
+    assert "".join(items[:-2]) == FULL_REPLY and all(isinstance(p, str) for p in items[:-2])
+    assert finish.reason == "stop" and str(finish) == "" and str(conversation) == ""
+    assert conversation.conversation_id and conversation.message_id == conversation.parent_message_id
+    assert all(isinstance(p, str) for p in asyncio.run(run()))  # without the keyword: text only
+    for given in (conversation, conversation.get_dict()):
+        follow_up = "".join(p for p in asyncio.run(run(conversation=given)) if isinstance(p, str))
+        assert follow_up.startswith("Turn 2: before, you said “Hello”.")
+    with pytest.raises(fakegpt.UsageError, match="conversation"):
+        asyncio.run(run(conversation={"conversation_id": 5}))
+
+
+def test_idle_accounts_are_preferred_when_offered() -> None:
+    with mock_server.serve_in_thread(idle_accounts=True) as server:
+        loads = json.loads(urllib.request.urlopen(server.url + "/api/loads").read())["loads"]
+        idle = {entry["token_id"] for entry in loads if entry["count"] == 0}
+        pieces_of(provider_for(server.url))
+        form = urllib.parse.parse_qs(server.requests[-3].body.decode())
+    assert idle and form["token_key"][0] in idle
+
+
 # ---------------------------------------------------------------------------------------
 # Proxies and TLS
 # ---------------------------------------------------------------------------------------
@@ -2136,6 +2315,33 @@ def test_cli_streams_from_url_prompt_from_stdin_and_json(mock: mock_server.MockS
     lines = [json.loads(line) for line in run_cli("--url", mock.url, "--json", "Hello").stdout.splitlines()]
     assert "".join(line["delta"] for line in lines) == FULL_REPLY
     assert lines[-1]["finish_reason"] == "stop" and lines[-1]["conversation_id"]
+
+
+def test_cli_profiles_tokens_from_a_file_or_the_environment_and_continuing(tmp_path: pathlib.Path) -> None:
+    assert run_cli("--mock", "--profile", "backend-api", "Hello").stdout == FULL_REPLY + "\n"
+    with mock_server.serve_in_thread(profile="backend-api", access_token=SENTINEL) as server:
+        token_file = tmp_path / "token"
+        token_file.write_text(SENTINEL + "\n")
+        result = run_cli("--url", server.url, "--profile", "backend-api", "--access-token-file", str(token_file),
+                         "--json", "--verbose", "Hello")
+        lines = [json.loads(line) for line in result.stdout.splitlines()]
+        assert "".join(line["delta"] for line in lines) == FULL_REPLY and SENTINEL not in result.stdout + result.stderr
+        ids = lines[-1]["conversation_id"], lines[-1]["message_id"]
+        follow_up = run_cli("--url", server.url, "--profile", "backend-api", "--conversation-id", ids[0],
+                            "--parent-message-id", ids[1], "And then?", env={"FAKEGPT_ACCESS_TOKEN": SENTINEL})
+        assert follow_up.stdout.startswith("Turn 2: before, you said “Hello”.")
+    missing = run_cli("--url", "http://127.0.0.1:9", "--profile", "backend-api", "Hi", env={"FAKEGPT_ACCESS_TOKEN": ""})
+    assert missing.returncode == 2 and "--access-token-file" in missing.stderr
+    plain = run_cli("--url", "http://127.0.0.1:9", "--access-token", SENTINEL, "Hi")
+    assert plain.returncode == 2 and "unrecognized arguments" in plain.stderr  # no abbreviation of --access-token-file
+    unreadable = run_cli("--url", "http://127.0.0.1:9", "--access-token-file", str(tmp_path / "none"), "Hi")
+    assert unreadable.returncode == 2 and "cannot read the access token file" in unreadable.stderr
+
+
+def test_cli_continues_a_max_tokens_reply(tmp_path: pathlib.Path) -> None:
+    with mock_server.serve_in_thread(max_tokens=30) as server:
+        assert run_cli("--url", server.url, "Hello").stdout == FULL_REPLY + "\n"
+        assert server.count("POST", "/api/conversation") == -(-len(FULL_REPLY) // 30)
 
 
 def test_cli_output_is_flushed_per_piece(mock: mock_server.MockServer) -> None:
