@@ -2080,8 +2080,8 @@ def test_gpt4free_return_conversation_and_conversation_continue_a_conversation(p
     assert finish.reason == "stop" and str(finish) == "" and str(conversation) == ""
     assert conversation.conversation_id and conversation.message_id == conversation.parent_message_id
     assert all(isinstance(p, str) for p in asyncio.run(run()))  # without the keyword: text only
-    for given in (conversation, conversation.get_dict()):
-        follow_up = "".join(p for p in asyncio.run(run(conversation=given)) if isinstance(p, str))
+    for earlier in (conversation, conversation.get_dict()):
+        follow_up = "".join(p for p in asyncio.run(run(conversation=earlier)) if isinstance(p, str))
         assert follow_up.startswith("Turn 2: before, you said “Hello”.")
     with pytest.raises(fakegpt.UsageError, match="conversation"):
         asyncio.run(run(conversation={"conversation_id": 5}))
