@@ -978,6 +978,7 @@ _DELTA_OPS = frozenset({"add", "replace", "append", "truncate", "remove", "patch
 _MAX_PATCH_DEPTH = 32
 _VISIBLE_CHANNELS = (None, "final")
 _VISIBLE_SEPARATOR = "\n\n"  # between two visible messages of one reply (delta format)
+_VISIBLE_TEXT_PATH = "/message/content/parts/0"
 _NOTICE_KEYS = ("type",)
 
 
@@ -1019,7 +1020,7 @@ class ConversationDecoder:
     __slots__ = (
         "done", "conversation_id", "message_id", "status", "finish_reason", "end_turn", "title",
         "model", "_fast_path", "_pieces", "_length", "_reasoning", "_event_finish_reason",
-        "_documents", "_cursor", "_visible", "_visible_text", "_base", "_doc_reasoning",
+        "_documents", "_cursor", "_visible", "_visible_text", "_base", "_doc_reasoning", "_append_to",
         "_head", "_tail", "_one_line", "_escaped_text", "_buffer", "_buffer_view",
     )
 
@@ -1052,6 +1053,9 @@ class ConversationDecoder:
         self._visible_text: Any = None
         self._base = 0
         self._doc_reasoning: Dict[Any, str] = {}
+        # While the carried op appends to the visible text: that message's parts list,
+        # for the known-shape path's {"v": "..."} records.
+        self._append_to: Optional[List[Any]] = None
         # The known-shape path's state: the bytes around parts[0] in the last event (no
         # head: no shape known), whether they hold no line break, and parts[0] as sent
         # (JSON-escaped), often a view of the buffer it arrived in.
@@ -1090,15 +1094,14 @@ class ConversationDecoder:
         """The `ChatEvent` this event makes, or None if it carries no reply."""
         kind = event.event
         raw = event.raw
-        if kind == "message":
-            if len(raw) < 16 and raw.strip() == b"[DONE]":
-                self.done = True
-                return None
-            delta = self.extend(raw, 0, len(raw))
-            if delta is not None:
-                return self.event(delta)
-        elif kind != "delta":
+        if kind == "message" and len(raw) < 16 and raw.strip() == b"[DONE]":
+            self.done = True
+            return None
+        if kind not in ("message", "delta"):
             return None  # "ping", "delta_encoding" and other named events carry no reply
+        delta = self.extend(raw, 0, len(raw), kind)
+        if delta is not None:
+            return self.event(delta)
         payload = _json_payload(raw, "event data")
         if not isinstance(payload, dict):
             return None  # bare strings and numbers are keep-alives
@@ -1224,7 +1227,14 @@ class ConversationDecoder:
             if "v" not in record and op != "remove":
                 raise ProtocolError(f"a delta record without a value: {_excerpt(json.dumps(record))!r}")
             self._apply(document, path, op, value, 0)
-        return self._look_at(document)
+        event = self._look_at(document)
+        self._append_to = None
+        document, path, op = self._cursor
+        if document == self._visible and path == _VISIBLE_TEXT_PATH and op == "append":
+            parts = self._documents[document]["message"]["content"]["parts"]
+            if parts[0] is self._visible_text:
+                self._append_to = parts
+        return event
 
     def _apply(self, document: Any, path: Any, op: Any, value: Any, depth: int) -> None:
         if op not in _DELTA_OPS or not isinstance(path, str):
@@ -1307,17 +1317,21 @@ class ConversationDecoder:
         """While a shape is known: how many bytes every event that extends the text so
         far has before its new text (the head, and the text so far as sent), none of
         them a line break; None otherwise."""
-        if self._head is None or not self._one_line:
-            return None
-        return len(self._head) + len(self._escaped_text)
+        if self._head is not None:
+            return len(self._head) + len(self._escaped_text) if self._one_line else None
+        return 5 if self._append_to is not None else None  # {"v":
 
-    def extend(self, buffer: bytes, start: int, end: int) -> Optional[str]:
-        """If ``buffer[start:end]`` is an event's data of the known shape, with text that
-        extends the text so far, take it in and return the new text (possibly empty);
-        otherwise return None and change nothing. The text so far is never decoded
-        again. Call `detach` before `buffer` is freed or reused."""
+    def extend(self, buffer: bytes, start: int, end: int, event: str = "message") -> Optional[str]:
+        """If ``buffer[start:end]`` is the data of an event (of type `event`) of the
+        known shape, with text that extends the text so far, take it in and return the
+        new text (possibly empty); otherwise return None and change nothing. Known shapes:
+        a snapshot like the last one whose text starts with the text so far (never
+        decoded again), and ``{"v": "..."}`` while the delta format's carried op appends
+        to the visible text. Call `detach` before `buffer` is freed or reused."""
         head, escaped_text = self._head, self._escaped_text
         if head is None:
+            return None if self._append_to is None else self._extend_delta(buffer, start, end)
+        if event != "message":
             return None
         text_start = start + len(head)
         resume = text_start + len(escaped_text)
@@ -1332,18 +1346,8 @@ class ConversationDecoder:
             if reframed is None:
                 return None
             text_end = reframed[0]
-        # The new text, still JSON-escaped, is buffer[resume:text_end].
-        suffix = buffer[resume:text_end]
-        try:
-            text = suffix.decode("utf-8")  # strict: never a lone surrogate
-            if _NEEDS_JSON.search(suffix) is not None:
-                quoted = '"' + text + '"'
-                text, stop = _scan_json_string(quoted, 1)  # json.loads's own string scanner
-                if stop != len(quoted):
-                    return None
-                if text[:1] and "\udc00" <= text[0] <= "\udfff":
-                    return None  # the second half of a surrogate pair: decoding in full joins them
-        except ValueError:
+        text = _json_string(buffer, resume, text_end)  # the new text, still JSON-escaped
+        if text is None:
             return None
         if reframed is not None:
             _, payload, reply = reframed
@@ -1355,6 +1359,45 @@ class ConversationDecoder:
         if buffer is not self._buffer:
             self._buffer, self._buffer_view = buffer, memoryview(buffer)
         self._escaped_text = self._buffer_view[text_start:text_end]  # type: ignore[index]
+        if text:
+            self._pieces.append(text)
+            self._length += len(text)
+        return text
+
+    def _extend_delta(self, buffer: bytes, start: int, end: int) -> Optional[str]:
+        """`extend` for ``{"v": "<text>"}`` (padding after it allowed), appended to the
+        visible text."""
+        if buffer.startswith(b'{"v": "', start, end):
+            text_start = start + 7
+        elif buffer.startswith(b'{"v":"', start, end):
+            text_start = start + 6
+        else:
+            return None
+        while buffer[end - 1] == 0x20 and end > text_start:
+            end -= 1
+        text_end = end - 2
+        if text_end < text_start or buffer[text_end] != 0x22 or buffer[end - 1] != 0x7D:
+            return None
+        content = buffer[text_start:text_end]
+        if _NEEDS_JSON.search(content) is None and b'"' not in content:
+            try:
+                text = content.decode("utf-8")
+            except UnicodeDecodeError:
+                return None
+        else:
+            decoded = _json_string(buffer, text_start, text_end)
+            if decoded is None:
+                return None
+            text = decoded
+        parts = self._append_to
+        assert parts is not None
+        current = parts[0]
+        if current.__class__ is _Text:  # the usual case, inline: thousands of these a reply
+            current.pieces.append(text)
+            current.length += len(text)
+        else:
+            parts[0] = current = _appended(current, text, _VISIBLE_TEXT_PATH)
+        self._visible_text = current
         if text:
             self._pieces.append(text)
             self._length += len(text)
@@ -1415,6 +1458,25 @@ class ConversationDecoder:
         self._escaped_text = raw[start:end]
         self._head, self._tail = head, tail
         self._one_line = b"\n" not in head and b"\n" not in tail
+
+
+def _json_string(buffer: bytes, start: int, end: int) -> Optional[str]:
+    """The text of the JSON string content ``buffer[start:end]`` (no quotes around it),
+    or None if it is not one by itself: bad escapes, a raw quote or control character,
+    invalid UTF-8, or a second half of a surrogate pair that decoding in full would join
+    to what came before."""
+    content = buffer[start:end]
+    try:
+        text = content.decode("utf-8")  # strict: never a lone surrogate
+        if _NEEDS_JSON.search(content) is None:
+            return None if '"' in text else text
+        quoted = '"' + text + '"'
+        text, stop = _scan_json_string(quoted, 1)  # json.loads's own string scanner
+    except ValueError:
+        return None
+    if stop != len(quoted) or (text[:1] and "\udc00" <= text[0] <= "\udfff"):
+        return None
+    return text
 
 
 def _probe(head: bytes, tail: bytes, probe: str) -> Optional[Tuple[Dict[str, Any], _Reply]]:
@@ -1535,24 +1597,30 @@ class _ReplyDecoder:
     def _shortcut(self, chunk: bytes, pos: int, events: List[Any]) -> int:
         """Events of the known shape from `pos` on; returns where the first other one starts.
 
-        Such an event is ``data: `` + its data + LF LF, and its data starts with bytes
-        known to hold no line break (`ConversationDecoder.known_prefix_size`), so the
-        search for the line's end starts after them. Each event taken only makes them
-        longer, so the size read once holds for the whole run.
+        Such an event is ``data: `` + its data + LF LF, perhaps after ``event: delta``
+        LF, and its data starts with bytes known to hold no line break
+        (`ConversationDecoder.known_prefix_size`), so the search for the line's end
+        starts after them. Each event taken only makes them longer, so the size read once
+        holds for the whole run.
         """
         conversation, size = self.conversation, len(chunk)
         max_line, max_data, text_only = self._max_line, self._max_data, self.text_only
         extend, known = conversation.extend, conversation.known_prefix_size
         if known is None:
             return pos
-        while chunk.startswith(b"data: ", pos):
-            first = pos + 6
+        while True:
+            event, first = "message", pos
+            if chunk.startswith(b"event: delta\n", pos):
+                event, first = "delta", pos + 13
+            if not chunk.startswith(b"data: ", first):
+                break
+            first += 6
             last = chunk.find(b"\n", first + known)
             if last < 0 or last + 1 == size or chunk[last + 1] != 0x0A:
                 break  # incomplete, or more than one line
-            if last - pos > max_line or last - first > max_data:
+            if last - first + 6 > max_line or last - first > max_data:
                 break  # the event stream decoder raises
-            text = extend(chunk, first, last)
+            text = extend(chunk, first, last, event)
             if text is None:
                 break
             if not text_only:

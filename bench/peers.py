@@ -234,5 +234,98 @@ class FloorClient(LimitClient):
         return last
 
 
+BENCH_TOKEN = "bench-access-token"  # the token the W6 mock accepts
+PARTS = "/message/content/parts/0"
+
+
+class FakeGptDeltaClient:
+    """fakegpt against a ChatGPT-web gateway that streams the delta format."""
+
+    def __init__(self, url: str) -> None:
+        import fakegpt
+
+        self.provider = fakegpt.FakeGpt.isolated(url)
+
+    async def login(self) -> None:
+        await self.conversation("hi")
+
+    async def conversation(self, prompt: str) -> str:
+        pieces = [piece async for piece in self.provider.create_async_generator(
+            "", [{"role": "user", "content": prompt}], profile="backend-api", access_token=BENCH_TOKEN, timeout=600)]
+        return "".join(pieces)
+
+    async def close(self) -> None:
+        pass
+
+
+class DeltaReply:
+    """The least a correct reader of the delta format must track: the carried c, p and o,
+    which document is the visible reply, and the appends to its text (patches too)."""
+
+    def __init__(self) -> None:
+        self.c, self.p, self.o = 0, None, None
+        self.visible: Any = None
+        self.text: list = []
+
+    def record(self, record: Dict[str, Any]) -> None:
+        self.c = record.get("c", self.c)
+        value = record.get("v")
+        if record.get("p") == "" and record.get("o") == "add":
+            message = value.get("message") or {}
+            if (message.get("author", {}).get("role") == "assistant" and message.get("recipient") == "all"
+                    and message.get("channel") in (None, "final") and message.get("content", {}).get("content_type") == "text"
+                    and not message.get("metadata", {}).get("is_thinking_preamble_message")):
+                self.visible = self.c
+                self.text = [message["content"]["parts"][0]]
+        if "o" not in record and isinstance(value, list):
+            ops = value
+        else:
+            self.p, self.o = record.get("p", self.p), record.get("o", self.o)
+            ops = value if self.o == "patch" else [{"p": self.p, "o": self.o, "v": value}]
+        if self.c == self.visible:
+            self.text += [op["v"] for op in ops if op.get("p") == PARTS and op.get("o") == "append"]
+
+
+class AiohttpDeltaClient:
+    """aiohttp reading the delta format line by line, json.loads on every record."""
+
+    def __init__(self, url: str) -> None:
+        import aiohttp
+
+        self.aiohttp = aiohttp
+        self.url = url
+
+    async def login(self) -> None:
+        pass
+
+    async def conversation(self, prompt: str) -> str:
+        headers = {"Content-Type": "application/json", "Accept": "text/event-stream",
+                   "Authorization": f"Bearer {BENCH_TOKEN}"}
+        reply = DeltaReply()
+        async with self.aiohttp.ClientSession(headers=HEADERS, timeout=self.aiohttp.ClientTimeout(total=600)) as session:
+            async with session.post(f"{self.url}/backend-api/conversation", json=conversation_body(prompt),
+                                    headers=headers) as response:
+                response.raise_for_status()
+                kind = "message"
+                async for line in response.content:
+                    if line.startswith(b"event: "):
+                        kind = line[7:].strip().decode()
+                    elif line.startswith(b"data: "):
+                        data = line[6:].rstrip()
+                        if data == b"[DONE]":
+                            break
+                        if kind == "delta":
+                            reply.record(json.loads(data))
+                        else:
+                            json.loads(data)  # a notice or the encoding
+                    elif line in (b"\n", b"\r\n"):
+                        kind = "message"
+        return "".join(reply.text)
+
+    async def close(self) -> None:
+        pass
+
+
 CLIENTS = {"fakegpt": FakeGptClient, "aiohttp": AiohttpClient, "httpx": HttpxClient,
            "floor": FloorClient, "limit": LimitClient}
+DELTA_CLIENTS = {"fakegpt": FakeGptDeltaClient, "aiohttp": AiohttpDeltaClient}

@@ -6,6 +6,7 @@ W1: one long reply (4,000 events growing by 4 characters, about 48 MB of SSE).
 W2: 1,000 concurrent conversations of 50 events each, in one event loop.
 W3: cold start, the whole process, and the import time alone.
 W4: peak memory in W1 and W2, and with one 50 MB event.
+W6: one reply in the delta format of a ChatGPT-web gateway: 4,000 small deltas.
 
 Clients run in turn (A B C ... A B C ...), each in a process of its own; the mock runs in
 another process, and its share of the CPU is reported for each workload, beside the
@@ -103,7 +104,7 @@ def number(value: float, form: str) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3, help="turns of every client (default 3)")
-    parser.add_argument("--workloads", default="W1,W2,W3,W4",
+    parser.add_argument("--workloads", default="W1,W2,W3,W4,W6",
                         help="which workloads to run, comma-separated (default: all)")
     args = parser.parse_args()
     wanted = set(args.workloads.upper().split(","))
@@ -120,6 +121,20 @@ def main() -> int:
         if "W2" in wanted:
             w2 = measure("W2", ["fakegpt", "aiohttp", "httpx", "limit"], url, repeats=1, rounds=args.rounds, mock_pid=mock.pid)
             print_table("W2: 1,000 concurrent conversations of 50 events, wall time", w2)
+        if "W6" in wanted:
+            gateway = subprocess.Popen([sys.executable, "-m", "mock_server", "--port", "0", "--quiet",
+                                        "--profile", "backend-api", "--access-token", "bench-access-token"],
+                                       cwd=ROOT, stdout=subprocess.PIPE, text=True)
+            try:
+                assert gateway.stdout is not None
+                gateway_url = gateway.stdout.readline().strip()
+                w6 = measure("W6", ["fakegpt", "aiohttp"], gateway_url, repeats=10, rounds=args.rounds, mock_pid=gateway.pid)
+            finally:
+                gateway.terminate()
+                gateway.wait(10)
+            print_table("W6: one reply of 4,000 small deltas (the delta format), per conversation", w6)
+            cpu = {name: statistics.median(row["cpu"]) if row["cpu"] else float("nan") for name, row in w6.items()}
+            print(f"\nW6 client CPU per conversation, fakegpt / aiohttp: {number(cpu['fakegpt'] / cpu['aiohttp'], '{:.2f}')}")
         if "W4" in wanted:
             w4 = measure("W4", ["fakegpt", "aiohttp", "httpx", "limit"], url, repeats=1, rounds=1, mock_pid=mock.pid)
             print_table("W4: one 50 MB event (peak RSS is the point)", w4)

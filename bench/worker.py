@@ -20,17 +20,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import mock_server
-from peers import CLIENTS
+from peers import CLIENTS, DELTA_CLIENTS
 
 W1_PROMPT = "[[chars 16000]] W1: a long reply of 4,000 events"
 W2_STREAMS, W2_PROMPT = 1000, "[[chars 200]] W2 stream {index}"
 W4_PROMPT = "[[chars 50000000]] [[step 50000000]] W4: one 50 MB event"
+W6_PROMPT = "[[chars 16000]] W6: a reply of 4,000 small deltas"
 
 
 async def run(client_name: str, workload: str, url: str, repeats: int) -> Dict[str, Any]:
-    client = CLIENTS[client_name](url)
+    client = (DELTA_CLIENTS if workload == "W6" else CLIENTS)[client_name](url)
     await client.login()
-    prompts = {"W1": [W1_PROMPT], "W4": [W4_PROMPT]}.get(workload, [W2_PROMPT.format(index=i) for i in range(W2_STREAMS)])
+    prompts = {"W1": [W1_PROMPT], "W4": [W4_PROMPT], "W6": [W6_PROMPT]}.get(
+        workload, [W2_PROMPT.format(index=i) for i in range(W2_STREAMS)])
     if hasattr(client, "prepare"):
         for prompt in prompts:
             await client.prepare(prompt)
