@@ -1230,7 +1230,7 @@ class ConversationDecoder:
         event = self._look_at(document)
         self._append_to = None
         document, path, op = self._cursor
-        if document == self._visible and path == _VISIBLE_TEXT_PATH and op == "append":
+        if self._fast_path and document == self._visible and path == _VISIBLE_TEXT_PATH and op == "append":
             parts = self._documents[document]["message"]["content"]["parts"]
             if parts[0] is self._visible_text:
                 self._append_to = parts

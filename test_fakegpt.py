@@ -270,7 +270,7 @@ def reference_deltas(datas: Sequence[bytes]) -> List[str]:
 
 
 def chat_tuple(event: ChatEvent) -> Tuple[Any, ...]:
-    return (event.delta, event.text, event.status, event.finish_reason, event.conversation_id, event.message_id)
+    return (event.delta, event.reasoning, event.text, event.status, event.finish_reason, event.conversation_id, event.message_id)
 
 
 def decode(datas: Sequence[bytes]) -> Tuple[List[str], ConversationDecoder]:
@@ -299,9 +299,11 @@ def decoder_outcome(decoder: ConversationDecoder, datas: Sequence[bytes]) -> Tup
     return events, None, (decoder.text, decoder.status, decoder.finish_reason, decoder.conversation_id, decoder.message_id)
 
 
-def layered_outcome(chunks: Sequence[bytes], limits: Limits) -> Tuple[List[Tuple[Any, ...]], Optional[str]]:
+def layered_outcome(chunks: Sequence[bytes], limits: Limits,
+                    conversation: Optional[ConversationDecoder] = None) -> Tuple[List[Tuple[Any, ...]], Optional[str]]:
     """The events and the error of the event stream decoded by the two decoders in turn."""
-    sse, conversation, events = SSEDecoder(limits=limits), ConversationDecoder(), []
+    sse, events = SSEDecoder(limits=limits), []
+    conversation = conversation or ConversationDecoder()
     try:
         for chunk in chunks:
             for sse_event in sse.feed(chunk):
@@ -882,6 +884,48 @@ def test_reply_decoder_takes_the_shortcut_for_a_long_reply() -> None:
     assert full_decodes <= 3  # the first event, and none of the other 198
 
 
+V1_BODIES: Dict[Tuple[str, int], bytes] = {}
+
+
+def v1_body(text: str, seed: int) -> bytes:
+    """The event stream of the mock's delta-format reply of `text` (cached)."""
+    if (text, seed) not in V1_BODIES:
+        raw = mock_stream("v1", text, step=3, seed=seed)
+        V1_BODIES[(text, seed)] = b"".join(e.data for e in reader_events([raw]) if isinstance(e, Data))
+    return V1_BODIES[(text, seed)]
+
+
+@settings(PROPERTY, max_examples=200)
+@given(st.sampled_from(["", "Hi", 'Привет, "мир" \\ 👋 and more text to split', mock_server.mixed_text(90)]),
+       st.integers(0, 3), st.sampled_from([b"\n", b"\r\n"]),
+       st.lists(st.tuples(st.sampled_from(["flip", "insert", "delete"]), st.integers(0, 10**6), st.integers(0, 255)), max_size=2),
+       st.lists(st.integers(0, 3000), max_size=8))
+def test_property_delta_shortcut_gives_exactly_what_the_reference_path_gives(
+        text: str, seed: int, newline: bytes, edits: List[Tuple[str, int, int]], cuts: List[int]) -> None:
+    body = bytearray(v1_body(text, seed).replace(b"\n", newline))
+    for kind, position, value in edits:
+        position %= len(body)
+        if kind == "flip":
+            body[position] ^= value or 1
+        elif kind == "insert":
+            body[position:position] = bytes([value])
+        else:
+            del body[position]
+    chunks = split_at(bytes(body), cuts)
+    reference = layered_outcome(chunks, Limits(), ConversationDecoder(fast_path=False))
+    assert reply_outcome(chunks, Limits()) == reference
+    assert reply_outcome(chunks, Limits(), text_only=True) == ([e[0] for e in reference[0] if e[0]], reference[1])
+    if not edits:
+        assert "".join(e[0] for e in reference[0]) == text
+
+
+def test_delta_shortcut_is_taken_for_appends() -> None:
+    body = v1_body(mock_server.mixed_text(300), 1)
+    (_, error), documents = json_sizes(lambda: reply_outcome(split_at(body, list(range(0, len(body), 512))), Limits()))
+    appends = body.count(b'event: delta\ndata: {"v": "')
+    assert error is None and appends > 50 and len(documents) < body.count(b"data: ") - appends + 5
+
+
 def test_reply_decoder_shortcut_never_reads_a_line_break_as_part_of_an_event() -> None:
     # A shape learned from an event of two data lines has a LF in it; a later "event"
     # whose second line lacks "data:" has the same bytes, but is a different event stream.
@@ -1184,8 +1228,11 @@ op_step = st.one_of(
 )
 
 
-@PROPERTY
-@given(st.lists(st.tuples(op_step, st.sampled_from(["plain", "patch", "batch", "nested"]), st.booleans()), max_size=25),
+@settings(PROPERTY, max_examples=300)
+@example([(("text", "Hi"), "plain", False), (("commentary", "x"), "plain", False), (("commentary", "y"), "plain", True)],
+         [0, 1, 2], [])  # a terse append to a hidden document right after the reply's
+@given(st.lists(st.tuples(op_step, st.sampled_from(["plain"] * 4 + ["patch", "batch", "nested"]),
+                          st.sampled_from([True, True, False])), max_size=25),
        st.permutations([0, 1, 2]), st.lists(st.integers(0, 400), max_size=6))
 def test_property_delta_decoder_agrees_with_a_plain_reference_applier(steps: List[Tuple[Any, str, bool]], order: List[int], cuts: List[int]) -> None:
     roots = {0: message_root("m1", metadata={"k": 0}), 1: message_root("h1", channel="commentary", metadata={"k": 0}),
