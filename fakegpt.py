@@ -59,7 +59,7 @@ from typing import (
     Union,
 )
 
-__version__ = "1.1.0"
+__version__ = "1.2.0"
 __all__ = [
     "AsyncResult",
     "AuthenticationError",
@@ -120,6 +120,14 @@ AsyncResult = AsyncGenerator[Union[str, Any], None]
 finish-reason objects after them."""
 
 _log = logging.getLogger("fakegpt")
+
+
+def _redact(text: str, secrets: Sequence[str]) -> str:
+    """`text` with every secret in it replaced by ``***``."""
+    for secret in secrets:
+        if secret and secret in text:
+            text = text.replace(secret, "***")
+    return text
 
 
 def _excerpt(data: Union[bytes, str], limit: int = 80) -> str:
@@ -1346,9 +1354,19 @@ class ConversationDecoder:
             if reframed is None:
                 return None
             text_end = reframed[0]
-        text = _json_string(buffer, resume, text_end)  # the new text, still JSON-escaped
-        if text is None:
-            return None
+        # The new text, still JSON-escaped; the string is known to end at text_end, so
+        # without escapes it is its own text (inline: this runs for every event).
+        suffix = buffer[resume:text_end]
+        if _NEEDS_JSON.search(suffix) is None:
+            try:
+                text = suffix.decode("utf-8")
+            except UnicodeDecodeError:
+                return None
+        else:
+            decoded = _json_string(buffer, resume, text_end)
+            if decoded is None:
+                return None
+            text = decoded
         if reframed is not None:
             _, payload, reply = reframed
             self._read_envelope(payload)
@@ -1609,12 +1627,12 @@ class _ReplyDecoder:
         if known is None:
             return pos
         while True:
-            event, first = "message", pos
-            if chunk.startswith(b"event: delta\n", pos):
-                event, first = "delta", pos + 13
-            if not chunk.startswith(b"data: ", first):
+            if chunk.startswith(b"data: ", pos):
+                event, first = "message", pos + 6
+            elif chunk.startswith(b"event: delta\ndata: ", pos):
+                event, first = "delta", pos + 19
+            else:
                 break
-            first += 6
             last = chunk.find(b"\n", first + known)
             if last < 0 or last + 1 == size or chunk[last + 1] != 0x0A:
                 break  # incomplete, or more than one line
@@ -2522,11 +2540,7 @@ def _status_error(
 ) -> HTTPStatusError:
     """The error an error answer stands for: 429, token expiry or another status."""
     detail, code = _error_detail(head, body)
-    text_body = _excerpt(body, 300)
-    for secret in redact:
-        if secret:
-            detail = detail.replace(secret, "***")
-            text_body = text_body.replace(secret, "***")
+    detail, text_body = _redact(detail, redact), _redact(_excerpt(body, 300), redact)
     status = head.status
     message = f"{what}: HTTP {status}" + (f": {detail}" if detail else "")
     fields: Dict[str, Any] = {"status": status, "detail": detail, "code": code, "body": text_body}
@@ -2983,7 +2997,8 @@ class ChatStream:
                 batch: List[Any] = []
                 try:
                     reply.feed(chunk, batch)
-                except FakeGptError:
+                except FakeGptError as exc:
+                    _scrub(exc, session.secrets())
                     if batch:  # what arrived before the error is delivered first
                         yield batch
                     raise
@@ -3030,6 +3045,15 @@ class ChatStream:
         else:
             message = f"the reply was cut off before any text: {reason}"
         return TruncatedStreamError(message, text=text)
+
+
+def _scrub(error: FakeGptError, secrets: Sequence[str]) -> None:
+    """Replace by ``***`` any secret the upstream echoed in `error`'s words."""
+    error.args = tuple(_redact(arg, secrets) if isinstance(arg, str) else arg for arg in error.args)
+    for name in ("detail", "body"):
+        value = getattr(error, name, None)
+        if isinstance(value, str):
+            setattr(error, name, _redact(value, secrets))
 
 
 def _uuid4() -> str:

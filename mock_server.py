@@ -984,16 +984,18 @@ class MockServer:
         newline = options.newline.encode()
         prefix = b"data: " if options.data_space else b"data:"
         plain = not (options.multiline or options.pings or options.comments)
+        ends = newline + newline
+        leads = {None: prefix, ":": b":"}  # what goes before an event's data, by its type
         if options.bom:
             yield (_BOM,), None
         for event in events:
-            if event.kind == ":":
-                yield (b":", *event.data, newline, newline), event
+            lead = leads.get(event.kind)
+            if lead is None:
+                lead = leads[event.kind] = b"event: " + str(event.kind).encode() + newline + prefix
+            if plain or event.kind == ":":
+                yield (lead, *event.data, ends), event
                 continue
-            field = b"event: " + event.kind.encode() + newline if event.kind else b""
-            if plain:
-                yield (field, prefix, *event.data, newline, newline), event
-                continue
+            field = lead[: -len(prefix)]
             payload = b"".join(event.data)
             lines = payload.split(b"\n") if options.multiline else [payload]
             out = field + b"".join([prefix + line + newline for line in lines]) + newline
@@ -1044,7 +1046,7 @@ class MockServer:
                         await self._write(writer, batch)
                     return await self._break_stream(reader, writer, fault, chunked, keep_alive)
                 count += 1
-            size = sum(len(piece) for piece in pieces)
+            size = sum(map(len, pieces))
             if chunked and size:
                 batch += b"%x\r\n" % size
             for piece in pieces:

@@ -59,6 +59,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 TESTDATA = HERE / "testdata"
 USER = [{"role": "user", "content": "Hello"}]
 PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SENTINEL = "SENTINEL-ACCESS-TOKEN-5f3c"
 
 
 # ---------------------------------------------------------------------------------------
@@ -2050,6 +2051,19 @@ def test_a_stream_without_done_is_whole_only_if_the_visible_message_finished_its
             assert isinstance(raised, fakegpt.TruncatedStreamError) and "".join(pieces) == "Hi there"
 
 
+@pytest.mark.parametrize("data", [
+    json.dumps({"message": None, "conversation_id": "c1", "error": f"bad token {SENTINEL}"}).encode(),
+    b"event: delta\ndata: " + json.dumps({"p": "", "o": "add", "v": {"message": None, "error": {"message": f"no {SENTINEL}"}}}).encode(),
+    b'{"broken": "' + SENTINEL.encode(),
+])
+def test_errors_in_the_stream_never_show_the_token(data: bytes) -> None:
+    body = data if data.startswith(b"event:") else b"data: " + data
+    with thread_server(answering(event_stream(assistant_event("Hi")) + body + b"\n\n")) as (host, port):
+        raised, pieces = failure(provider_for(f"http://{host}:{port}"), access_token=SENTINEL)
+    assert pieces == ["Hi"] and isinstance(raised, (fakegpt.UpstreamError, fakegpt.ProtocolError))
+    assert SENTINEL not in str(raised) and "***" in str(raised)
+
+
 def test_a_cloudflare_challenge_page_says_so_and_is_not_a_token_expiry(mock: mock_server.MockServer) -> None:
     provider = provider_for(mock.url)
     raised, _ = failure(provider, "[[fault challenge]] Hi")
@@ -2309,7 +2323,6 @@ def test_no_proxy_matching(no_proxy: str, bypassed: bool) -> None:
 # Secrets
 # ---------------------------------------------------------------------------------------
 
-SENTINEL = "SENTINEL-ACCESS-TOKEN-5f3c"
 
 
 def test_secrets_never_appear_in_logs_errors_repr_or_cli_output(caplog: pytest.LogCaptureFixture) -> None:
