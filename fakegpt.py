@@ -484,6 +484,21 @@ class ResponseReader:
         view = memoryview(buf)  # slices of it join with one copy instead of two
         try:
             while True:
+                # The usual run: whole chunks, each followed by CRLF, a plain size
+                # line and CRLF, as servers write them (often one per event).
+                while remaining and pos + remaining <= size:
+                    end = pos + remaining
+                    pieces.append(view[pos:end])
+                    match = _NEXT_CHUNK.match(buf, end)
+                    if match is None:
+                        pos, remaining, crlf_due = end, 0, True
+                        break
+                    pos, remaining = match.end(), int(match[1], 16)
+                    if not remaining:
+                        self._step, last_chunk = self._read_trailers, True
+                        break
+                if last_chunk:
+                    break
                 if remaining:
                     take = min(remaining, size - pos)
                     if take == 0:
