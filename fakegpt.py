@@ -1923,6 +1923,10 @@ class _Clock:
         finally:
             self._reading = None
 
+    def time_left(self) -> Optional[float]:
+        """Seconds until the total timeout, None without one."""
+        return None if self._deadline is None else max(self._deadline - self._loop.time(), 0.0)
+
     def stop(self) -> None:
         if self._watchdog is not None:
             self._watchdog.cancel()
@@ -2438,6 +2442,7 @@ class _Options(NamedTuple):
     access_token: Optional[_Secret]  # given by the caller: no login
     account_id: Optional[str]
     auto_continue: bool
+    retries: int
 
 
 class _Client:
@@ -2775,10 +2780,50 @@ def _upstream_model(model: Optional[str]) -> str:
     return model
 
 
+# The keywords a call understands, and those gpt4free passes to every provider, which are
+# accepted and ignored; another keyword close to one of these is taken for a typo.
+KEYWORDS = frozenset({
+    "url", "proxy", "timeout", "ssl", "trust_env", "limits", "conversation_id",
+    "parent_message_id", "history_and_training_disabled", "profile", "access_token",
+    "chatgpt_account_id", "auto_continue", "return_conversation", "conversation", "retries",
+})
+_GPT4FREE_KEYWORDS = frozenset({
+    "stream", "stream_timeout", "web_search", "media", "images", "image", "image_name",
+    "tools", "tool_choice", "parallel_tool_calls", "tool_emulation", "tool_calls", "api_key",
+    "api_base", "user", "download_media", "image_provider", "ignore_stream", "max_tokens",
+    "response_format", "stop", "temperature", "top_p", "presence_penalty",
+    "frequency_penalty", "seed", "n", "raw", "action", "reasoning_effort", "headers",
+    "cookies", "prompt", "extra_body", "model", "messages", "provider", "aspect_ratio",
+    "conversation_style", "tone", "jailbreak", "auth", "context", "chat_id", "language",
+})
+
+
+def _check_keywords(kwargs: Dict[str, Any]) -> None:
+    """A keyword close to a known one is a typo: a `UsageError` that says which."""
+    import difflib  # here: only a call with a keyword we do not know needs it
+
+    known = KEYWORDS | _GPT4FREE_KEYWORDS
+    for name in kwargs:
+        if name in known:
+            continue
+        folded = {k.lower(): k for k in KEYWORDS}
+        close = folded.get(str(name).lower()) or next(
+            iter(difflib.get_close_matches(str(name), sorted(KEYWORDS), n=1, cutoff=0.75)), None
+        )
+        if close is not None:
+            raise UsageError(f"unknown keyword {name!r}: did you mean {close!r}?")
+
+
 def _options(
     provider: type, model: Optional[str], proxy: Optional[str], kwargs: Dict[str, Any]
 ) -> _Options:
-    url = kwargs.get("url") or provider.url  # type: ignore[attr-defined]
+    if not kwargs.keys() <= KEYWORDS:
+        _check_keywords(kwargs)
+    url = kwargs.get("url")
+    if url is None:
+        url = provider.url  # type: ignore[attr-defined]
+        if url == DEFAULT_URL:  # neither the call nor a subclass chose one
+            url = os.environ.get("FAKEGPT_URL") or DEFAULT_URL
     endpoint, base_path = _parse_url(url)  # a bad URL fails here, before any I/O
     context = kwargs.get("ssl")
     if context is not None and not isinstance(context, ssl.SSLContext):
@@ -2806,6 +2851,9 @@ def _options(
     account_id = kwargs.get("chatgpt_account_id")
     if account_id is not None and not _TOKEN_TEXT.fullmatch(account_id):
         raise UsageError("chatgpt_account_id must be printable ASCII without spaces")
+    retries = kwargs.get("retries", 0)
+    if not isinstance(retries, int) or isinstance(retries, bool) or not 0 <= retries <= 100:
+        raise UsageError(f"retries must be a whole number from 0 to 100, not {retries!r}")
     return _Options(
         endpoint=endpoint,
         base_path=base_path,
@@ -2822,6 +2870,7 @@ def _options(
         access_token=None if token is None else _Secret(token),
         account_id=account_id,
         auto_continue=bool(kwargs.get("auto_continue", False)),
+        retries=retries,
     )
 
 
@@ -2914,7 +2963,7 @@ class ChatStream:
         self._taken += 1
         return event
 
-    def texts(self) -> AsyncIterator[str]:
+    def texts(self) -> AsyncGenerator[str, None]:
         """The reply as text pieces instead of events: each piece is all the new text
         that arrived in one read. A stream is read one way: events or texts."""
         return self._texts(self._start(text_only=True))
@@ -2936,11 +2985,12 @@ class ChatStream:
         return self._batches
 
     @staticmethod
-    async def _texts(batches: AsyncGenerator[List[Any], None]) -> AsyncIterator[str]:
-        async for batch in batches:
-            text = "".join(batch)
-            if text:
-                yield text
+    async def _texts(batches: AsyncGenerator[List[Any], None]) -> AsyncGenerator[str, None]:
+        async with _Closing(batches):
+            async for batch in batches:
+                text = "".join(batch)
+                if text:
+                    yield text
 
     async def __aenter__(self) -> "ChatStream":
         return self
@@ -2957,13 +3007,37 @@ class ChatStream:
             session = self._sessions.setdefault(client.base_url, _Session())
         continues: Optional[ConversationDecoder] = None
         for _ in range(1 + (_MAX_CONTINUATIONS if options.auto_continue else 0)):
-            async for batch in self._round(client, session, text_only, continues):
-                yield batch
+            async with _Closing(self._retrying(client, session, text_only, continues)) as batches:
+                async for batch in batches:
+                    yield batch
             decoder = self._decoder
             if decoder.finish_reason != "max_tokens" or not (decoder.conversation_id and decoder.message_id):
                 return
             _log.info("the reply stopped at max_tokens: asking the upstream to continue it")
             continues = decoder
+
+    async def _retrying(
+        self, client: _Client, session: _Session, text_only: bool,
+        continues: Optional[ConversationDecoder],
+    ) -> AsyncGenerator[List[Any], None]:
+        """A round, tried again (``retries`` times at most) after a 429, a 5xx or a failed
+        connection, while no text has arrived; never once text has."""
+        retries = self._options.retries
+        for attempt in range(retries + 1):
+            try:
+                async with _Closing(self._round(client, session, text_only, continues)) as batches:
+                    async for batch in batches:
+                        yield batch
+                return
+            except FakeGptError as exc:
+                delay = _retry_delay(exc, attempt)
+                if delay is None or attempt == retries or self._decoder.has_text:
+                    raise
+                left = client.clock.time_left()
+                if left is not None and delay >= left:
+                    raise  # the total timeout would run out while waiting
+                _log.info("%s: trying again in %.1f s (retry %d of %d)", exc, delay, attempt + 1, retries)
+                await asyncio.sleep(delay)
 
     async def _round(
         self, client: _Client, session: _Session, text_only: bool,
@@ -2977,8 +3051,9 @@ class ChatStream:
             if not session.given:
                 provider._access_token, provider._cookie_jar = token, session.cookie_jar
             try:
-                async for batch in self._converse(client, session, token, text_only, continues):
-                    yield batch
+                async with _Closing(self._converse(client, session, token, text_only, continues)) as batches:
+                    async for batch in batches:
+                        yield batch
                 return
             except TokenExpiredError:
                 if session.given or self._decoder.has_text or attempt == 2:
@@ -3062,6 +3137,27 @@ class ChatStream:
         return TruncatedStreamError(message, text=text)
 
 
+_RETRY_BASE, _RETRY_CAP = 0.5, 30.0  # seconds: the first backoff, and the longest wait
+
+
+def _retry_delay(error: FakeGptError, attempt: int) -> Optional[float]:
+    """How long to wait before trying again after `error`, None if it is not worth it:
+    exponential backoff with jitter, or the server's Retry-After (both capped)."""
+    if isinstance(error, RateLimitError) and error.retry_after is not None:
+        return min(error.retry_after, _RETRY_CAP)
+    transient = (
+        isinstance(error, RateLimitError)
+        or (isinstance(error, HTTPStatusError) and error.status >= 500 and not isinstance(error, ChallengeError))
+        or (isinstance(error, TransportError) and not isinstance(error, (TLSError, RequestTimeout)))
+        or (isinstance(error, RequestTimeout) and error.phase == "connect")
+        or (isinstance(error, TruncatedStreamError) and not error.text)
+    )
+    if not transient:
+        return None
+    backoff: float = min(_RETRY_BASE * 2.0 ** attempt, _RETRY_CAP)
+    return backoff * (0.5 + secrets.randbelow(1001) / 2000)  # jitter: half to all of it
+
+
 def _scrub(error: FakeGptError, secrets: Sequence[str]) -> None:
     """Replace by ``***`` any secret the upstream echoed in `error`'s words."""
     error.args = tuple(_redact(arg, secrets) if isinstance(arg, str) else arg for arg in error.args)
@@ -3069,6 +3165,22 @@ def _scrub(error: FakeGptError, secrets: Sequence[str]) -> None:
         value = getattr(error, name, None)
         if isinstance(value, str):
             setattr(error, name, _redact(value, secrets))
+
+
+class _Closing:
+    """``async with _Closing(generator) as items``: the generator is closed when the block
+    ends, for any reason, before control returns (``contextlib.aclosing`` is 3.10+). An
+    ``async for`` that stops early leaves its generator, and the connection inside it, to
+    the garbage collector: open until a later turn of the event loop, or past its end."""
+
+    def __init__(self, generator: AsyncGenerator[Any, None]) -> None:
+        self.generator = generator
+
+    async def __aenter__(self) -> AsyncGenerator[Any, None]:
+        return self.generator
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.generator.aclose()
 
 
 def _uuid4() -> str:
@@ -3190,8 +3302,9 @@ class FakeGpt:
         ``conversation=`` to continue) and a ``FinishReason``, gpt4free's own classes when
         g4f is installed."""
         async with cls.stream(model, messages, proxy, **kwargs) as events:
-            async for piece in events.texts():
-                yield piece
+            async with _Closing(events.texts()) as pieces:
+                async for piece in pieces:
+                    yield piece
             if kwargs.get("return_conversation"):
                 conversation_class, finish_class = _gpt4free_responses()
                 yield conversation_class(
@@ -3209,13 +3322,13 @@ class FakeGpt:
     @classmethod
     def create_completion(
         cls, model: str, messages: Messages, stream: bool = True, **kwargs: Any
-    ) -> Iterator[str]:
-        """The reply's pieces from synchronous code, even where an event loop is running."""
+    ) -> Union[Iterator[Any], str]:
+        """From synchronous code, even where an event loop is running: the reply's pieces
+        as they arrive, or with ``stream=False`` the whole reply as one string."""
         pieces = _iterate_sync(cls.create_async_generator(model, messages, **kwargs))
         if stream:
-            yield from pieces
-        else:
-            yield "".join(pieces)
+            return pieces
+        return "".join(piece for piece in pieces if isinstance(piece, str))
 
     @classmethod
     def get_dict(cls) -> Dict[str, Any]:
@@ -3386,6 +3499,9 @@ def _cli_parser() -> argparse.ArgumentParser:
     parser.add_argument("--proxy", help="an http://[user:password@]host:port proxy")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="the upstream model (default: %(default)s)")
     parser.add_argument("--timeout", type=float, help="give up after this many seconds")
+    parser.add_argument("--retries", type=int, default=2,
+                        help="try again this many times after a 429, a 5xx or a failed connection, "
+                        "before any text arrived (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="write one JSON object per event")
     parser.add_argument("--verbose", action="store_true", help="show each request on stderr")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -3450,7 +3566,7 @@ def _with_mock(args: argparse.Namespace, token: Optional[str]) -> int:
 
 def _run(args: argparse.Namespace, url: str, token: Optional[str], *, trust_env: bool) -> int:
     options: Dict[str, Any] = {"url": url, "trust_env": trust_env, "profile": args.profile,
-                               "auto_continue": True}
+                               "auto_continue": True, "retries": args.retries}
     if token is not None:
         options["access_token"] = token
     if args.conversation_id:

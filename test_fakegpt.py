@@ -1868,7 +1868,7 @@ def test_sessions_are_kept_per_upstream_url() -> None:
 
 def test_sync_create_completion_with_and_without_a_running_loop(provider: "type[FakeGpt]") -> None:
     assert "".join(provider.create_completion("", USER)) == FULL_REPLY
-    assert list(provider.create_completion("", USER, stream=False)) == [FULL_REPLY]
+    assert provider.create_completion("", USER, stream=False) == FULL_REPLY  # a str, as gpt4free's providers give
 
     async def inside_a_loop() -> str:
         return "".join(provider.create_completion("", USER))
@@ -1964,6 +1964,77 @@ def test_the_class_works_where_gpt4free_expects_a_provider(provider: "type[FakeG
     assert chat_completion_create("gpt-3.5-turbo", USER, provider) == FULL_REPLY
     assert "".join(chat_completion_create("", USER, provider, stream=True, timeout=30)) == FULL_REPLY
     assert provider.params.startswith("fakegpt.Provider supports: (")
+
+
+def test_the_library_reads_fakegpt_url_and_a_call_or_a_subclass_url_wins(mock: mock_server.MockServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FAKEGPT_URL", mock.url)
+    assert "".join(pieces_of(FakeGpt.isolated())) == FULL_REPLY  # FakeGpt's own url: the variable
+    monkeypatch.setenv("FAKEGPT_URL", "http://127.0.0.1:9")
+    assert "".join(pieces_of(provider_for(mock.url))) == FULL_REPLY  # a subclass's url wins
+    assert "".join(pieces_of(FakeGpt.isolated(), url=mock.url)) == FULL_REPLY  # and so does url=
+    with pytest.raises(fakegpt.UsageError, match="non-empty"):
+        FakeGpt.stream("", USER, url="")
+
+
+@pytest.mark.parametrize("keyword, suggestion", [("timout", "timeout"), ("conversation_ID", "conversation_id"),
+                                                 ("acess_token", "access_token"), ("Profile", "profile"), ("retrys", "retries")])
+def test_a_keyword_close_to_a_known_one_is_a_usage_error(keyword: str, suggestion: str) -> None:
+    with pytest.raises(fakegpt.UsageError, match=f"unknown keyword '{keyword}': did you mean '{suggestion}'"):
+        FakeGpt.stream("", USER, url="http://127.0.0.1:9", **{keyword: 1})
+
+
+def test_gpt4free_keywords_and_unrelated_ones_are_still_accepted(provider: "type[FakeGpt]") -> None:
+    gpt4free = {"stream": True, "proxy": None, "timeout": 30, "web_search": False, "stream_timeout": 5, "media": None,
+                "api_key": None, "max_tokens": 100, "temperature": 0.5, "tools": None, "conversation_style": "balanced",
+                "frobnicate": 1}
+    assert "".join(pieces_of(provider, **gpt4free)) == FULL_REPLY
+
+
+def test_create_completion_without_stream_returns_the_whole_reply_as_a_string(provider: "type[FakeGpt]") -> None:
+    assert provider.create_completion("", USER, stream=False) == FULL_REPLY
+    assert "".join(provider.create_completion("", USER)) == FULL_REPLY
+
+
+@pytest.fixture
+def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fakegpt, "_RETRY_BASE", 0.01)
+
+
+@pytest.mark.parametrize("fault", ["status:500", "status:503", "status:429", "status:429:0", "reset:0", "cut:0"])
+def test_retries_try_again_after_a_transient_failure_before_text(provider: "type[FakeGpt]", mock: mock_server.MockServer,
+                                                                 fault: str, quick_retries: None, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="fakegpt")
+    mock.fail_next(fault, times=2)
+    assert "".join(pieces_of(provider, retries=2)) == FULL_REPLY
+    assert mock.count("POST", "/api/conversation") == 3
+    assert [r.levelname for r in caplog.records if "trying again" in r.getMessage()] == ["INFO", "INFO"]
+    mock.fail_next(fault, times=2)
+    raised, _ = failure(provider, retries=1)
+    assert mock.count("POST", "/api/conversation") == 5  # two more, then the error
+
+
+@pytest.mark.parametrize("fault", ["cut:5", "reset:5", "error_event:3", "status:400", "status:401", "challenge"])
+def test_retries_never_repeat_text_or_a_request_that_cannot_succeed(provider: "type[FakeGpt]", mock: mock_server.MockServer,
+                                                                    fault: str, quick_retries: None) -> None:
+    pieces_of(provider)  # logged in
+    before = mock.count("POST", "/api/conversation")
+    mock.fail_next(fault, times=5)
+    raised, pieces = failure(provider, retries=3)
+    expected = 2 if fault == "status:401" else 1  # a refused token logs in again once, as ever
+    assert mock.count("POST", "/api/conversation") - before == expected
+    assert FULL_REPLY.startswith("".join(pieces))
+
+
+def test_a_retry_after_is_honoured_and_capped(provider: "type[FakeGpt]", mock: mock_server.MockServer) -> None:
+    error = fakegpt.RateLimitError("x", retry_after=7200.0, status=429)
+    assert fakegpt._retry_delay(error, 0) == fakegpt._RETRY_CAP
+    assert fakegpt._retry_delay(fakegpt.RateLimitError("x", retry_after=2.0, status=429), 5) == 2.0
+    delays = [fakegpt._retry_delay(fakegpt.HTTPStatusError("x", status=502), attempt) or 0 for attempt in range(8)]
+    backoffs = [min(fakegpt._RETRY_BASE * 2 ** a, fakegpt._RETRY_CAP) for a in range(8)]
+    assert all(b / 2 <= d <= b for b, d in zip(backoffs, delays)) and backoffs[-1] == fakegpt._RETRY_CAP
+    assert fakegpt._retry_delay(fakegpt.TLSError("x"), 0) is None
+    with pytest.raises(fakegpt.UsageError, match="retries"):
+        FakeGpt.stream("", USER, url="http://127.0.0.1:9", retries=-1)
 
 
 def answering(response: bytes) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
@@ -2422,7 +2493,7 @@ def test_cli_output_is_flushed_per_piece(mock: mock_server.MockServer) -> None:
     (["--proxy", "socks5://127.0.0.1:9", "--mock", "Hi"], 2, "socks5"),
     (["--mock", ""], 2, "empty"),
     (["--no-such-flag"], 2, "unrecognized"),
-    (["--mock", "[[fault status:429:7]] Hi"], 1, "HTTP 429"),
+    (["--mock", "--retries", "0", "[[fault status:429:7]] Hi"], 1, "HTTP 429"),
     (["--mock", "[[fault cut:5]] Hi"], 1, "cut off after"),
 ])
 def test_cli_errors_are_one_line_without_traceback(args: List[str], code: int, words: str) -> None:
