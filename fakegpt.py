@@ -99,6 +99,7 @@ __all__ = [
     "UsageError",
     "format_prompt",
     "get_random_string",
+    "load_mock_server",
     "main",
 ]
 
@@ -3397,6 +3398,31 @@ def _gpt4free_responses() -> Tuple[Callable[..., Any], Callable[[str], Any]]:
         return JsonConversation, FinishReason
 
 
+def load_mock_server() -> Any:
+    """The bundled mock upstream (``mock_server.py`` beside this file), as the module
+    ``fakegpt.mock_server``: loaded from its own location, so that a project's own
+    ``mock_server`` module never stands in for it, nor it for theirs.
+    `UsageError` if it is not there (this file was copied alone)."""
+    name = "fakegpt.mock_server"
+    module = sys.modules.get(name)
+    if module is not None:
+        return module
+    import importlib.util  # here: only --mock and the pytest plugin need it
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mock_server.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None or not os.path.isfile(path):
+        raise UsageError(f"the bundled mock needs mock_server.py beside fakegpt ({path} is missing)")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # before running it: its dataclasses look themselves up there
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
 def _iterate_sync(pieces: AsyncIterator[_T]) -> Iterator[_T]:
     """Iterate an async iterator from synchronous code."""
     try:
@@ -3552,9 +3578,9 @@ def _read_token_file(path: str) -> str:
 
 def _with_mock(args: argparse.Namespace, token: Optional[str]) -> int:
     try:
-        import mock_server
-    except ImportError:
-        return _fail("--mock needs mock_server.py beside fakegpt.py", EXIT_USAGE)
+        mock_server = load_mock_server()
+    except UsageError as exc:
+        return _fail(str(exc), EXIT_USAGE)
     token = token or os.environ.get("FAKEGPT_ACCESS_TOKEN") or None
     if token is not None and _TOKEN_TEXT.fullmatch(token) is None:
         return _fail("the access token must be printable ASCII without spaces", EXIT_USAGE)

@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import gc
 import http.client
+import importlib.util
 import json
 import logging
 import os
@@ -2839,6 +2840,34 @@ def test_mock_serves_1000_concurrent_streams() -> None:
         assert server.count("POST", "/api/conversation") == 1000
 
 
+def test_a_project_with_its_own_mock_server_module_keeps_it_and_still_has_ours(tmp_path: pathlib.Path) -> None:
+    # The user's mock_server: importing it from fakegpt would break the run.
+    (tmp_path / "mock_server.py").write_text("import os\nif os.environ.get('STRICT'):\n    raise RuntimeError('fakegpt imported the project mock_server')\nOURS = True\n")
+    (tmp_path / "test_project.py").write_text(
+        "import mock_server\n"
+        "def test_their_own_module():\n"
+        "    assert mock_server.OURS\n"
+        "def test_our_fixture(fakegpt_provider):\n"
+        "    assert fakegpt_provider.create_completion('', [{'role': 'user', 'content': 'Hi'}], stream=False).startswith('Привет')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(HERE)}
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:fakegpt", "-p", "fakegpt_pytest", "-p", "no:cacheprovider", str(tmp_path)],
+                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+    assert result.returncode == 0 and "2 passed" in result.stdout, result.stdout + result.stderr
+    cli = subprocess.run([sys.executable, "-m", "fakegpt", "--mock", "Hello"], capture_output=True, text=True,
+                         env={**env, "STRICT": "1"}, cwd=tmp_path, timeout=60)
+    assert cli.returncode == 0 and cli.stdout == FULL_REPLY + "\n", cli.stderr
+    unused = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:fakegpt", "-p", "fakegpt_pytest", "-p", "no:cacheprovider",
+                             "-k", "their_own", str(tmp_path)], capture_output=True, text=True, env={**env, "STRICT": ""}, cwd=tmp_path, timeout=60)
+    assert unused.returncode == 0 and "1 passed" in unused.stdout  # the plugin breaks nothing it is not asked for
+
+
+def test_load_mock_server_is_the_bundled_mock_by_its_own_location() -> None:
+    module = fakegpt.load_mock_server()
+    assert module.__name__ == "fakegpt.mock_server" and module is fakegpt.load_mock_server()
+    assert pathlib.Path(module.__file__).resolve() == (HERE / "mock_server.py").resolve()
+
+
 def test_pytest_plugin_gives_users_a_mock_fixture(tmp_path: pathlib.Path) -> None:
     (tmp_path / "test_user.py").write_text(
         "import asyncio, pytest\n"
@@ -2854,3 +2883,53 @@ def test_pytest_plugin_gives_users_a_mock_fixture(tmp_path: pathlib.Path) -> Non
                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(HERE)}, cwd=tmp_path, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 passed" in result.stdout
+
+
+# ---------------------------------------------------------------------------------------
+# The README, run as pasted
+# ---------------------------------------------------------------------------------------
+
+
+def readme_python_blocks() -> List[Tuple[int, str, Optional[str]]]:
+    """(line, code, the package it needs) of every ```python block of README.md; a
+    ``<!-- readme-test: needs PACKAGE -->`` line just before a block names the package."""
+    lines = (HERE / "README.md").read_text(encoding="utf-8").split("\n")
+    blocks, index = [], 0
+    while index < len(lines):
+        if lines[index].strip() == "```python":
+            end = lines.index("```", index + 1)
+            marker = re.fullmatch(r"<!-- readme-test: needs (\S+) -->", lines[index - 1].strip())
+            blocks.append((index + 1, "\n".join(lines[index + 1:end]) + "\n", marker.group(1) if marker else None))
+            index = end
+        index += 1
+    return blocks
+
+
+README_BLOCKS = readme_python_blocks()
+
+
+def test_the_readme_has_python_examples_to_run() -> None:
+    assert len(README_BLOCKS) >= 6  # the extraction itself works: the test below is not empty
+
+
+@pytest.mark.parametrize("line, code, needs", README_BLOCKS, ids=[f"README.md line {b[0]}" for b in README_BLOCKS])
+def test_every_python_example_in_the_readme_runs_as_pasted(line: int, code: str, needs: Optional[str],
+                                                           tmp_path: pathlib.Path, mock: mock_server.MockServer) -> None:
+    if needs is not None and importlib.util.find_spec(needs) is None:
+        # A third-party package the test environment does not install: the example must
+        # still be complete Python; it was run by hand with the package (see the README).
+        compile(code, f"README.md:{line}", "exec")
+        return
+    env = {**os.environ, "PYTHONPATH": str(HERE), "FAKEGPT_URL": mock.url}
+    env.pop("FAKEGPT_ACCESS_TOKEN", None)
+    if re.search(r"^def test_", code, re.M):
+        (tmp_path / "test_readme_example.py").write_text(code, encoding="utf-8")
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:fakegpt", "-p", "fakegpt_pytest", "-p", "no:cacheprovider", str(tmp_path)]
+    else:
+        (tmp_path / "example.py").write_text(code, encoding="utf-8")
+        command = [sys.executable, str(tmp_path / "example.py")]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+    assert result.returncode == 0, f"README.md line {line}:\n{result.stdout}\n{result.stderr}"
+    assert "Traceback" not in result.stderr
+    if command[1] == "-m":
+        assert " passed" in result.stdout and "failed" not in result.stdout
