@@ -1710,6 +1710,7 @@ def thread_server(handler: Any, ssl_context: Optional[ssl.SSLContext] = None) ->
 
 async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     await reader.read()  # accepts, then says nothing
+    writer.close()  # Server.wait_closed() waits for this on CPython 3.12
 
 
 def test_connect_timeout_covers_a_tls_handshake_that_never_answers() -> None:
@@ -2860,6 +2861,23 @@ def test_a_project_with_its_own_mock_server_module_keeps_it_and_still_has_ours(t
     unused = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:fakegpt", "-p", "fakegpt_pytest", "-p", "no:cacheprovider",
                              "-k", "their_own", str(tmp_path)], capture_output=True, text=True, env={**env, "STRICT": ""}, cwd=tmp_path, timeout=60)
     assert unused.returncode == 0 and "1 passed" in unused.stdout  # the plugin breaks nothing it is not asked for
+
+
+def test_pytest_plugin_checks_marker_options_where_they_are_given(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "test_marked.py").write_text(
+        "import pytest\n"
+        "@pytest.mark.fakegpt_mock(fault='nonsense')\n"
+        "def test_bad_fault(fakegpt_mock):\n"
+        "    pass\n"
+        "@pytest.mark.fakegpt_mock(newline='crlf')\n"
+        "def test_crlf(fakegpt_mock, fakegpt_provider):\n"
+        "    assert fakegpt_mock.options.newline == '\\r\\n'\n"
+        "    assert fakegpt_provider.create_completion('', [{'role': 'user', 'content': 'Hi'}], stream=False)\n"
+    )
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:fakegpt", "-p", "fakegpt_pytest", "-p", "no:cacheprovider", str(tmp_path)],
+                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(HERE)}, cwd=tmp_path, timeout=60)
+    assert "1 passed, 1 error" in result.stdout, result.stdout
+    assert "ValueError: unknown fault 'nonsense'" in result.stdout  # at setup, saying why
 
 
 def test_load_mock_server_is_the_bundled_mock_by_its_own_location() -> None:
