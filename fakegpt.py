@@ -2152,6 +2152,9 @@ async def _open_tunnel(proxy: _Proxy, endpoint: _Endpoint, limits: Limits) -> so
         raise
 
 
+# What OpenSSL says when the bytes that came back are not TLS but, say, "HTTP/1.1 400".
+_PLAIN_HTTP_REASONS = frozenset({"WRONG_VERSION_NUMBER", "HTTP_REQUEST", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG"})
+
 _read_buffers = threading.local()
 
 
@@ -2194,16 +2197,23 @@ class _Connection(asyncio.BufferedProtocol):
     ) -> "_Connection":
         """A connection whose bytes go to `parser`."""
         where = endpoint.authority if proxy is None else f"the proxy {proxy.endpoint.authority}"
+        started = time.monotonic()
         try:
-            return await clock.within(
+            connection = await clock.within(
                 cls._connect(endpoint, proxy, ssl_context, lambda: cls(clock, parser), limits),
                 "connect",
             )
+            _log.debug("connected to %s in %.0f ms", where, (time.monotonic() - started) * 1000)
+            return connection
         except ssl.SSLCertVerificationError as exc:
             raise TLSError(
                 f"TLS certificate of {endpoint.host} not accepted: {exc.verify_message}"
             ) from None
         except ssl.SSLError as exc:
+            if exc.reason in _PLAIN_HTTP_REASONS:
+                raise TLSError(
+                    f"{endpoint.authority} answered in plain HTTP, not TLS: use http:// instead of https://"
+                ) from None
             raise TLSError(f"TLS handshake with {endpoint.host} failed: {exc.reason or exc}") from None
         except socket.gaierror:
             raise ConnectError(f"cannot resolve the host name of {where}") from None
@@ -3500,7 +3510,8 @@ _CLI_EPILOG = """\
 exit codes: 0 ok, 1 upstream or protocol error, 2 usage error, 130 interrupted.
 environment: FAKEGPT_URL (the upstream), FAKEGPT_ACCESS_TOKEN (an access token),
 HTTPS_PROXY, HTTP_PROXY, NO_PROXY.
-With no prompt on a terminal, fakegpt chats: Ctrl-D quits, Ctrl-C stops a reply."""
+With no prompt on a terminal, fakegpt chats (/help there lists its commands): Ctrl-D
+quits, Ctrl-C stops a reply."""
 
 
 def _cli_parser() -> argparse.ArgumentParser:
@@ -3529,7 +3540,10 @@ def _cli_parser() -> argparse.ArgumentParser:
                         help="try again this many times after a 429, a 5xx or a failed connection, "
                         "before any text arrived (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="write one JSON object per event")
-    parser.add_argument("--verbose", action="store_true", help="show each request on stderr")
+    parser.add_argument("--no-history", action="store_true",
+                        help="the chat keeps no history file (default: $XDG_STATE_HOME/fakegpt/history)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show each request, the timings, the model and the finish on stderr")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
@@ -3537,8 +3551,12 @@ def _cli_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The command line; returns the exit code."""
     args = _cli_parser().parse_args(argv)
-    if args.timeout is not None and args.timeout <= 0:
+    if args.timeout is not None and not args.timeout > 0:
         return _fail("--timeout must be a positive number of seconds", EXIT_USAGE)
+    if args.mock and args.url is not None:
+        return _fail("--mock and --url exclude each other: the mock is the upstream", EXIT_USAGE)
+    if args.url is not None and not args.url.strip():
+        return _fail("--url is empty (an unset shell variable?)", EXIT_USAGE)
     if args.verbose:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("fakegpt: %(message)s"))
@@ -3551,7 +3569,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         token = _read_token_file(args.access_token_file) if args.access_token_file else None
     except UsageError as exc:
-        return _fail(str(exc), EXIT_USAGE)
+        return _fail(str(exc), EXIT_USAGE, json_too=args.json)
     try:
         if args.mock:
             return _with_mock(args, token)
@@ -3604,66 +3622,303 @@ def _run(args: argparse.Namespace, url: str, token: Optional[str], *, trust_env:
     if args.proxy:
         options["proxy"] = args.proxy
     if args.prompt is None and sys.stdin.isatty():
-        return _chat(args, options)
-    prompt = sys.stdin.read() if args.prompt in (None, "-") else args.prompt
+        return _Chat(args, options).run()
+    if args.prompt in (None, "-"):
+        prompt = sys.stdin.read()
+        prompt = prompt[:-1] if prompt.endswith("\n") else prompt  # a piped line's own newline
+        prompt = prompt[:-1] if prompt.endswith("\r") else prompt
+    else:
+        prompt = args.prompt
     if not prompt.strip():
-        return _fail("the prompt is empty", EXIT_USAGE)
+        return _fail("the prompt is empty", EXIT_USAGE, json_too=args.json)
     try:
-        asyncio.run(_print_reply(prompt, args, options))
+        reply = asyncio.run(_print_reply(prompt, args, options))
     except UsageError as exc:
-        return _fail(str(exc), EXIT_USAGE)
+        return _fail(str(exc), EXIT_USAGE, json_too=args.json)
     except FakeGptError as exc:
-        return _fail(_explain(exc, url), EXIT_ERROR)
+        return _fail(_explain(exc, url), EXIT_ERROR, json_too=args.json, kind=type(exc).__name__)
+    if reply.finish_reason == "max_tokens" and not args.json:
+        _note("the reply stopped at the upstream's max_tokens: it is incomplete")
     return EXIT_OK
 
 
-async def _print_reply(prompt: str, args: argparse.Namespace, options: Dict[str, Any]) -> ChatStream:
-    """Stream the reply to stdout; the stream is returned for its ids."""
+async def _print_reply(
+    prompt: str, args: argparse.Namespace, options: Dict[str, Any], seen: Optional[List[ChatStream]] = None,
+) -> ChatStream:
+    """Stream the reply to stdout (a waiting sign on a terminal's stderr until the first
+    text); the stream is returned for its ids. `seen` receives it at once, so that a
+    caller interrupted in the middle still has it."""
     out = sys.stdout
+    started = time.monotonic()
+    first: Optional[float] = None
+    waiting = _Waiting() if sys.stderr.isatty() and not args.json else None
     async with FakeGpt.stream(args.model, [{"role": "user", "content": prompt}], **options) as reply:
+        if seen is not None:
+            seen.append(reply)
         try:
+            if waiting is not None:
+                waiting.start()
             async for event in reply:
+                if first is None and (event.delta or args.json):
+                    first = time.monotonic() - started
+                    if waiting is not None:
+                        waiting.stop()
                 if args.json:
                     out.write(json.dumps(event.as_dict(), ensure_ascii=False) + "\n")
                 elif event.delta:
-                    out.write(event.delta)
+                    out.write(_printable(event.delta) if out.isatty() else event.delta)
                 out.flush()
         finally:
+            if waiting is not None:
+                waiting.stop()
             if reply.text and not args.json:
                 out.write("\n")
                 out.flush()
+    if args.verbose:
+        first_text = "no text" if first is None else f"first piece after {first * 1000:.0f} ms"
+        _log.info(
+            "%s, total %.0f ms; model %s, finish %s, conversation %s", first_text,
+            (time.monotonic() - started) * 1000, reply.model or args.model,
+            reply.finish_reason, reply.conversation_id,
+        )
     return reply
 
 
-def _chat(args: argparse.Namespace, options: Dict[str, Any]) -> int:
-    """Interactive chat: each line is a turn of one conversation."""
-    print(
-        f"fakegpt {__version__}, chatting with {options['url']}. "
-        "Ctrl-D quits, Ctrl-C stops a reply.",
-        file=sys.stderr,
-    )
-    while True:
+class _Waiting:
+    """A sign on stderr (a terminal) while no text has arrived; cleared when it does."""
+
+    _FRAMES = "|/-\\"
+
+    def __init__(self) -> None:
+        self._task: Optional["asyncio.Task[None]"] = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._spin())
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+    async def _spin(self) -> None:
+        await asyncio.sleep(0.15)  # a quick reply shows no sign at all
+        frame = 0
+        while True:
+            sys.stderr.write(f"\r{self._FRAMES[frame % 4]} waiting for the upstream")
+            sys.stderr.flush()
+            frame += 1
+            await asyncio.sleep(0.12)
+
+
+_CHAT_HELP = """\
+/help            this list
+/new             start a new conversation
+/save FILE       save the transcript: Markdown, or JSON if FILE ends in .json
+/retry           ask the last prompt again (a new answer in its place)
+/quit, /exit     leave (Ctrl-D too)
+//text           send "/text" (a message that starts with a slash)
+A line ending in \\ goes on in the next line; a block between two lines of three
+double quotes (\"\"\") is sent as one message. Ctrl-C stops a reply: its text stays in
+the transcript, marked stopped, and the next turn answers the last complete reply."""
+
+
+class _Chat:
+    """The interactive chat: each line (or block) is a turn of one conversation."""
+
+    def __init__(self, args: argparse.Namespace, options: Dict[str, Any]) -> None:
+        self.args = args
+        self.options = options
+        self.transcript: List[Dict[str, Any]] = []
+        self.title: Optional[str] = None
+        self.model: Optional[str] = None
+        self.last: Optional[Tuple[str, Optional[str], Optional[str]]] = None  # prompt, conversation, parent
+        self.history_file: Optional[str] = None
+
+    def run(self) -> int:
+        self._set_up_line_editing()
         try:
-            line = input("you> ")
-        except EOFError:
-            print(file=sys.stderr)
-            return EXIT_OK
-        except KeyboardInterrupt:
-            print(file=sys.stderr)
-            continue
-        if not line.strip():
-            continue
+            self._banner()
+            while True:
+                try:
+                    prompt = self._read()
+                except EOFError:
+                    print(file=sys.stderr)
+                    return EXIT_OK
+                except KeyboardInterrupt:
+                    print(file=sys.stderr)
+                    continue
+                if prompt is None or not prompt.strip():
+                    continue
+                if prompt.startswith("/") and not prompt.startswith("//"):
+                    if self._command(prompt.strip()):
+                        return EXIT_OK
+                    continue
+                self._ask(prompt[1:] if prompt.startswith("//") else prompt)
+        finally:
+            self._save_history()
+
+    # -- input ---------------------------------------------------------------------------
+
+    def _read(self) -> Optional[str]:
+        line = input("you> ")
+        lines: List[str] = []
+        if line.strip() == '"""':
+            while True:
+                more = input("...> ")
+                if more.strip() == '"""':
+                    return "\n".join(lines)
+                lines.append(more)
+        while line.endswith("\\") and not line.endswith("\\\\"):
+            lines.append(line[:-1])
+            line = input("...> ")
+        lines.append(line)
+        return "\n".join(lines)
+
+    def _set_up_line_editing(self) -> None:
         try:
-            reply = asyncio.run(_print_reply(line, args, options))
+            import readline  # importing it gives input() line editing
+        except ImportError:  # pragma: no cover - a platform without readline
+            return
+        if self.args.no_history:
+            return
+        path = os.path.join(_state_directory(), "history")
+        try:
+            if os.path.exists(path):
+                readline.read_history_file(path)
+            readline.set_history_length(1000)
+        except OSError:
+            return
+        self.history_file = path
+
+    def _save_history(self) -> None:
+        if self.history_file is None:
+            return
+        import readline
+
+        try:
+            os.makedirs(os.path.dirname(self.history_file), mode=0o700, exist_ok=True)
+            fd = os.open(self.history_file, os.O_WRONLY | os.O_CREAT, 0o600)
+            os.close(fd)
+            os.chmod(self.history_file, 0o600)
+            readline.write_history_file(self.history_file)
+        except OSError as exc:
+            _note(f"the history was not saved: {exc.strerror or exc}")
+
+    # -- turns ---------------------------------------------------------------------------
+
+    def _banner(self) -> None:
+        options = self.options
+        print(
+            f"fakegpt {__version__}: {options['url']}, profile {options['profile']}, "
+            f"model {self.args.model}\n"
+            "Type /help for commands; \"\"\" for a block of lines; Ctrl-C stops a reply, Ctrl-D quits.",
+            file=sys.stderr,
+        )
+
+    def _ask(self, prompt: str, *, conversation: Optional[Tuple[Optional[str], Optional[str]]] = None) -> None:
+        options = dict(self.options)
+        conversation_id, parent = conversation if conversation is not None else self._position()
+        for key, value in (("conversation_id", conversation_id), ("parent_message_id", parent)):
+            options.pop(key, None)
+            if value:
+                options[key] = value
+        self.last = (prompt, conversation_id, parent)
+        self.transcript.append({"role": "user", "content": prompt})
+        seen: List[ChatStream] = []
+        try:
+            reply = asyncio.run(_print_reply(prompt, self.args, options, seen))
         except KeyboardInterrupt:
+            text = seen[0].text if seen else ""
             print("[reply stopped]", file=sys.stderr)
-            continue
+            self.transcript.append({"role": "assistant", "content": text, "stopped": True})
+            return
         except FakeGptError as exc:
-            print(f"fakegpt: error: {_explain(exc, options['url'])}", file=sys.stderr)
-            continue
-        if reply.conversation_id and reply.message_id:
-            options["conversation_id"] = reply.conversation_id
-            options["parent_message_id"] = reply.message_id
+            print(f"fakegpt: error: {_printable(_explain(exc, self.options['url']))}", file=sys.stderr)
+            self.transcript.pop()
+            return
+        self.transcript.append({
+            "role": "assistant", "content": reply.text, "conversation_id": reply.conversation_id,
+            "message_id": reply.message_id,
+        })
+        if reply.finish_reason == "max_tokens":
+            _note("the reply stopped at the upstream's max_tokens: it is incomplete")
+        if reply.model:
+            self.model = reply.model
+        if reply.title and reply.title != self.title:
+            self.title = reply.title
+            print(f"[{_printable(reply.title)}]", file=sys.stderr)
+
+    def _position(self) -> Tuple[Optional[str], Optional[str]]:
+        """The conversation and the message a new turn answers: the last complete reply."""
+        for entry in reversed(self.transcript):
+            if entry["role"] == "assistant" and not entry.get("stopped"):
+                return entry.get("conversation_id"), entry.get("message_id")
+        return self.options.get("conversation_id"), self.options.get("parent_message_id")
+
+    # -- commands ------------------------------------------------------------------------
+
+    def _command(self, line: str) -> bool:
+        """Run a /command; True to leave."""
+        name, _, argument = line.partition(" ")
+        if name in ("/quit", "/exit"):
+            return True
+        if name == "/help":
+            print(_CHAT_HELP, file=sys.stderr)
+        elif name == "/new":
+            self.transcript, self.title, self.last = [], None, None
+            self.options.pop("conversation_id", None)
+            self.options.pop("parent_message_id", None)
+            print("[a new conversation]", file=sys.stderr)
+        elif name == "/retry":
+            if self.last is None:
+                print("[nothing to retry yet]", file=sys.stderr)
+            else:
+                prompt, conversation_id, parent = self.last
+                print(f"[asking again: {_printable(prompt)}]", file=sys.stderr)
+                self._ask(prompt, conversation=(conversation_id, parent))
+        elif name == "/save":
+            self._save(argument.strip())
+        else:
+            print(f"[unknown command {_printable(name)}: /help lists them; //text sends /text]", file=sys.stderr)
+        return False
+
+    def _save(self, path: str) -> None:
+        if not path:
+            print("[/save needs a file name: /save chat.md or /save chat.json]", file=sys.stderr)
+            return
+        if path.lower().endswith(".json"):
+            document = json.dumps({"title": self.title, "model": self.model, "messages": self.transcript},
+                                  ensure_ascii=False, indent=2) + "\n"
+        else:
+            parts = [f"# {self.title or 'fakegpt chat'}\n"]
+            for entry in self.transcript:
+                who = "You" if entry["role"] == "user" else "Assistant"
+                stopped = " (stopped)" if entry.get("stopped") else ""
+                parts.append(f"**{who}{stopped}:**\n\n{entry['content']}\n")
+            document = "\n".join(parts)
+        try:
+            with open(os.path.expanduser(path), "w", encoding="utf-8") as file:
+                file.write(document)
+        except OSError as exc:
+            print(f"[not saved: {exc.strerror or exc}]", file=sys.stderr)
+            return
+        print(f"[saved {len(self.transcript)} messages to {path}]", file=sys.stderr)
+
+
+def _state_directory() -> str:
+    """Where fakegpt keeps what it remembers between commands (XDG's state directory)."""
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "fakegpt")
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\x80-\x9f]")
+
+
+def _printable(text: str) -> str:
+    """`text` as a terminal may show it: control characters (newline and tab aside) go."""
+    return _CONTROL.sub("", text)
 
 
 def _explain(exc: FakeGptError, url: str) -> str:
@@ -3679,8 +3934,18 @@ def _explain(exc: FakeGptError, url: str) -> str:
     return message
 
 
-def _fail(message: str, code: int) -> int:
-    print(f"fakegpt: error: {message}", file=sys.stderr)
+def _note(message: str) -> None:
+    print(f"fakegpt: note: {message}", file=sys.stderr)
+
+
+def _fail(message: str, code: int, *, json_too: bool = False, kind: str = "UsageError") -> int:
+    """Say `message` on stderr (a terminal sees no control characters) and, for a JSON
+    reader, as one object on stdout; returns `code`."""
+    shown = _printable(message) if sys.stderr.isatty() else message
+    print(f"fakegpt: error: {shown}", file=sys.stderr)
+    if json_too:
+        sys.stdout.write(json.dumps({"error": message, "type": kind}, ensure_ascii=False) + "\n")
+        sys.stdout.flush()
     return code
 
 

@@ -378,7 +378,7 @@ class _Turn(NamedTuple):
     before: str
     text: str
     finish: str
-    title: str
+    title: Optional[str]  # a conversation's first turn names it; later turns do not
     step: int
 
 
@@ -713,6 +713,7 @@ class MockServer:
                 raise _BadRequest(400, {"message": f"Parent message {parent} is not in this conversation.",
                                         "code": "invalid_parent_message"})
         user: Optional[Dict[str, Any]] = None
+        turns = 0
         if body["action"] == "continue":
             if parent not in conversation.unfinished:
                 raise _BadRequest(400, "There is nothing to continue: that message finished.")
@@ -730,13 +731,15 @@ class MockServer:
         end, finish = len(whole), options.finish
         if options.max_tokens and len(whole) - sent > options.max_tokens:
             end, finish = sent + options.max_tokens, "max_tokens"
+        if finish == "max_tokens":  # continuable, as the upstream's are
             conversation.unfinished[message_id] = (whole, end, prompt)
         step = options.step
         in_prompt = _STEP_IN_PROMPT.search(prompt) if options.directives else None
         if in_prompt:
             step = min(int(in_prompt.group(1)), MAX_REPLY_CHARS) or 1
         return _Turn(conversation.id, message_id, user, body.get("model") or "text-davinci-002-render-sha",
-                     "" if empty else whole[:sent], "" if empty else whole[:end], finish, _title(prompt), step)
+                     "" if empty else whole[:sent], "" if empty else whole[:end], finish,
+                     _title(prompt) if turns == 0 and user is not None else None, step)
 
     def _reply_text(self, prompt: str, turn: int, earlier: Optional[str]) -> str:
         reply = self.options.reply
@@ -850,7 +853,8 @@ class MockServer:
         yield _Event((dump({"conversation_id": conversation_id, "message_id": turn.message_id, "is_completion": True,
                             "moderation_response": {"flagged": False, "blocked": False,
                                                     "moderation_id": "modr-" + turn.message_id[:8]}}),))
-        yield _Event((dump({"type": "title_generation", "title": turn.title, "conversation_id": conversation_id}),))
+        if turn.title is not None:
+            yield _Event((dump({"type": "title_generation", "title": turn.title, "conversation_id": conversation_id}),))
         yield _DONE
 
     # -- the stream: the delta format ------------------------------------------------
@@ -888,7 +892,8 @@ class MockServer:
             yield notice("input_message", input_message={**turn.user, "author": {"role": "user"}})
             yield delta({"p": "", "o": "add", "v": message(str(turn.user.get("id")), "user", turn.user["content"],
                                                            status="finished_successfully"), "c": 0})
-        yield notice("title_generation", title="New chat")
+        if turn.title is not None:
+            yield notice("title_generation", title="New chat")
         yield notice("message_marker", message_id=turn.message_id, marker="user_visible_token", event="first")
         # A commentary preamble addressed to everyone: the web page hides it.
         yield delta({"p": "", "o": "add", "c": 1, "v": message(
@@ -969,7 +974,8 @@ class MockServer:
             {"p": "/message/end_turn", "o": "replace", "v": True},
             {"p": "/message/metadata", "o": "append",
              "v": {"finish_details": {"type": turn.finish, "stop_tokens": [200002]}, "is_complete": True}}]})
-        yield notice("title_generation", title=turn.title)
+        if turn.title is not None:
+            yield notice("title_generation", title=turn.title)
         yield notice("message_stream_complete")
         yield notice("conversation_detail_metadata", banner_info=None, blocked_features=[],
                      model_limits=[], default_model_slug=turn.model)
@@ -1146,10 +1152,15 @@ def _printable(text: str) -> str:
 
 async def _read_request(reader: asyncio.StreamReader) -> Optional[RecordedRequest]:
     """The next request on the connection, None when the client closed it."""
+    first = await reader.read(1)
+    if not first:
+        return None
+    if first == b"\x16":  # a TLS handshake: answer at once, as a plain HTTP server does
+        raise _BadRequest(400, "This is a plain HTTP server: the client spoke TLS to it.")
     try:
-        head = await reader.readuntil(b"\r\n\r\n")
+        head = first + await reader.readuntil(b"\r\n\r\n")
     except asyncio.IncompleteReadError as exc:
-        if exc.partial.strip():
+        if (first + exc.partial).strip():
             raise _BadRequest(400, "Incomplete request.") from None
         return None
     except asyncio.LimitOverrunError:

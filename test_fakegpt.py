@@ -25,6 +25,7 @@ import shutil
 import signal
 import socket
 import ssl
+import stat
 import subprocess
 import sys
 import threading
@@ -2569,6 +2570,175 @@ def test_interactive_chat_in_a_real_terminal(mock: mock_server.MockServer) -> No
     assert "conversation_id" not in turns[0]
     assert turns[-1]["conversation_id"] and turns[-1]["messages"][0]["content"]["parts"] == ["Again"]
     assert turns[1]["parent_message_id"] != turns[0]["parent_message_id"]
+
+
+@pytest.fixture
+def mock_process() -> Iterator[str]:
+    """A mock upstream in a process of its own (a terminal test forks: no threads then)."""
+    process = subprocess.Popen([sys.executable, "-m", "mock_server", "--port", "0"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, cwd=HERE)
+    try:
+        assert process.stdout is not None
+        yield process.stdout.readline().strip()
+    finally:
+        process.terminate()
+        process.communicate(timeout=10)
+
+
+class Terminal:
+    """fakegpt's chat on a pseudo-terminal: keys in, the screen out."""
+
+    def __init__(self, url: str, *extra: str, env: Optional[Dict[str, str]] = None) -> None:
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # the child: fakegpt on the terminal
+            os.chdir(HERE)
+            os.execve(sys.executable, [sys.executable, "-m", "fakegpt", "--url", url, *extra],
+                      {**os.environ, "PYTHONPATH": str(HERE), "TERM": "xterm", **(env or {})})
+        self.screen = ""
+
+    def type(self, keys: str) -> None:
+        os.write(self.fd, keys.encode())
+
+    def until(self, marker: str, timeout: float = 10) -> str:
+        """The screen from now until `marker` shows (line endings as LF)."""
+        seen = read_until(self.fd, marker.encode(), timeout).decode(errors="replace").replace("\r\n", "\n")
+        self.screen += seen
+        return seen
+
+    def close(self) -> int:
+        self.type("\x04")  # Ctrl-D
+        _, status = os.waitpid(self.pid, 0)
+        os.close(self.fd)
+        return os.waitstatus_to_exitcode(status)
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError, ChildProcessError, OSError):
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+            os.close(self.fd)
+
+
+def test_chat_history_multiline_and_commands(mock_process: str, tmp_path: pathlib.Path) -> None:
+    env = {"XDG_STATE_HOME": str(tmp_path / "state")}
+    term = Terminal(mock_process, env=env)
+    try:
+        banner = term.until("you> ")
+        assert mock_process in banner and "profile shared" in banner and f"model {fakegpt.DEFAULT_MODEL}" in banner
+        assert "/help" in banner
+        term.type("Hello\n")
+        assert mock_server.default_reply("Hello") in term.until("you> ")
+        assert "[Hello]" in term.screen  # the title, once the upstream gives one
+        term.type("\x1b[A\n")  # Up: the last line again
+        assert "Turn 2: before, you said “Hello”." in term.until("you> ")
+        term.type('"""\nline one\nline two\n"""\n')
+        assert "line one\nline two" in term.until("you> ")
+        term.type("first \\\nsecond\n")
+        assert "first \nsecond" in term.until("you> ")
+        term.type("/help\n")
+        assert "/save FILE" in term.until("you> ")
+        term.type("/unknown\n")
+        assert "unknown command /unknown" in term.until("you> ")
+        term.type("//slash\n")
+        assert "You said “/slash”" in term.until("you> ")
+        term.type("/retry\n")
+        assert "You said “/slash”" in term.until("you> ")
+        term.type(f"/save {tmp_path / 'chat.md'}\n")
+        assert "saved" in term.until("you> ")
+        term.type(f"/save {tmp_path / 'chat.json'}\n")
+        term.until("you> ")
+        term.type("/new\n")
+        term.until("you> ")
+        term.type("After new\n")
+        assert mock_server.default_reply("After new") in term.until("you> ")  # a first turn again
+        assert term.close() == 0  # Ctrl-D
+    finally:
+        term.kill()
+    saved = json.loads((tmp_path / "chat.json").read_text())
+    assert [m["role"] for m in saved["messages"]] == ["user", "assistant"] * 6 and saved["title"] == "Hello"
+    assert saved["messages"][-2]["content"] == "/slash" and saved["messages"][-4]["content"] == "/slash"  # /retry
+    markdown = (tmp_path / "chat.md").read_text()
+    assert markdown.startswith("# Hello\n") and "**You:**\n\nline one\nline two" in markdown
+    history = tmp_path / "state" / "fakegpt" / "history"
+    assert stat.S_IMODE(history.stat().st_mode) == 0o600 and "Hello" in history.read_text()
+    again = Terminal(mock_process, env=env)  # the history outlives the chat
+    try:
+        again.until("you> ")
+        again.type("\x1b[A\n")  # Up: the last line of the chat before
+        assert mock_server.default_reply("After new") in again.until("you> ")
+        again.type("/quit\n")
+        _, status = os.waitpid(again.pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        again.kill()
+    none = Terminal(mock_process, "--no-history", env={"XDG_STATE_HOME": str(tmp_path / "other")})
+    try:
+        none.until("you> ")
+        none.type("Hi\n")
+        none.until("you> ")
+        assert none.close() == 0
+    finally:
+        none.kill()
+    assert not (tmp_path / "other").exists()
+
+
+def test_chat_ctrl_c_keeps_the_text_and_the_next_turn_answers_the_last_complete_reply(mock_process: str, tmp_path: pathlib.Path) -> None:
+    term = Terminal(mock_process, "--no-history")
+    try:
+        term.until("you> ")
+        term.type("First\n")
+        term.until("you> ")
+        term.type("[[fault delay_events:0.3]] slow\n")
+        assert "waiting for the upstream" in term.until("waiting for the upstream")  # a sign while nothing came
+        term.until("Привет")
+        term.type("\x03")  # Ctrl-C stops this reply only
+        assert "[reply stopped]" in term.until("you> ")
+        term.type("Next\n")
+        assert "Turn 2: before, you said “First”." in term.until("you> ")  # not the stopped one
+        term.type(f"/save {tmp_path / 'chat.md'}\n")
+        term.until("you> ")
+        term.type("/exit\n")
+        _, status = os.waitpid(term.pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        term.kill()
+    markdown = (tmp_path / "chat.md").read_text()
+    stopped = markdown.split("**Assistant (stopped):**\n\n")[1].split("\n")[0]
+    assert stopped.startswith("Turn 2: before, you said “First”. Привет") and not stopped.endswith("fine.")
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--mock", "--url", "http://127.0.0.1:9", "Hi"], "--mock and --url exclude each other"),
+    (["--url", "", "Hi"], "--url is empty"),
+])
+def test_cli_url_mistakes_are_usage_errors(args: List[str], words: str) -> None:
+    result = run_cli(*args)
+    assert result.returncode == 2 and words in result.stderr and result.stdout == ""
+
+
+def test_cli_one_shot_loose_ends(mock: mock_server.MockServer) -> None:
+    assert run_cli("--url", mock.url, input="Hello\n").stdout == FULL_REPLY + "\n"
+    assert mock.requests[-1].json()["messages"][0]["content"]["parts"] == ["Hello"]  # no trailing newline
+    failed = run_cli("--url", mock.url, "--json", "--retries", "0", "[[fault status:500]] Hi")
+    assert failed.returncode == 1 and json.loads(failed.stdout.splitlines()[-1]) == {
+        "error": "POST /api/conversation: HTTP 500: Internal Server Error", "type": "HTTPStatusError"}
+    assert "waiting" not in failed.stderr  # no sign when stderr is not a terminal
+    verbose = run_cli("--url", mock.url, "--verbose", "Hi").stderr
+    for words in ("connected to 127.0.0.1", "first piece after", "total", f"model {fakegpt.DEFAULT_MODEL}",
+                  "finish stop", "conversation "):
+        assert words in verbose, words
+
+
+def test_cli_notes_a_max_tokens_finish() -> None:
+    with mock_server.serve_in_thread(finish="max_tokens") as server:
+        result = run_cli("--url", server.url, "Hi")
+    assert result.returncode == 0 and "max_tokens" in result.stderr and result.stdout.startswith("Привет")
+
+
+def test_https_to_a_plain_http_server_fails_at_once_saying_so(mock: mock_server.MockServer) -> None:
+    started = time.monotonic()
+    result = run_cli("--url", mock.url.replace("http://", "https://"), "--retries", "0", "Hi")
+    assert result.returncode == 1 and "answered in plain HTTP, not TLS: use http://" in result.stderr
+    assert time.monotonic() - started < 5
 
 
 def test_cli_timeout_flag(mock: mock_server.MockServer) -> None:
