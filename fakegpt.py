@@ -3717,7 +3717,7 @@ _CHAT_HELP = """\
 /new             start a new conversation
 /save FILE       save the transcript: Markdown, or JSON if FILE ends in .json
 /retry           ask the last prompt again (a new answer in its place)
-/quit, /exit     leave (Ctrl-D too)
+/quit, /exit     leave (so do Ctrl-D, and exit or quit alone on a line)
 //text           send "/text" (a message that starts with a slash)
 A line ending in \\ goes on in the next line; a block between two lines of three
 double quotes (\"\"\") is sent as one message. Ctrl-C stops a reply: its text stays in
@@ -3751,6 +3751,8 @@ class _Chat:
                     continue
                 if prompt is None or not prompt.strip():
                     continue
+                if prompt.strip().lower() in ("exit", "quit"):  # as llm's and Python's own prompts
+                    return EXIT_OK
                 if prompt.startswith("/") and not prompt.startswith("//"):
                     if self._command(prompt.strip()):
                         return EXIT_OK

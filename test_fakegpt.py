@@ -2701,6 +2701,14 @@ def test_chat_ctrl_c_keeps_the_text_and_the_next_turn_answers_the_last_complete_
         assert os.waitstatus_to_exitcode(status) == 0
     finally:
         term.kill()
+    plain = Terminal(mock_process, "--no-history")
+    try:
+        plain.until("you> ")
+        plain.type("quit\n")  # a plain word leaves too, and is not sent
+        _, status = os.waitpid(plain.pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        plain.kill()
     markdown = (tmp_path / "chat.md").read_text()
     stopped = markdown.split("**Assistant (stopped):**\n\n")[1].split("\n")[0]
     assert stopped.startswith("Turn 2: before, you said “First”. Привет") and not stopped.endswith("fine.")
