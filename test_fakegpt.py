@@ -35,7 +35,7 @@ import urllib.parse
 import urllib.request
 import warnings
 import zlib
-from typing import Any, Awaitable, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Awaitable, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
@@ -196,6 +196,20 @@ def split_at(data: bytes, cuts: Sequence[int]) -> List[bytes]:
         last = point
     pieces.append(data[last:])
     return [piece for piece in pieces if piece]  # b"" means EOF to the readers
+
+
+def corrupted(body: Union[bytes, bytearray], edits: Sequence[Tuple[str, int, int]]) -> bytearray:
+    """`body` with each edit made: a byte flipped, inserted or deleted at a position."""
+    body = bytearray(body)
+    for kind, position, value in edits:
+        position %= len(body)
+        if kind == "flip":
+            body[position] ^= value or 1
+        elif kind == "insert":
+            body[position:position] = bytes([value])
+        else:
+            del body[position]
+    return body
 
 
 def sse_events(chunks: Sequence[bytes]) -> List[ServerSentEvent]:
@@ -850,14 +864,7 @@ def test_property_reply_decoder_shortcut_gives_exactly_what_the_two_decoders_giv
             event = event.replace(b'"author":', b"\ndata: " + b'"author":', 1)
         body += b"data: " + event + newline + (b"" if kind == "unended" else newline)
     body += b"data: [DONE]" + newline + newline
-    for kind, position, value in edits:
-        position %= len(body)
-        if kind == "flip":
-            body[position] ^= value or 1
-        elif kind == "insert":
-            body[position:position] = bytes([value])
-        else:
-            del body[position]
+    body = corrupted(body, edits)
     limits = Limits()
     if headroom is not None:  # limits that the text, as it grows, soon passes
         first = len(assistant_event("", **envelope))
@@ -905,15 +912,7 @@ def v1_body(text: str, seed: int) -> bytes:
        st.lists(st.integers(0, 3000), max_size=8))
 def test_property_delta_shortcut_gives_exactly_what_the_reference_path_gives(
         text: str, seed: int, newline: bytes, edits: List[Tuple[str, int, int]], cuts: List[int]) -> None:
-    body = bytearray(v1_body(text, seed).replace(b"\n", newline))
-    for kind, position, value in edits:
-        position %= len(body)
-        if kind == "flip":
-            body[position] ^= value or 1
-        elif kind == "insert":
-            body[position:position] = bytes([value])
-        else:
-            del body[position]
+    body = corrupted(v1_body(text, seed).replace(b"\n", newline), edits)
     chunks = split_at(bytes(body), cuts)
     reference = layered_outcome(chunks, Limits(), ConversationDecoder(fast_path=False))
     assert reply_outcome(chunks, Limits()) == reference
@@ -3019,6 +3018,13 @@ def test_mock_serves_1000_concurrent_streams() -> None:
         assert server.count("POST", "/api/conversation") == 1000
 
 
+def run_pytest_in(directory: pathlib.Path, *args: str, env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
+    """pytest in `directory`, as a user's project runs it, with fakegpt's plugin."""
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:fakegpt", "-p", "fakegpt_pytest", "-p", "no:cacheprovider", *args, str(directory)]
+    return subprocess.run(command, capture_output=True, text=True, cwd=directory, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(HERE), **(env or {})})
+
+
 def test_a_project_with_its_own_mock_server_module_keeps_it_and_still_has_ours(tmp_path: pathlib.Path) -> None:
     # The user's mock_server: importing it from fakegpt would break the run.
     (tmp_path / "mock_server.py").write_text("import os\nif os.environ.get('STRICT'):\n    raise RuntimeError('fakegpt imported the project mock_server')\nOURS = True\n")
@@ -3030,14 +3036,12 @@ def test_a_project_with_its_own_mock_server_module_keeps_it_and_still_has_ours(t
         "    assert fakegpt_provider.create_completion('', [{'role': 'user', 'content': 'Hi'}], stream=False).startswith('Привет')\n"
     )
     env = {**os.environ, "PYTHONPATH": str(HERE)}
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:fakegpt", "-p", "fakegpt_pytest", "-p", "no:cacheprovider", str(tmp_path)],
-                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+    result = run_pytest_in(tmp_path)
     assert result.returncode == 0 and "2 passed" in result.stdout, result.stdout + result.stderr
     cli = subprocess.run([sys.executable, "-m", "fakegpt", "--mock", "Hello"], capture_output=True, text=True,
                          env={**env, "STRICT": "1"}, cwd=tmp_path, timeout=60)
     assert cli.returncode == 0 and cli.stdout == FULL_REPLY + "\n", cli.stderr
-    unused = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:fakegpt", "-p", "fakegpt_pytest", "-p", "no:cacheprovider",
-                             "-k", "their_own", str(tmp_path)], capture_output=True, text=True, env={**env, "STRICT": ""}, cwd=tmp_path, timeout=60)
+    unused = run_pytest_in(tmp_path, "-k", "their_own", env={"STRICT": ""})
     assert unused.returncode == 0 and "1 passed" in unused.stdout  # the plugin breaks nothing it is not asked for
 
 
@@ -3052,8 +3056,7 @@ def test_pytest_plugin_checks_marker_options_where_they_are_given(tmp_path: path
         "    assert fakegpt_mock.options.newline == '\\r\\n'\n"
         "    assert fakegpt_provider.create_completion('', [{'role': 'user', 'content': 'Hi'}], stream=False)\n"
     )
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:fakegpt", "-p", "fakegpt_pytest", "-p", "no:cacheprovider", str(tmp_path)],
-                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(HERE)}, cwd=tmp_path, timeout=60)
+    result = run_pytest_in(tmp_path)
     assert "1 passed, 1 error" in result.stdout, result.stdout
     assert "ValueError: unknown fault 'nonsense'" in result.stdout  # at setup, saying why
 
@@ -3075,8 +3078,7 @@ def test_pytest_plugin_gives_users_a_mock_fixture(tmp_path: pathlib.Path) -> Non
         "    with pytest.raises(Exception, match='429'):\n"
         "        asyncio.run(fakegpt_provider.create_async('', [{'role': 'user', 'content': 'Hi'}]))\n"
     )
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:fakegpt", "-p", "fakegpt_pytest", "-p", "no:cacheprovider", str(tmp_path)],
-                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(HERE)}, cwd=tmp_path, timeout=60)
+    result = run_pytest_in(tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 passed" in result.stdout
 
@@ -3118,14 +3120,15 @@ def test_every_python_example_in_the_readme_runs_as_pasted(line: int, code: str,
         return
     env = {**os.environ, "PYTHONPATH": str(HERE), "FAKEGPT_URL": mock.url}
     env.pop("FAKEGPT_ACCESS_TOKEN", None)
-    if re.search(r"^def test_", code, re.M):
+    test_shaped = re.search(r"^def test_", code, re.M) is not None
+    if test_shaped:
         (tmp_path / "test_readme_example.py").write_text(code, encoding="utf-8")
-        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:fakegpt", "-p", "fakegpt_pytest", "-p", "no:cacheprovider", str(tmp_path)]
+        result = run_pytest_in(tmp_path, env=env)
     else:
         (tmp_path / "example.py").write_text(code, encoding="utf-8")
-        command = [sys.executable, str(tmp_path / "example.py")]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+        result = subprocess.run([sys.executable, str(tmp_path / "example.py")], capture_output=True, text=True,
+                                env=env, cwd=tmp_path, timeout=60)
     assert result.returncode == 0, f"README.md line {line}:\n{result.stdout}\n{result.stderr}"
     assert "Traceback" not in result.stderr
-    if command[1] == "-m":
+    if test_shaped:
         assert " passed" in result.stdout and "failed" not in result.stdout
