@@ -78,6 +78,7 @@ __all__ = [
     "FinishReason",
     "JsonConversation",
     "HTTPStatusError",
+    "KEYWORDS",
     "LimitExceeded",
     "Limits",
     "Messages",
@@ -1003,7 +1004,6 @@ _MAX_PATCH_DEPTH = 32
 _VISIBLE_CHANNELS = (None, "final")
 _VISIBLE_SEPARATOR = "\n\n"  # between two visible messages of one reply (delta format)
 _VISIBLE_TEXT_PATH = "/message/content/parts/0"
-_NOTICE_KEYS = ("type",)
 
 
 _PARTS_MARKERS = (b'"parts": ["', b'"parts":["')
