@@ -865,7 +865,7 @@ class SSEDecoder:
             if b"\x00" not in value:
                 self._last_event_id = value.decode("utf-8", "replace")
         elif name == b"retry":
-            if value.isdigit():
+            if value.isdigit() and len(value) <= 12:  # ASCII digits (bytes); longer is no time a client waits
                 self._retry = int(value)
         # Any other field is ignored, as the standard says.
 
@@ -1876,8 +1876,12 @@ class Timeouts(NamedTuple):
         if value is None:
             return cls()
         if isinstance(value, Timeouts):
+            for name, seconds in zip(("connect", "read", "total"), value):
+                if seconds is not None and not _positive_seconds(seconds):
+                    raise UsageError(f"Timeouts.{name} must be None or a positive number of seconds, not {seconds!r}")
             return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        if _positive_seconds(value):
+            assert isinstance(value, (int, float))
             default = cls()
             return cls(
                 connect=min(value, default.connect or value),
@@ -1885,6 +1889,13 @@ class Timeouts(NamedTuple):
                 total=float(value),
             )
         raise UsageError(f"timeout must be a positive number of seconds or Timeouts, not {value!r}")
+
+
+def _positive_seconds(value: Any) -> bool:
+    return (
+        isinstance(value, (int, float)) and not isinstance(value, bool)
+        and math.isfinite(value) and value > 0
+    )
 
 
 class _Clock:
@@ -2045,6 +2056,8 @@ class _Proxy:
     __slots__ = ("endpoint", "authorization")
 
     def __init__(self, url: str) -> None:
+        if not isinstance(url, str):
+            raise UsageError(f"the proxy must be an http:// URL string, not {type(url).__name__}")
         try:
             parts = urllib.parse.urlsplit(url.strip())
             port = parts.port
@@ -2074,6 +2087,8 @@ def _proxy_from_environment(endpoint: _Endpoint) -> Optional[_Proxy]:
     url = proxies.get(endpoint.scheme)
     if not url or _bypasses_proxy(endpoint, proxies.get("no", "")):
         return None
+    if "://" not in url:  # host:port, as curl and pip accept it
+        url = "http://" + url
     return _Proxy(url)
 
 
@@ -2126,7 +2141,9 @@ async def _open_tunnel(proxy: _Proxy, endpoint: _Endpoint, limits: Limits) -> so
     loop = asyncio.get_running_loop()
     sock = await _open_socket(proxy.endpoint)
     try:
-        lines = [f"CONNECT {endpoint.host}:{endpoint.port} HTTP/1.1", f"Host: {endpoint.authority}"]
+        host = f"[{endpoint.host}]" if ":" in endpoint.host else endpoint.host  # IPv6, bracketed
+        target = f"{host}:{endpoint.port}"
+        lines = [f"CONNECT {target} HTTP/1.1", f"Host: {target}"]
         if proxy.authorization:
             lines.append(f"Proxy-Authorization: {proxy.authorization}")
         await loop.sock_sendall(sock, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
@@ -2214,7 +2231,8 @@ class _Connection(asyncio.BufferedProtocol):
                 raise TLSError(
                     f"{endpoint.authority} answered in plain HTTP, not TLS: use http:// instead of https://"
                 ) from None
-            raise TLSError(f"TLS handshake with {endpoint.host} failed: {exc.reason or exc}") from None
+            reason = exc.reason or str(exc) or type(exc).__name__
+            raise TLSError(f"TLS handshake with {endpoint.host} failed: {reason}") from None
         except socket.gaierror:
             raise ConnectError(f"cannot resolve the host name of {where}") from None
         except OSError as exc:
@@ -2495,13 +2513,13 @@ class _Client:
         try:
             await connection.send(head + body if body else head)
             while True:
-                event = parser.next_event()
-                if event is NEED_DATA:
-                    try:
+                try:
+                    event = parser.next_event()
+                    if event is NEED_DATA:
                         await connection.receive()
-                    except TruncatedStreamError as exc:
-                        raise TransportError(str(exc)) from None
-                    continue
+                        continue
+                except TruncatedStreamError as exc:  # before any response: the connection failed
+                    raise TransportError(f"{method} {path}: {exc}") from None
                 assert isinstance(event, Response)
                 break
         except BaseException:
@@ -2530,7 +2548,7 @@ class _Client:
             raise _status_error(response.head, raw, what=what, redact=redact)
         try:
             return json.loads(raw.decode("utf-8", "replace"))
-        except ValueError:
+        except (ValueError, RecursionError):
             raise ProtocolError(f"{what}: the answer is not JSON: {_excerpt(raw)!r}") from None
 
 
@@ -2547,6 +2565,7 @@ def _serialize_head(method: str, target: str, fields: Sequence[Tuple[str, str]])
 
 
 _FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_TOKEN_TEXT = re.compile(r"[\x21-\x7e]+")  # what a token (or account id) may be: sent as is
 _FORBIDDEN_IN_VALUE = re.compile(r"[\r\n\x00]")
 _USER_AGENT = (
     "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 "
@@ -2600,14 +2619,11 @@ def _is_challenge(head: Response, body: bytes) -> bool:
     return any(marker in body for marker in _CHALLENGE_MARKERS)
 
 
-_HTML_TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
-
-
 def _error_detail(head: Response, body: bytes) -> Tuple[str, Optional[str]]:
     text = body.decode("utf-8", "replace")
     try:
         payload = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         payload = None
     if isinstance(payload, dict):
         for key in ("detail", "error", "message"):
@@ -2615,25 +2631,49 @@ def _error_detail(head: Response, body: bytes) -> Tuple[str, Optional[str]]:
                 return _detail_and_code(payload[key])
         return _excerpt(text, 200), None
     if "html" in (head.get("content-type") or "").lower() or text.lstrip().startswith("<"):
-        title = _HTML_TITLE.search(text)
+        title = _html_title(text)
         if title:
-            return _excerpt(title.group(1), 200), None
+            return _excerpt(title, 200), None
     return _excerpt(text, 200), None
 
 
+def _html_title(page: str) -> Optional[str]:
+    """The first ``<title>``'s text: found with finds, linear in the page, where a regular
+    expression over a page of many unclosed titles backtracks quadratically."""
+    lower = page.lower()
+    start = lower.find("<title")
+    while start >= 0 and lower[start + 6:start + 7] not in (">", " ", "\t", "\n", "\r", "/"):
+        start = lower.find("<title", start + 6)  # <titlefoo> is another tag
+    if start < 0:
+        return None
+    opened = lower.find(">", start)
+    closed = lower.find("</title>", opened)
+    if opened < 0 or closed < 0:
+        return None
+    return page[opened + 1:closed]
+
+
+_MAX_RETRY_AFTER = 86400.0  # a day: a longer Retry-After is taken as this
+
+
 def _retry_after(value: Optional[str]) -> Optional[float]:
+    """A Retry-After header in seconds (delay-seconds or an HTTP date), bounded; None if
+    it is neither."""
     if value is None:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
+    if value.isascii() and value.isdigit():  # only ASCII digits count (RFC 9110)
+        return min(float(value[:12]) if len(value) <= 12 else _MAX_RETRY_AFTER, _MAX_RETRY_AFTER)
+    if len(value) > 64 or not value.isascii():
+        return None
     import email.utils  # here: a 429 with an HTTP date is rare, the import is not free
 
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+        seconds = when.timestamp() - time.time()
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
-    return max(when.timestamp() - time.time(), 0.0)
+    return min(max(seconds, 0.0), _MAX_RETRY_AFTER)
 
 
 # ---------------------------------------------------------------------------------------
@@ -2730,6 +2770,11 @@ class _Session:
             cookie_jar=self.cookie_jar, redact=self.secrets(),
         )
         token = session.get("accessToken") if isinstance(session, dict) else None
+        if isinstance(token, str) and token and _TOKEN_TEXT.fullmatch(token) is None:
+            raise AuthenticationError(
+                "the upstream gave an access token that cannot be sent in a header "
+                "(not printable ASCII); nothing was kept"
+            )
         if not isinstance(token, str) or not token:
             has_cookie = any(cookie.name == "credential" for cookie in self.cookie_jar)
             raise AuthenticationError(
@@ -2751,7 +2796,7 @@ def _check_login(head: Response, body: bytes, *, redact: Sequence[str]) -> None:
         raise _status_error(head, body, what="POST /auth/login", redact=redact)
     try:
         payload = json.loads(body.decode("utf-8", "replace")) if body.strip() else None
-    except ValueError:
+    except (ValueError, RecursionError):
         payload = None
     code = payload.get("code") if isinstance(payload, dict) else None
     if head.status >= 400 or (code is not None and code != 0):
@@ -2784,10 +2829,10 @@ def format_prompt(messages: Messages, add_special_tokens: bool = False) -> str:
 
 
 def _upstream_model(model: Optional[str]) -> str:
+    if model is not None and not isinstance(model, str):
+        raise UsageError(f"model must be a string, not {type(model).__name__}")
     if model is None or model in _DEFAULT_MODEL_ALIASES:
         return DEFAULT_MODEL
-    if not isinstance(model, str):
-        raise UsageError(f"model must be a string, not {type(model).__name__}")
     return model
 
 
@@ -2883,9 +2928,6 @@ def _options(
         auto_continue=bool(kwargs.get("auto_continue", False)),
         retries=retries,
     )
-
-
-_TOKEN_TEXT = re.compile(r"[\x21-\x7e]+")
 
 
 def _conversation_keyword(conversation: Any) -> Tuple[Optional[str], Optional[str]]:

@@ -614,6 +614,13 @@ def test_sse_limits_line_and_event_size_with_bounded_memory(limits: Limits, piec
 
 
 @PROPERTY
+@given(st.binary(max_size=40) | st.text(alphabet="0123456789", min_size=10, max_size=6000).map(str.encode))
+def test_property_any_sse_retry_field_is_a_bounded_number_or_ignored(value: bytes) -> None:
+    events = SSEDecoder().feed(b"retry: " + value.replace(b"\n", b"").replace(b"\r", b"") + b"\ndata: x\n\n")
+    assert len(events) == 1 and (events[0].retry is None or 0 <= events[0].retry < 10**12)
+
+
+@PROPERTY
 @given(st.sampled_from(sorted(WHATWG_CASES)), st.lists(st.integers(0, 80), max_size=10))
 def test_property_sse_any_split_gives_the_same_events(name: str, cuts: List[int]) -> None:
     data, expected = WHATWG_CASES[name]
@@ -2039,6 +2046,108 @@ def test_a_retry_after_is_honoured_and_capped(provider: "type[FakeGpt]", mock: m
         FakeGpt.stream("", USER, url="http://127.0.0.1:9", retries=-1)
 
 
+@PROPERTY
+@given(st.one_of(st.text(max_size=80), st.text(alphabet="0123456789٠١٢٣²³", min_size=1, max_size=500),
+                 st.just("9" * 400), st.just("Fri, 31 Dec 9999 23:59:59 GMT"), st.just("Thu, 01 Jan 1970 00:00:00 GMT")))
+def test_property_any_retry_after_is_none_or_bounded_seconds(value: str) -> None:
+    seconds = fakegpt._retry_after(value)
+    assert seconds is None or 0 <= seconds <= fakegpt._MAX_RETRY_AFTER
+
+
+def test_retry_after_counts_only_ascii_digits() -> None:
+    assert fakegpt._retry_after("٣") is None and fakegpt._retry_after("²") is None
+    assert fakegpt._retry_after("9" * 400) == fakegpt._MAX_RETRY_AFTER and fakegpt._retry_after("30") == 30.0
+
+
+def deep_json(depth: int) -> bytes:
+    return b'{"detail": ' + b"[" * depth + b"]" * depth + b"}"
+
+
+@pytest.mark.parametrize("where", ["error body", "account list", "login answer"])
+def test_json_nested_beyond_the_parser_is_a_fakegpt_error(where: str) -> None:
+    body = deep_json(100000)
+    status = b"500 Internal Server Error" if where == "error body" else b"200 OK"
+    response = b"HTTP/1.1 " + status + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%b" % (len(body), body)
+    limits = Limits(max_error_body_size=len(body) + 1)
+    with thread_server(answering(response)) as (host, port):
+        provider = provider_for(f"http://{host}:{port}")
+        raised, _ = failure(provider, limits=limits, **({"access_token": "t"} if where == "error body" else {}))
+    assert isinstance(raised, fakegpt.FakeGptError) and not isinstance(raised.__cause__, RecursionError)
+
+
+def test_an_error_page_of_many_unclosed_titles_is_read_in_linear_time() -> None:
+    page = "<html>" + "<title>" * 100_000  # 700 KB; a backtracking regular expression takes minutes
+    started = time.monotonic()
+    assert fakegpt._html_title(page) is None
+    assert fakegpt._html_title("<html><head><titlex><title lang=en>Gateway Time-out</TITLE>") == "Gateway Time-out"
+    assert time.monotonic() - started < 5
+
+
+def test_a_token_the_client_cannot_send_is_a_login_failure_and_is_not_kept() -> None:
+    logins = []
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        path = head.split(b" ")[1].split(b"?")[0]
+        length = int(re.search(rb"Content-Length: (\d+)", head).group(1)) if b"Content-Length" in head else 0
+        await reader.readexactly(length)
+        logins.append(path)
+        answers = {b"/api/loads": b'{"loads": [{"token_id": "a", "count": 0}]}', b"/auth/login": b'{"code": 0}',
+                   b"/api/auth/session": json.dumps({"accessToken": "tökén ✓"}).encode()}
+        body = answers.get(path, b"{}")
+        cookie = b"Set-Cookie: credential=c1; Path=/\r\n" if path == b"/auth/login" else b""
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" + cookie +
+                     b"Content-Length: %d\r\nConnection: close\r\n\r\n%b" % (len(body), body))
+        await writer.drain()
+        writer.close()
+
+    with thread_server(upstream) as (host, port):
+        provider = provider_for(f"http://{host}:{port}")
+        for _ in range(2):
+            raised, _ = failure(provider)
+            assert isinstance(raised, fakegpt.AuthenticationError) and "cannot be sent" in str(raised)
+    assert logins.count(b"/api/loads") == 2 and b"/api/conversation" not in logins  # a new login each time
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"proxy": 123}, "proxy must be an http:// URL string"),
+    ({"model": ["gpt-4"]}, "model must be a string"),
+    ({"timeout": fakegpt.Timeouts(connect="1")}, "Timeouts.connect must be None or a positive number"),  # type: ignore[arg-type]
+    ({"timeout": fakegpt.Timeouts(read=float("nan"))}, "Timeouts.read"),
+    ({"timeout": fakegpt.Timeouts(total=-1)}, "Timeouts.total"),
+    ({"timeout": float("nan")}, "timeout must be a positive number"),
+    ({"timeout": float("inf")}, "timeout must be a positive number"),
+])
+def test_bad_arguments_of_any_type_are_usage_errors(kwargs: Dict[str, Any], words: str) -> None:
+    with pytest.raises(fakegpt.UsageError, match=re.escape(words)):
+        FakeGpt.stream("" if "model" not in kwargs else kwargs.pop("model"), USER, url="http://127.0.0.1:9", **kwargs)
+
+
+def test_a_connection_closed_before_any_response_is_a_transport_error() -> None:
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.close()
+
+    with thread_server(hang_up) as (host, port):
+        raised, _ = failure(provider_for(f"http://{host}:{port}"), access_token="t")
+    assert isinstance(raised, fakegpt.TransportError) and "before a response arrived" in str(raised)
+
+
+def test_connect_to_an_ipv6_upstream_names_it_in_brackets() -> None:
+    seen: List[bytes] = []
+
+    async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    with thread_server(proxy) as (host, port):
+        raised, _ = failure(provider_for("https://[::1]:8443"), proxy=f"http://{host}:{port}", access_token="t")
+    assert isinstance(raised, fakegpt.ConnectError)
+    assert seen[0].startswith(b"CONNECT [::1]:8443 HTTP/1.1\r\nHost: [::1]:8443\r\n")
+
+
 def answering(response: bytes) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
     """A handler that reads one request and writes `response`, then closes."""
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -2762,6 +2871,8 @@ def test_cli_honours_proxy_environment_and_no_proxy(mock: mock_server.MockServer
         assert proxied.stdout == FULL_REPLY + "\n" and len(proxy.seen) == 4
         bypassed = run_cli("--url", mock.url, "Hello", env={"HTTP_PROXY": f"http://{host}:{port}", "NO_PROXY": "localhost,127.0.0.1"})
         assert bypassed.stdout == FULL_REPLY + "\n" and len(proxy.seen) == 4
+        schemeless = run_cli("--url", mock.url, "Hello", env={"HTTP_PROXY": f"{host}:{port}", "NO_PROXY": ""})
+        assert schemeless.stdout == FULL_REPLY + "\n" and len(proxy.seen) == 8  # host:port, as curl and pip take it
 
 
 # ---------------------------------------------------------------------------------------
