@@ -124,6 +124,15 @@ finish-reason objects after them."""
 _log = logging.getLogger("fakegpt")
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _valid_text(text: str) -> str:
+    """`text` with each lone surrogate (a ``\\ud800`` escape in JSON; valid pairs are
+    joined by the parser) as U+FFFD, as invalid UTF-8 already is: text that encodes."""
+    return text if _SURROGATE.search(text) is None else _SURROGATE.sub("\ufffd", text)
+
+
 def _redact(text: str, secrets: Sequence[str]) -> str:
     """`text` with every secret in it replaced by ``***``."""
     for secret in secrets:
@@ -1195,7 +1204,7 @@ class ConversationDecoder:
             if reasoning is None or not isinstance(message, dict):
                 return None
             return self._reason(("snapshot", message.get("id")), reasoning)
-        text = _plain(reply.text)
+        text = _valid_text(_plain(reply.text))
         if reply.message_id != self.message_id:
             if self.has_text:
                 # One reply is one assistant message; starting another would deliver
@@ -1219,6 +1228,7 @@ class ConversationDecoder:
 
     def _reason(self, document: Any, reasoning: str) -> Optional[ChatEvent]:
         """The event for a reasoning message's text, if it grew."""
+        reasoning = _valid_text(reasoning)
         seen = self._doc_reasoning.get(document, "")
         if not reasoning.startswith(seen) or reasoning == seen:
             self._doc_reasoning[document] = reasoning  # rewritten reasoning is not re-sent
@@ -1320,9 +1330,9 @@ class ConversationDecoder:
         text = reply.text
         delivered = self._length - self._base
         if text is self._visible_text and isinstance(text, _Text):
-            delta = text.since(delivered)  # grown by appends only
+            delta = _valid_text(text.since(delivered))  # grown by appends only
         else:
-            whole = _plain(text)
+            whole = _valid_text(_plain(text))
             given = self.text[self._base:] if delivered else ""
             if not whole.startswith(given):
                 raise ProtocolError(
@@ -1510,7 +1520,7 @@ def _json_string(buffer: bytes, start: int, end: int) -> Optional[str]:
         return None
     if stop != len(quoted) or (text[:1] and "\udc00" <= text[0] <= "\udfff"):
         return None
-    return text
+    return _valid_text(text)
 
 
 def _probe(head: bytes, tail: bytes, probe: str) -> Optional[Tuple[Dict[str, Any], _Reply]]:
@@ -1843,8 +1853,8 @@ def _detail_and_code(error: Any) -> Tuple[str, Optional[str]]:
     if isinstance(error, dict):
         message = error.get("message") or error.get("detail") or json.dumps(error)[:200]
         code = error.get("code")
-        return str(message), code if isinstance(code, str) else None
-    return str(error), None
+        return _valid_text(str(message)), code if isinstance(code, str) else None
+    return _valid_text(str(error)), None
 
 
 # ---------------------------------------------------------------------------------------

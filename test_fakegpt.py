@@ -713,6 +713,24 @@ def test_conversation_split_surrogate_pair_is_decoded_like_the_full_json() -> No
         reference_deltas([first, second])
 
 
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_lone_surrogate_escapes_reach_the_caller_as_replacement_characters(fast_path: bool) -> None:
+    datas = [assistant_event("Hi", ensure_ascii=True), assistant_event("Hi \ud800 there \udfff", ensure_ascii=True)]
+    decoder = ConversationDecoder(fast_path=fast_path)
+    deltas = [e.delta for e in (decoder.feed(E(raw=d)) for d in datas) if e]
+    assert "".join(deltas) == decoder.text == "Hi \ufffd there \ufffd" and decoder.text.encode("utf-8")
+    records = [delta({"p": "", "o": "add", "v": message_root("m1")}), delta({"p": PARTS, "o": "append", "v": "a\ud83d"}),
+               delta({"v": "b"}), delta({"p": "", "o": "add", "c": 1, "v": message_root("t", content_type="thoughts",
+                                                                                   text=[{"content": "x\udc00"}])})]
+    body = b"".join(b"event: delta\ndata: " + json.dumps(r[1]).encode() + b"\n\n" for r in records)
+    conversation, events = ConversationDecoder(fast_path=fast_path), []
+    fakegpt._ReplyDecoder(conversation, Limits()).feed(body, events)
+    assert conversation.text == "a\ufffdb" and conversation.reasoning == "x\ufffd"
+    with pytest.raises(fakegpt.UpstreamError) as caught:
+        decoder.feed(E(raw=json.dumps({"message": None, "error": "bad \udc00"}).encode()))
+    assert str(caught.value).encode("utf-8")
+
+
 def test_conversation_fast_path_is_taken_for_the_upstream_shape() -> None:
     texts = ["Привет", "Привет, мир", "Привет, мир \"!\" \\" + " long" * 400]
     datas = [assistant_event(t) for t in texts]
