@@ -371,8 +371,8 @@ class ResponseReader:
 
     @property
     def buffered(self) -> int:
-        """Bytes fed and not yet returned in events."""
-        return len(self._buf)
+        """Bytes fed and not yet returned in events (compressed ones waiting included)."""
+        return len(self._buf) + len(self._compressed_tail)
 
     @property
     def unconsumed(self) -> bytes:
@@ -461,6 +461,10 @@ class ResponseReader:
     # -- bodies ------------------------------------------------------------------------
 
     def _read_length_body(self) -> Union[ReaderEvent, _NeedData]:
+        if self._compressed_tail:  # what is already here first: input must not pile up
+            event = self._decoded(b"")
+            if event is not None:
+                return event
         while self._remaining:
             if not self._buf:
                 if self._eof:
@@ -476,6 +480,10 @@ class ResponseReader:
         return self._end_of_message()
 
     def _read_until_close(self) -> Union[ReaderEvent, _NeedData]:
+        if self._compressed_tail:
+            event = self._decoded(b"")
+            if event is not None:
+                return event
         while self._buf:
             event = self._decoded(self._take(len(self._buf)))
             if event is not None:
@@ -490,6 +498,10 @@ class ResponseReader:
         One event per read rather than per chunk: servers often send a chunk per SSE
         event, and per-chunk events would cost more than the parsing itself.
         """
+        if self._compressed_tail:
+            event = self._decoded(b"")
+            if event is not None:
+                return event
         buf, pieces, pos, last_chunk = self._buf, [], 0, False
         size, remaining, crlf_due = len(buf), self._remaining, self._chunk_end_pending
         view = memoryview(buf)  # slices of it join with one copy instead of two
@@ -625,6 +637,11 @@ class ResponseReader:
             except zlib.error as exc:
                 raise ProtocolError(f"undecodable compressed body: {exc}") from None
             self._compressed_tail = decoder.unconsumed_tail
+            rest = getattr(decoder, "unused_data", b"")
+            if decoder.eof and rest and rest.strip(b"\0"):
+                # Another gzip member follows (RFC 1952 allows any number): go on with it.
+                decoder = self._decoder = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                self._compressed_tail = rest
             if out:
                 return Data(out)
             if not self._compressed_tail:

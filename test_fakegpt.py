@@ -446,6 +446,46 @@ def test_http_reader_removes_content_coding(coding: str, encode: Any) -> None:
         assert read_response(chunks)[1] == payload
 
 
+def http_response(body: bytes, framing: str, *, encoding: str = "gzip", status: bytes = b"200 OK",
+                  content_type: bytes = b"text/event-stream") -> bytes:
+    head = b"HTTP/1.1 " + status + b"\r\nContent-Type: " + content_type + b"\r\nContent-Encoding: " + encoding.encode() + b"\r\n"
+    if framing == "chunked":
+        return head + b"Transfer-Encoding: chunked\r\n\r\n" + b"".join(
+            b"%x\r\n%b\r\n" % (len(body[i:i + 100]), body[i:i + 100]) for i in range(0, len(body), 100)) + b"0\r\n\r\n"
+    if framing == "length":
+        return head + b"Content-Length: %d\r\n\r\n" % len(body) + body
+    return head + b"\r\n" + body
+
+
+@PROPERTY
+@given(st.lists(st.binary(min_size=0, max_size=300), min_size=1, max_size=4), st.booleans(),
+       st.sampled_from(["chunked", "length", "close"]), st.lists(st.integers(0, 2000), max_size=8))
+def test_property_a_body_of_several_gzip_members_gives_all_of_them_for_any_split(
+        members: List[bytes], padding: bool, framing: str, cuts: List[int]) -> None:
+    body = b"".join(gzip_bytes(m) for m in members) + (b"\0" * 8 if padding else b"")
+    _, received = read_response(split_at(http_response(body, framing), cuts))
+    assert received == b"".join(members)
+
+
+def test_http_reader_counts_compressed_input_that_waits() -> None:
+    compressed = gzip_bytes(b"x" * (8 * 1024 * 1024))  # inflates far past one step
+    reader = ResponseReader()
+    reader.feed(b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n" % len(compressed))
+    assert isinstance(reader.next_event(), Response)
+    reader.feed(compressed)
+    first = reader.next_event()
+    assert isinstance(first, Data) and len(first.data) <= 1024 * 1024
+    assert 0 < reader.buffered <= len(compressed)  # what waits is still counted, for flow control
+    total = len(first.data)
+    while True:
+        event = reader.next_event()
+        if isinstance(event, EndOfMessage):
+            break
+        assert isinstance(event, Data)
+        total += len(event.data)
+    assert total == 8 * 1024 * 1024 and reader.buffered == 0
+
+
 def test_http_reader_bounds_a_decompression_bomb_per_event() -> None:
     bomb = gzip_bytes(b"\x00" * (64 * 1024 * 1024))
     reader = ResponseReader()
@@ -2139,6 +2179,31 @@ def test_a_token_the_client_cannot_send_is_a_login_failure_and_is_not_kept() -> 
 def test_bad_arguments_of_any_type_are_usage_errors(kwargs: Dict[str, Any], words: str) -> None:
     with pytest.raises(fakegpt.UsageError, match=re.escape(words)):
         FakeGpt.stream("" if "model" not in kwargs else kwargs.pop("model"), USER, url="http://127.0.0.1:9", **kwargs)
+
+
+def test_gzip_replies_of_several_members_or_on_a_kept_open_connection_arrive_whole() -> None:
+    reply = "Hello, мир! " * 30
+    events = b"".join(b"data: " + assistant_event(reply[:i]) + b"\n\n" for i in range(0, len(reply) + 1, 40))
+    events += b"data: " + assistant_event(reply, status="finished_successfully").replace(b'"end_turn": null', b'"end_turn": true') + b"\n\ndata: [DONE]\n\n"
+    half = len(events) // 2
+    body = gzip_bytes(events[:half]) + gzip_bytes(events[half:])
+    with thread_server(answering(http_response(body, "chunked"))) as (host, port):
+        assert "".join(pieces_of(provider_for(f"http://{host}:{port}"), access_token="t")) == reply
+
+    error = gzip_bytes(json.dumps({"detail": "Something broke."}).encode())
+
+    async def keeps_open(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(http_response(error, "length", status=b"500 Internal Server Error", content_type=b"application/json"))
+        await writer.drain()
+        await reader.read()  # the connection stays open until the client closes it
+        writer.close()
+
+    with thread_server(keeps_open) as (host, port):
+        started = time.monotonic()
+        raised, _ = failure(provider_for(f"http://{host}:{port}"), access_token="token-1", timeout=fakegpt.Timeouts(read=5))
+    assert isinstance(raised, fakegpt.HTTPStatusError) and "Something broke." in str(raised)
+    assert time.monotonic() - started < 3
 
 
 def test_a_connection_closed_before_any_response_is_a_transport_error() -> None:
