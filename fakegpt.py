@@ -134,10 +134,20 @@ def _valid_text(text: str) -> str:
 
 
 def _redact(text: str, secrets: Sequence[str]) -> str:
-    """`text` with every secret in it replaced by ``***``."""
+    """`text` with every secret in it replaced by ``***``: in every form a server may
+    echo it (as is, JSON-escaped, with ``\\/``, percent-encoded), and only whole values
+    (no letter or digit either side), so that a short secret does not eat words."""
     for secret in secrets:
-        if secret and secret in text:
-            text = text.replace(secret, "***")
+        if not secret:
+            continue
+        forms = {secret, json.dumps(secret)[1:-1], secret.replace("/", "\\/"),
+                 urllib.parse.quote(secret, safe="")}
+        # And each long run of plain characters in it: escaping its separators in some
+        # other way must not leave the body of the token readable.
+        forms.update(re.findall(r"[A-Za-z0-9._~-]{8,}", secret))
+        for form in sorted(forms, key=len, reverse=True):
+            if form in text:
+                text = re.sub(f"(?<![A-Za-z0-9]){re.escape(form)}(?![A-Za-z0-9])", "***", text)
     return text
 
 
@@ -2059,16 +2069,17 @@ def _parse_url(url: str, *, what: str = "url") -> Tuple[_Endpoint, str]:
 
 @functools.lru_cache(maxsize=64)  # every call parses its URL; most calls share one
 def _split_url(url: str, what: str) -> Tuple[_Endpoint, str]:
+    shown = repr(re.sub(r"(?<=://)[^/@]*@", "***@", url))  # never a password in a message
     try:
         parts = urllib.parse.urlsplit(url.strip())
         port = parts.port
     except ValueError as exc:
-        raise UsageError(f"invalid {what} {url!r}: {exc}") from None
+        raise UsageError(f"invalid {what} {shown}: {exc}") from None
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https"):
-        raise UsageError(f"{what} must start with http:// or https://, not {url!r}")
+        raise UsageError(f"{what} must start with http:// or https://, not {shown}")
     if not parts.hostname:
-        raise UsageError(f"{what} {url!r} has no host")
+        raise UsageError(f"{what} {shown} has no host")
     if parts.username is not None or parts.password is not None:
         raise UsageError(f"{what} must not carry user credentials")
     if parts.query or parts.fragment:
@@ -2080,7 +2091,7 @@ def _split_url(url: str, what: str) -> Tuple[_Endpoint, str]:
 class _Proxy:
     """An http:// proxy; ``repr`` and messages never show its credentials."""
 
-    __slots__ = ("endpoint", "authorization")
+    __slots__ = ("endpoint", "authorization", "secrets")
 
     def __init__(self, url: str) -> None:
         if not isinstance(url, str):
@@ -2097,12 +2108,13 @@ class _Proxy:
             raise UsageError("the proxy must be an http://[user:password@]host:port URL")
         self.endpoint = _Endpoint("http", parts.hostname, port or 80)
         self.authorization: Optional[str] = None
+        self.secrets: List[str] = []  # never shown: the password, in every form it is sent
         if parts.username is not None:
-            userinfo = (
-                urllib.parse.unquote(parts.username) + ":"
-                + urllib.parse.unquote(parts.password or "")
-            )
-            self.authorization = "Basic " + base64.b64encode(userinfo.encode()).decode("ascii")
+            password = urllib.parse.unquote(parts.password or "")
+            userinfo = urllib.parse.unquote(parts.username) + ":" + password
+            encoded = base64.b64encode(userinfo.encode()).decode("ascii")
+            self.authorization = "Basic " + encoded
+            self.secrets = [s for s in (password, parts.password, encoded) if s]
 
     def __repr__(self) -> str:
         return f"<proxy {self.endpoint.origin}>"
@@ -2513,6 +2525,11 @@ class _Client:
             self.proxy = _proxy_from_environment(self.endpoint)
         self.clock = _Clock(options.timeouts)
 
+    @property
+    def secrets(self) -> List[str]:
+        """Values of this call that must never be shown: the proxy's credentials."""
+        return self.proxy.secrets if self.proxy is not None else []
+
     async def request(
         self, method: str, path: str, *, headers: Sequence[Tuple[str, str]] = (),
         body: Optional[bytes] = None, cookie_jar: Optional[http.cookiejar.CookieJar] = None,
@@ -2572,7 +2589,7 @@ class _Client:
         finally:
             response.close()
         if response.status >= 400:
-            raise _status_error(response.head, raw, what=what, redact=redact)
+            raise _status_error(response.head, raw, what=what, redact=[*redact, *self.secrets])
         try:
             return json.loads(raw.decode("utf-8", "replace"))
         except (ValueError, RecursionError):
@@ -2616,8 +2633,8 @@ def _status_error(
     head: Response, body: bytes, *, what: str, redact: Sequence[str] = ()
 ) -> HTTPStatusError:
     """The error an error answer stands for: 429, token expiry or another status."""
-    detail, code = _error_detail(head, body)
-    detail, text_body = _redact(detail, redact), _redact(_excerpt(body, 300), redact)
+    detail, code = _error_detail(head, body, redact)
+    text_body = _excerpt(_redact(body.decode("utf-8", "replace"), redact), 300)
     status = head.status
     message = f"{what}: HTTP {status}" + (f": {detail}" if detail else "")
     fields: Dict[str, Any] = {"status": status, "detail": detail, "code": code, "body": text_body}
@@ -2646,7 +2663,9 @@ def _is_challenge(head: Response, body: bytes) -> bool:
     return any(marker in body for marker in _CHALLENGE_MARKERS)
 
 
-def _error_detail(head: Response, body: bytes) -> Tuple[str, Optional[str]]:
+def _error_detail(head: Response, body: bytes, redact: Sequence[str] = ()) -> Tuple[str, Optional[str]]:
+    """The server's message in an error answer, and its code; secrets redacted before
+    anything is cut."""
     text = body.decode("utf-8", "replace")
     try:
         payload = json.loads(text)
@@ -2655,13 +2674,14 @@ def _error_detail(head: Response, body: bytes) -> Tuple[str, Optional[str]]:
     if isinstance(payload, dict):
         for key in ("detail", "error", "message"):
             if payload.get(key):
-                return _detail_and_code(payload[key])
-        return _excerpt(text, 200), None
+                detail, code = _detail_and_code(payload[key])
+                return _excerpt(_redact(detail, redact), 500), code
+        return _excerpt(_redact(text, redact), 200), None
     if "html" in (head.get("content-type") or "").lower() or text.lstrip().startswith("<"):
         title = _html_title(text)
         if title:
-            return _excerpt(title, 200), None
-    return _excerpt(text, 200), None
+            return _excerpt(_redact(title, redact), 200), None
+    return _excerpt(_redact(text, redact), 200), None
 
 
 def _html_title(page: str) -> Optional[str]:
@@ -2791,7 +2811,7 @@ class _Session:
             answer = await response.read(client.options.limits.max_error_body_size)
         finally:
             response.close()
-        _check_login(response.head, answer, redact=self.secrets())
+        _check_login(response.head, answer, redact=[*self.secrets(), *client.secrets])
         session = await client.json(
             "GET", "/api/auth/session", what="GET /api/auth/session",
             cookie_jar=self.cookie_jar, redact=self.secrets(),
@@ -2827,7 +2847,7 @@ def _check_login(head: Response, body: bytes, *, redact: Sequence[str]) -> None:
         payload = None
     code = payload.get("code") if isinstance(payload, dict) else None
     if head.status >= 400 or (code is not None and code != 0):
-        detail, _ = _error_detail(head, body)
+        detail, _ = _error_detail(head, body, redact)
         raise AuthenticationError(
             f"the upstream refused the login (HTTP {head.status}" + (f": {detail})" if detail else ")")
         )
@@ -3160,7 +3180,7 @@ class ChatStream:
             headers.append(("ChatGPT-Account-ID", options.account_id))
         response = await client.request("POST", path, body=body, cookie_jar=session.cookie_jar, headers=headers)
         try:
-            await self._expect_event_stream(response, session, f"POST {path}")
+            await self._expect_event_stream(response, [*session.secrets(), *client.secrets], f"POST {path}")
             decoder = self._decoder = ConversationDecoder(continues=continues)
             reply = _ReplyDecoder(decoder, options.limits, text_only=text_only)
             async for chunk in response.chunks():
@@ -3168,7 +3188,7 @@ class ChatStream:
                 try:
                     reply.feed(chunk, batch)
                 except FakeGptError as exc:
-                    _scrub(exc, session.secrets())
+                    _scrub(exc, [*session.secrets(), *client.secrets])
                     if batch:  # what arrived before the error is delivered first
                         yield batch
                     raise
@@ -3188,24 +3208,28 @@ class ChatStream:
         if not decoder.has_text:
             raise NoResponseError("No valid response: the reply finished without any text")
 
-    async def _expect_event_stream(self, response: _HTTPResponse, session: _Session, what: str) -> None:
+    async def _expect_event_stream(self, response: _HTTPResponse, redact: Sequence[str], what: str) -> None:
         head = response.head
         content_type = (head.get("content-type") or "").split(";")[0].strip().lower()
         if head.status < 300 and content_type == "text/event-stream":
             return
         raw = await response.read(self._options.limits.max_error_body_size)
-        redact = session.secrets()
         if head.status >= 300 or _is_challenge(head, raw):
             raise _status_error(head, raw, what=what, redact=redact)
+        text = raw.decode("utf-8", "replace")
         try:
-            payload = json.loads(raw.decode("utf-8", "replace"))
+            payload = json.loads(text)
         except (ValueError, RecursionError):
             payload = None
-        if isinstance(payload, dict):
-            _raise_for_event_error(payload)
+        try:
+            if isinstance(payload, dict):
+                _raise_for_event_error(payload)
+        except FakeGptError as exc:  # an error body in a 200: its words may echo a secret
+            _scrub(exc, redact)
+            raise
         raise ProtocolError(
             f"{what}: expected an event stream, got "
-            f"{content_type or 'no Content-Type'}: {_excerpt(raw)!r}"
+            f"{content_type or 'no Content-Type'}: {_excerpt(_redact(text, redact))!r}"
         )
 
     def _cut(self, reason: str) -> TruncatedStreamError:

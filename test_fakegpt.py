@@ -2590,6 +2590,54 @@ def test_no_proxy_matching(no_proxy: str, bypassed: bool) -> None:
 
 
 
+SECRET_FORMS = [lambda v: v, lambda v: json.dumps(v)[1:-1], lambda v: v.replace("/", "\\/"), lambda v: urllib.parse.quote(v, safe="")]
+
+
+@PROPERTY
+@given(st.integers(0, 700), st.sampled_from(range(4)), st.sampled_from(["json", "html", "text"]), st.integers(400, 599))
+def test_property_a_secret_anywhere_in_an_error_body_is_never_shown(at: int, form: int, kind: str, status: int) -> None:
+    secret = "tok/" + SENTINEL + "+="
+    shown = SECRET_FORMS[form](secret)
+    filler = "x " * 400
+    text = filler[:at] + " " + shown + " " + filler[at:]
+    body = {"json": '{"detail": "' + text + '"}',  # as a server writes it: the form stands in the JSON
+            "html": f"<html><title>{text}</title></html>", "text": text}[kind].encode()
+    head = Response(status, "", (("content-type", "text/html" if kind == "html" else "application/json"),))
+    error = fakegpt._status_error(head, body, what="POST x", redact=[secret])
+    for value in (str(error), error.detail, error.body):
+        assert SENTINEL not in value and shown not in value
+
+
+def test_a_short_secret_does_not_eat_words() -> None:
+    assert fakegpt._redact("Something went wrong: t", ["t"]) == "Something went wrong: ***"
+    assert fakegpt._redact("token=abc123;", ["abc123"]) == "token=***;"
+
+
+@pytest.mark.parametrize("response", [
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nConnection: close\r\n\r\n<p>Your token " + SENTINEL.encode() + b" was used</p>",
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n" + json.dumps({"detail": f"bad token {SENTINEL}"}).encode(),
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\ndata: " + json.dumps({"error": f"token {SENTINEL}"}).encode() + b"\n\n",
+])
+def test_a_secret_echoed_in_a_200_is_never_shown(response: bytes) -> None:
+    with thread_server(answering(response)) as (host, port):
+        raised, _ = failure(provider_for(f"http://{host}:{port}"), access_token=SENTINEL)
+    assert SENTINEL not in str(raised) and SENTINEL not in repr(vars(raised))
+
+
+def test_proxy_credentials_are_never_shown_in_any_form() -> None:
+    password = "pr0xy-p@ss/word"
+    basic = base64.b64encode(f"user:{password}".encode()).decode()
+    page = f"<html><title>denied for user:{password} ({basic}) {urllib.parse.quote(password, safe='')}</title></html>".encode()
+    with thread_server(answering(b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/html\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%b" % (len(page), page))) as (host, port):
+        proxy = f"http://user:{urllib.parse.quote(password, safe='')}@{host}:{port}"
+        raised, _ = failure(provider_for("http://127.0.0.1:9"), proxy=proxy, access_token="token-1")
+    shown = str(raised) + repr(vars(raised))
+    assert password not in shown and basic not in shown and urllib.parse.quote(password, safe="") not in shown
+    with pytest.raises(fakegpt.UsageError) as caught:
+        FakeGpt.stream("", USER, url=f"ftp://user:{password}@example.com")
+    assert password not in str(caught.value)
+
+
 def test_secrets_never_appear_in_logs_errors_repr_or_cli_output(caplog: pytest.LogCaptureFixture) -> None:
     proxy = LoopbackProxy("user:PROXY-PASSWORD-77")
     shown: List[str] = []
