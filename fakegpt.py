@@ -28,7 +28,6 @@ import json
 import logging
 import math
 import os
-import queue
 import re
 import secrets
 import socket
@@ -44,7 +43,6 @@ import zlib
 from typing import (
     Any,
     AsyncGenerator,
-    AsyncIterator,
     Awaitable,
     Callable,
     Dict,
@@ -2012,8 +2010,10 @@ class _Clock:
         return f"the call took longer than {timeouts.total:g} s (total timeout)"
 
     async def within(self, awaitable: Awaitable[_T], phase: str) -> _T:
+        """`awaitable` under the `phase` ("connect", "read" or "total") timeout and the
+        call's deadline."""
         timeouts = self.timeouts
-        limit = timeouts.connect if phase == "connect" else timeouts.read
+        limit = {"connect": timeouts.connect, "read": timeouts.read}.get(phase)
         which = phase
         if self._deadline is not None:
             remaining = max(self._deadline - self._loop.time(), 0.0)
@@ -2388,6 +2388,22 @@ class _Connection(asyncio.BufferedProtocol):
             waiter.set_result(None)
 
 
+class _Closing:
+    """``async with _Closing(generator) as items``: the generator is closed when the block
+    ends, for any reason, before control returns (``contextlib.aclosing`` is 3.10+). An
+    ``async for`` that stops early leaves its generator, and the connection inside it, to
+    the garbage collector: open until a later turn of the event loop, or past its end."""
+
+    def __init__(self, generator: AsyncGenerator[Any, None]) -> None:
+        self.generator = generator
+
+    async def __aenter__(self) -> AsyncGenerator[Any, None]:
+        return self.generator
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.generator.aclose()
+
+
 class _HTTPResponse:
     """A response whose head has arrived; the body is read on demand."""
 
@@ -2397,7 +2413,7 @@ class _HTTPResponse:
         self._parser = parser
         self._connection = connection
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    async def chunks(self) -> AsyncGenerator[bytes, None]:
         parser, connection = self._parser, self._connection
         while True:
             event = parser.next_event()
@@ -2411,10 +2427,11 @@ class _HTTPResponse:
     async def read(self, limit: int) -> bytes:
         """At most `limit` bytes of the body; the rest is left unread."""
         body = bytearray()
-        async for chunk in self.chunks():
-            body += chunk
-            if len(body) >= limit:
-                break
+        async with _Closing(self.chunks()) as chunks:
+            async for chunk in chunks:
+                body += chunk
+                if len(body) >= limit:
+                    break
         return bytes(body[:limit])
 
     def close(self) -> None:
@@ -2516,19 +2533,37 @@ class _Options(NamedTuple):
 class _Client:
     """HTTP/1.1 requests to one upstream, one connection each, with the call's options."""
 
-    def __init__(self, options: _Options) -> None:
+    def __init__(self, options: _Options, *, timeouts: Optional[Timeouts] = None) -> None:
         self.endpoint, self.base_path = options.endpoint, options.base_path
         self.base_url = f"{self.endpoint.origin}{self.base_path}"
         self.options = options
         self.proxy = options.proxy
         if self.proxy is None and options.trust_env:
             self.proxy = _proxy_from_environment(self.endpoint)
-        self.clock = _Clock(options.timeouts)
+        self.clock = _Clock(timeouts or options.timeouts)
 
     @property
     def secrets(self) -> List[str]:
         """Values of this call that must never be shown: the proxy's credentials."""
         return self.proxy.secrets if self.proxy is not None else []
+
+    @property
+    def session_key(self) -> Tuple[Any, ...]:
+        """What a login depends on: the upstream, the TLS settings and the proxy. A token
+        got one way is never used another way."""
+        proxy = self.proxy
+        return (
+            self.base_url, self.options.ssl_context,
+            None if proxy is None else (proxy.endpoint, hash(proxy.authorization)),
+        )
+
+    def for_shared_work(self) -> "_Client":
+        """This client without its call's total timeout: work that other calls share (a
+        login) must not fail them when this call gives up; each waits by its own clock."""
+        timeouts = self.options.timeouts
+        shared = _Client(self.options, timeouts=Timeouts(timeouts.connect, timeouts.read, None))
+        shared.proxy = self.proxy
+        return shared
 
     async def request(
         self, method: str, path: str, *, headers: Sequence[Tuple[str, str]] = (),
@@ -2783,10 +2818,10 @@ class _Session:
         loop = asyncio.get_running_loop()
         task = self._login
         if task is None or task.done() or task.get_loop() is not loop:
-            task = loop.create_task(self._log_in(client))
+            task = loop.create_task(self._log_in(client.for_shared_work()))
             task.add_done_callback(_consume_outcome)
             self._login = task
-        return await asyncio.shield(task)
+        return await client.clock.within(asyncio.shield(task), "total")
 
     def invalidate(self, token: str) -> None:
         """Forget `token` and the cookies, unless a newer login replaced them already."""
@@ -3003,7 +3038,7 @@ class ChatStream:
 
     def __init__(
         self, provider: "type[FakeGpt]", model: Optional[str], messages: Messages,
-        proxy: Optional[str] = None, *, sessions: Dict[str, _Session], **kwargs: Any,
+        proxy: Optional[str] = None, *, sessions: Dict[Any, _Session], **kwargs: Any,
     ) -> None:
         self.prompt = format_prompt(messages)
         self._provider = provider
@@ -3018,6 +3053,7 @@ class ChatStream:
         self._batch: List[Any] = []
         self._taken = 0
         self._text_only = False
+        self._text_pieces: Optional[AsyncGenerator[str, None]] = None
 
     @property
     def text(self) -> str:
@@ -3066,9 +3102,14 @@ class ChatStream:
     def texts(self) -> AsyncGenerator[str, None]:
         """The reply as text pieces instead of events: each piece is all the new text
         that arrived in one read. A stream is read one way: events or texts."""
-        return self._texts(self._start(text_only=True))
+        self._text_pieces = self._texts(self._start(text_only=True))
+        return self._text_pieces
 
     async def aclose(self) -> None:
+        """Close the reply and its connection now, read to the end or not (the text
+        pieces of `texts` too, even if a loop over them stopped early)."""
+        if self._text_pieces is not None:
+            await self._text_pieces.aclose()
         if self._batches is not None:
             await self._batches.aclose()
 
@@ -3104,7 +3145,7 @@ class ChatStream:
         if options.access_token is not None:
             session = _Session(options.access_token)
         else:
-            session = self._sessions.setdefault(client.base_url, _Session())
+            session = self._sessions.setdefault(client.session_key, _Session())
         continues: Optional[ConversationDecoder] = None
         for _ in range(1 + (_MAX_CONTINUATIONS if options.auto_continue else 0)):
             async with _Closing(self._retrying(client, session, text_only, continues)) as batches:
@@ -3183,19 +3224,20 @@ class ChatStream:
             await self._expect_event_stream(response, [*session.secrets(), *client.secrets], f"POST {path}")
             decoder = self._decoder = ConversationDecoder(continues=continues)
             reply = _ReplyDecoder(decoder, options.limits, text_only=text_only)
-            async for chunk in response.chunks():
-                batch: List[Any] = []
-                try:
-                    reply.feed(chunk, batch)
-                except FakeGptError as exc:
-                    _scrub(exc, [*session.secrets(), *client.secrets])
-                    if batch:  # what arrived before the error is delivered first
+            async with _Closing(response.chunks()) as chunks:
+                async for chunk in chunks:
+                    batch: List[Any] = []
+                    try:
+                        reply.feed(chunk, batch)
+                    except FakeGptError as exc:
+                        _scrub(exc, [*session.secrets(), *client.secrets])
+                        if batch:  # what arrived before the error is delivered first
+                            yield batch
+                        raise
+                    if batch:
                         yield batch
-                    raise
-                if batch:
-                    yield batch
-                if decoder.done:
-                    break
+                    if decoder.done:
+                        break
             if not decoder.done:
                 reply.close()
         except TruncatedStreamError as exc:  # the connection or the body ended early
@@ -3269,22 +3311,6 @@ def _scrub(error: FakeGptError, secrets: Sequence[str]) -> None:
         value = getattr(error, name, None)
         if isinstance(value, str):
             setattr(error, name, _redact(value, secrets))
-
-
-class _Closing:
-    """``async with _Closing(generator) as items``: the generator is closed when the block
-    ends, for any reason, before control returns (``contextlib.aclosing`` is 3.10+). An
-    ``async for`` that stops early leaves its generator, and the connection inside it, to
-    the garbage collector: open until a later turn of the event loop, or past its end."""
-
-    def __init__(self, generator: AsyncGenerator[Any, None]) -> None:
-        self.generator = generator
-
-    async def __aenter__(self) -> AsyncGenerator[Any, None]:
-        return self.generator
-
-    async def __aexit__(self, *exc_info: Any) -> None:
-        await self.generator.aclose()
 
 
 def _uuid4() -> str:
@@ -3376,7 +3402,7 @@ class FakeGpt:
     needs_auth = False
     _access_token: Optional[str] = None
     _cookie_jar: Optional[http.cookiejar.CookieJar] = None
-    _sessions: Dict[str, _Session] = {}
+    _sessions: Dict[Any, _Session] = {}
 
     @classmethod
     def isolated(cls, url: Optional[str] = None, **attributes: Any) -> "type[FakeGpt]":
@@ -3427,8 +3453,10 @@ class FakeGpt:
     def create_completion(
         cls, model: str, messages: Messages, stream: bool = True, **kwargs: Any
     ) -> Union[Iterator[Any], str]:
-        """From synchronous code, even where an event loop is running: the reply's pieces
-        as they arrive, or with ``stream=False`` the whole reply as one string."""
+        """From synchronous code: the reply's pieces as they arrive, or with
+        ``stream=False`` the whole reply as one string. Inside a running event loop it
+        would block that loop for the whole reply: a `UsageError` says to await
+        `create_async` or iterate `create_async_generator` there instead."""
         pieces = _iterate_sync(cls.create_async_generator(model, messages, **kwargs))
         if stream:
             return pieces
@@ -3526,16 +3554,20 @@ def load_mock_server() -> Any:
     return module
 
 
-def _iterate_sync(pieces: AsyncIterator[_T]) -> Iterator[_T]:
-    """Iterate an async iterator from synchronous code."""
+def _iterate_sync(pieces: AsyncGenerator[_T, None]) -> Iterator[_T]:
+    """Iterate an async generator from synchronous code, on a loop of its own."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:
         return _iterate_in_new_loop(pieces)
-    return _iterate_in_thread(pieces)  # this thread's loop is busy running our caller
+    raise UsageError(
+        "create_completion is synchronous, and an event loop is running in this thread: "
+        "it would block that loop for the whole reply. Use `await FakeGpt.create_async(...)` "
+        "or `async for piece in FakeGpt.create_async_generator(...)` there."
+    )
 
 
-def _iterate_in_new_loop(pieces: AsyncIterator[_T]) -> Iterator[_T]:
+def _iterate_in_new_loop(pieces: AsyncGenerator[_T, None]) -> Iterator[_T]:
     loop = asyncio.new_event_loop()
     try:
         while True:
@@ -3554,43 +3586,6 @@ def _iterate_in_new_loop(pieces: AsyncIterator[_T]) -> Iterator[_T]:
             loop.run_until_complete(loop.shutdown_asyncgens())  # closes `pieces`, and its connection
         finally:
             loop.close()
-
-
-def _iterate_in_thread(pieces: AsyncIterator[_T]) -> Iterator[_T]:
-    items: "queue.Queue[Tuple[str, Any]]" = queue.Queue()
-    started = threading.Event()
-    handle: Dict[str, Any] = {}
-
-    async def pump() -> None:
-        handle["loop"], handle["task"] = asyncio.get_running_loop(), asyncio.current_task()
-        started.set()
-        try:
-            async for item in pieces:
-                items.put(("item", item))
-        except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it
-            items.put(("error", exc))
-        else:
-            items.put(("end", None))
-
-    thread = threading.Thread(target=asyncio.run, args=(pump(),), name="fakegpt", daemon=True)
-    thread.start()
-    try:
-        while True:
-            kind, value = items.get()
-            if kind == "item":
-                yield value
-            elif kind == "error":
-                raise value
-            else:
-                return
-    finally:
-        started.wait()
-        if thread.is_alive():
-            try:
-                handle["loop"].call_soon_threadsafe(handle["task"].cancel)
-            except RuntimeError:  # the loop closed in between: nothing left to cancel
-                pass
-        thread.join()
 
 
 # ---------------------------------------------------------------------------------------

@@ -1831,6 +1831,35 @@ def test_abandoned_streams_close_their_connections_at_once(provider: "type[FakeG
     assert not mock.open_connections  # the server saw every connection close
 
 
+@pytest.mark.parametrize("leave", ["aclose", "async with", "break"])
+def test_leaving_a_reply_early_closes_it_before_control_returns(provider: "type[FakeGpt]", leave: str) -> None:
+    pieces_of(provider)  # logged in
+
+    async def main() -> None:
+        prompt = [{"role": "user", "content": "[[fault delay_events:0.05]] Hi"}]
+        if leave == "aclose":
+            pieces = provider.create_async_generator("", prompt)
+            await pieces.__anext__()
+            await pieces.aclose()
+        elif leave == "async with":
+            async with provider.stream("", prompt) as reply:
+                await reply.__anext__()
+        else:
+            async with provider.stream("", prompt) as reply:
+                async for _ in reply.texts():
+                    break
+        # Nothing is left to the garbage collector's finalizers, which would schedule the
+        # inner generators' closing for a later turn of the loop:
+        assert asyncio.all_tasks() == {asyncio.current_task()}
+        await asyncio.sleep(0)
+        assert asyncio.all_tasks() == {asyncio.current_task()}
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResourceWarning)
+        asyncio.run(main())
+        gc.collect()
+
+
 def test_a_reader_that_falls_behind_pauses_the_socket_instead_of_buffering_the_reply() -> None:
     total = 32 * 1024 * 1024
     body = bytes(range(256)) * (total // 256)
@@ -1937,10 +1966,17 @@ def test_sync_create_completion_with_and_without_a_running_loop(provider: "type[
     assert "".join(provider.create_completion("", USER)) == FULL_REPLY
     assert provider.create_completion("", USER, stream=False) == FULL_REPLY  # a str, as gpt4free's providers give
 
-    async def inside_a_loop() -> str:
-        return "".join(provider.create_completion("", USER))
+    async def inside_a_loop() -> None:
+        # It would block this loop for the whole reply (and deadlock with an in-process
+        # mock): it refuses at once, naming the async API, and starts no thread.
+        threads = threading.active_count()
+        with pytest.raises(fakegpt.UsageError, match="create_async"):
+            provider.create_completion("", USER)
+        with pytest.raises(fakegpt.UsageError, match="create_async"):
+            provider.create_completion("", USER, stream=False)
+        assert threading.active_count() == threads
 
-    assert asyncio.run(inside_a_loop()) == FULL_REPLY
+    asyncio.run(inside_a_loop())
     assert asyncio.run(provider.create_async("", USER)) == FULL_REPLY
     early = provider.create_completion("", USER)
     assert next(early)
@@ -1996,9 +2032,7 @@ def test_events_in_the_same_read_as_an_error_event_are_delivered_first() -> None
 
     with thread_server(serve) as (host, port):
         provider = provider_for(f"http://{host}:{port}")
-        session = provider._sessions[f"http://{host}:{port}"] = fakegpt._Session()
-        session.access_token = "preset"
-        raised, pieces = failure(provider)
+        raised, pieces = failure(provider, access_token="preset")
     assert isinstance(raised, fakegpt.UpstreamError) and "model overloaded" in str(raised)
     assert "".join(pieces) == "Hello"
 
@@ -2204,6 +2238,55 @@ def test_gzip_replies_of_several_members_or_on_a_kept_open_connection_arrive_who
         raised, _ = failure(provider_for(f"http://{host}:{port}"), access_token="token-1", timeout=fakegpt.Timeouts(read=5))
     assert isinstance(raised, fakegpt.HTTPStatusError) and "Something broke." in str(raised)
     assert time.monotonic() - started < 3
+
+
+def test_a_shared_login_respects_each_callers_own_timeout() -> None:
+    sessions = []
+
+    async def slow_session_upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        path = head.split(b" ")[1].split(b"?")[0]
+        length = int(re.search(rb"Content-Length: (\d+)", head).group(1)) if b"Content-Length" in head else 0
+        await reader.readexactly(length)
+        cookie = b""
+        if path == b"/api/loads":
+            body = b'{"loads": [{"token_id": "a", "count": 0}]}'
+        elif path == b"/auth/login":
+            body, cookie = b'{"code": 0}', b"Set-Cookie: credential=c1; Path=/\r\n"
+        elif path == b"/api/auth/session":
+            sessions.append(time.monotonic())
+            await asyncio.sleep(1.0)  # a slow login
+            body = b'{"accessToken": "token-1"}'
+        else:
+            writer.write(event_stream(assistant_event("Hi"), b"[DONE]"))
+            await writer.drain()
+            writer.close()
+            return
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" + cookie +
+                     b"Content-Length: %d\r\nConnection: close\r\n\r\n%b" % (len(body), body))
+        await writer.drain()
+        writer.close()
+
+    with thread_server(slow_session_upstream) as (host, port):
+        provider = provider_for(f"http://{host}:{port}")
+
+        async def call(total: Optional[float], delay: float) -> Tuple[str, float]:
+            await asyncio.sleep(delay)
+            started = time.monotonic()
+            try:
+                text = "".join([p async for p in provider.create_async_generator("", USER, timeout=fakegpt.Timeouts(total=total))])
+            except fakegpt.RequestTimeout as exc:
+                text = f"timeout:{exc.phase}"
+            return text, time.monotonic() - started
+
+        async def together() -> List[Tuple[str, float]]:
+            return await asyncio.gather(call(0.4, 0), call(None, 0.1), call(0.3, 0.2))
+
+        first, patient, short = asyncio.run(together())
+    assert first[0] == "timeout:total" and first[1] < 0.9  # the caller that began the login, by its clock
+    assert patient[0] == "Hi"  # not failed by the first caller's timeout
+    assert short[0] == "timeout:total" and short[1] < 0.8  # joined the login, left on its own clock
+    assert len(sessions) == 1  # one login, shared
 
 
 def test_a_connection_closed_before_any_response_is_a_transport_error() -> None:
@@ -2521,10 +2604,10 @@ def test_environment_proxies_are_used_behind_trust_env_and_no_proxy_excludes(mon
         pieces_of(provider)
         assert proxy.seen == []  # the library ignores the environment by default
         pieces_of(provider, trust_env=True)
-        assert len(proxy.seen) == 1
+        assert len(proxy.seen) == 4  # a session is per proxy: this call logs in through it too
         monkeypatch.setenv("NO_PROXY", "127.0.0.1")
         pieces_of(provider, trust_env=True)
-        assert len(proxy.seen) == 1
+        assert len(proxy.seen) == 4
 
 
 def test_a_real_proxy_tinyproxy_for_http_and_https(tmp_path: pathlib.Path) -> None:
@@ -2557,6 +2640,16 @@ def test_a_real_proxy_tinyproxy_for_http_and_https(tmp_path: pathlib.Path) -> No
 def test_tls_with_a_trusted_test_ca_works() -> None:
     with mock_server.serve_in_thread(certfile=str(TESTDATA / "server.pem"), keyfile=str(TESTDATA / "server.key")) as server:
         assert "".join(pieces_of(provider_for(server.url), ssl=trusting_test_ca())) == FULL_REPLY
+
+
+def test_a_session_is_per_tls_setting_a_token_got_strictly_is_not_used_loosely() -> None:
+    with mock_server.serve_in_thread(certfile=str(TESTDATA / "server.pem"), keyfile=str(TESTDATA / "server.key")) as server:
+        provider, strict = provider_for(server.url), trusting_test_ca()
+        loose = ssl.create_default_context()
+        loose.check_hostname, loose.verify_mode = False, ssl.CERT_NONE
+        for context in (strict, strict, loose, loose):
+            assert "".join(pieces_of(provider, ssl=context)) == FULL_REPLY
+        assert server.count("GET", "/api/loads") == 2  # one login for each setting
 
 
 @pytest.mark.parametrize("cert, words", [("selfsigned", "self-signed certificate"), ("wronghost", "IP address mismatch")])
