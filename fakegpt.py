@@ -2275,7 +2275,11 @@ class _Connection(asyncio.BufferedProtocol):
         except socket.gaierror:
             raise ConnectError(f"cannot resolve the host name of {where}") from None
         except OSError as exc:
-            raise ConnectError(f"cannot connect to {where}: {exc.strerror or exc}") from None
+            reason = exc.strerror or str(exc)
+            if not reason:  # an end of stream carries no words: say what it was
+                closed = "the connection was closed"
+                reason = f"{closed} during the TLS handshake" if endpoint.tls else f"{closed} ({type(exc).__name__})"
+            raise ConnectError(f"cannot connect to {where}: {reason}") from None
 
     @staticmethod
     async def _connect(

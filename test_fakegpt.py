@@ -3081,6 +3081,54 @@ def test_https_to_a_plain_http_server_fails_at_once_saying_so(mock: mock_server.
     assert time.monotonic() - started < 5
 
 
+HOSTILE_UPSTREAM = r"""
+import http.server, json
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = json.dumps({"detail": "bad \x1b]0;pwned\x07\x1b[2J news \x9b31m end"}).encode()
+        self.send_response(500)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+print(server.server_port, flush=True)
+server.serve_forever()
+"""
+
+
+def test_a_terminal_shows_server_text_without_control_characters() -> None:
+    upstream = subprocess.Popen([sys.executable, "-c", HOSTILE_UPSTREAM], stdout=subprocess.PIPE, text=True)
+    try:
+        assert upstream.stdout is not None
+        url = f"http://127.0.0.1:{upstream.stdout.readline().strip()}"
+        term = Terminal(url, "--profile", "backend-api", "--retries", "0", "Hi", env={"FAKEGPT_ACCESS_TOKEN": "token-1"})
+        try:
+            screen = term.until("end")
+            _, status = os.waitpid(term.pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 1
+        finally:
+            term.kill()
+    finally:
+        upstream.terminate()
+        upstream.wait(10)
+    assert "HTTP 500: bad ]0;pwned[2J news 31m end" in screen  # the words, without what steers a terminal
+    assert not any(sequence in screen for sequence in ("\x1b]", "\x07", "\x1b[2J", "\x9b"))
+
+
+def test_a_tls_end_of_stream_during_the_handshake_says_why() -> None:
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    with thread_server(hang_up) as (host, port):
+        raised, _ = failure(provider_for(f"https://{host}:{port}"), access_token="token-1", retries=0)
+    assert isinstance(raised, fakegpt.TransportError)
+    reason = str(raised).rsplit(":", 1)[-1].strip()
+    assert reason and reason != "None"
+
+
 def test_cli_timeout_flag(mock: mock_server.MockServer) -> None:
     started = time.monotonic()
     result = run_cli("--url", mock.url, "--timeout", "1", "[[fault hang_after:4]] Hi")
