@@ -3248,6 +3248,16 @@ def test_mock_options_and_faults_are_checked_where_given(options: Dict[str, Any]
             mock_server.MockServer().fail_next(options["fault"])
 
 
+def test_mock_answers_a_deeply_nested_json_body_with_a_400_and_stays_up(mock: mock_server.MockServer) -> None:
+    parts = urllib.parse.urlsplit(mock.url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    connection.request("POST", "/api/conversation", b"[" * 200000 + b"]" * 200000,
+                       {"Authorization": f"Bearer {mock.access_token}"})
+    response = connection.getresponse()
+    assert response.status == 400 and json.loads(response.read())["detail"] == "Invalid JSON body."
+    assert "".join(pieces_of(provider_for(mock.url))) == FULL_REPLY  # still serving
+
+
 def test_mock_fault_header_with_a_bad_fault_is_a_400(mock: mock_server.MockServer) -> None:
     parts = urllib.parse.urlsplit(mock.url)
     connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
