@@ -1414,7 +1414,7 @@ class ConversationDecoder:
             except UnicodeDecodeError:
                 return None
         else:
-            decoded = _json_string(buffer, resume, text_end)
+            decoded = _json_escaped(suffix)
             if decoded is None:
                 return None
             text = decoded
@@ -1454,7 +1454,7 @@ class ConversationDecoder:
             except UnicodeDecodeError:
                 return None
         else:
-            decoded = _json_string(buffer, text_start, text_end)
+            decoded = _json_escaped(content)
             if decoded is None:
                 return None
             text = decoded
@@ -1529,23 +1529,21 @@ class ConversationDecoder:
         self._one_line = b"\n" not in head and b"\n" not in tail
 
 
-def _json_string(buffer: bytes, start: int, end: int) -> Optional[str]:
-    """The text of the JSON string content ``buffer[start:end]`` (no quotes around it),
-    or None if it is not one by itself: bad escapes, a raw quote or control character,
-    invalid UTF-8, or a second half of a surrogate pair that decoding in full would join
-    to what came before."""
-    content = buffer[start:end]
+def _json_escaped(content: bytes) -> Optional[str]:
+    """The text of JSON string content (no quotes around it) that holds an escape or a
+    control character, or None if it is not a string by itself: bad escapes, a raw quote
+    or control character, invalid UTF-8, or a second half of a surrogate pair that
+    decoding in full would join to what came before. (Content without escapes is its own
+    text: the known-shape paths decode that in place.)"""
     try:
-        text = content.decode("utf-8")  # strict: never a lone surrogate
-        if _NEEDS_JSON.search(content) is None:
-            return None if '"' in text else text
-        quoted = '"' + text + '"'
+        quoted = '"' + content.decode("utf-8") + '"'
         text, stop = _scan_json_string(quoted, 1)  # json.loads's own string scanner
     except ValueError:
         return None
     if stop != len(quoted) or (text[:1] and "\udc00" <= text[0] <= "\udfff"):
         return None
-    return _valid_text(text)
+    # A lone surrogate can only come from a \ud... escape: look for it only then.
+    return _valid_text(text) if b"\\ud" in content or b"\\uD" in content else text
 
 
 def _probe(head: bytes, tail: bytes, probe: str) -> Optional[Tuple[Dict[str, Any], _Reply]]:
