@@ -2175,23 +2175,33 @@ def test_an_error_page_of_many_unclosed_titles_is_read_in_linear_time() -> None:
     assert time.monotonic() - started < 5
 
 
+async def read_request_path(reader: asyncio.StreamReader) -> bytes:
+    """Read one request (head and body); its path, without the query."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = re.search(rb"Content-Length: (\d+)", head)
+    await reader.readexactly(int(length.group(1)) if length else 0)
+    return head.split(b" ")[1].split(b"?")[0]
+
+
+async def write_json(writer: asyncio.StreamWriter, body: bytes, extra_headers: bytes = b"") -> None:
+    """Answer 200 with a JSON body, then close."""
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" + extra_headers +
+                 b"Content-Length: %d\r\nConnection: close\r\n\r\n%b" % (len(body), body))
+    await writer.drain()
+    writer.close()
+
+
 def test_a_token_the_client_cannot_send_is_a_login_failure_and_is_not_kept() -> None:
     logins = []
 
     async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        path = head.split(b" ")[1].split(b"?")[0]
-        length = int(re.search(rb"Content-Length: (\d+)", head).group(1)) if b"Content-Length" in head else 0
-        await reader.readexactly(length)
+        path = await read_request_path(reader)
         logins.append(path)
         answers = {b"/api/loads": b'{"loads": [{"token_id": "a", "count": 0}]}', b"/auth/login": b'{"code": 0}',
                    b"/api/auth/session": json.dumps({"accessToken": "tökén ✓"}).encode()}
         body = answers.get(path, b"{}")
         cookie = b"Set-Cookie: credential=c1; Path=/\r\n" if path == b"/auth/login" else b""
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" + cookie +
-                     b"Content-Length: %d\r\nConnection: close\r\n\r\n%b" % (len(body), body))
-        await writer.drain()
-        writer.close()
+        await write_json(writer, body, cookie)
 
     with thread_server(upstream) as (host, port):
         provider = provider_for(f"http://{host}:{port}")
@@ -2244,10 +2254,7 @@ def test_a_shared_login_respects_each_callers_own_timeout() -> None:
     sessions = []
 
     async def slow_session_upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        path = head.split(b" ")[1].split(b"?")[0]
-        length = int(re.search(rb"Content-Length: (\d+)", head).group(1)) if b"Content-Length" in head else 0
-        await reader.readexactly(length)
+        path = await read_request_path(reader)
         cookie = b""
         if path == b"/api/loads":
             body = b'{"loads": [{"token_id": "a", "count": 0}]}'
@@ -2262,10 +2269,7 @@ def test_a_shared_login_respects_each_callers_own_timeout() -> None:
             await writer.drain()
             writer.close()
             return
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" + cookie +
-                     b"Content-Length: %d\r\nConnection: close\r\n\r\n%b" % (len(body), body))
-        await writer.drain()
-        writer.close()
+        await write_json(writer, body, cookie)
 
     with thread_server(slow_session_upstream) as (host, port):
         provider = provider_for(f"http://{host}:{port}")
