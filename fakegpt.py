@@ -2142,16 +2142,26 @@ def _bypasses_proxy(endpoint: _Endpoint, no_proxy: str) -> bool:
 
 
 _default_ssl_context: Optional[ssl.SSLContext] = None
+_default_ssl_lock = threading.Lock()
 
 
-def _ssl_context(given: Optional[ssl.SSLContext]) -> ssl.SSLContext:
-    """`given`, or the system's trust store (SSL_CERT_FILE honoured) with host checks."""
+def _build_default_ssl_context() -> ssl.SSLContext:
     global _default_ssl_context
+    with _default_ssl_lock:
+        if _default_ssl_context is None:
+            _default_ssl_context = ssl.create_default_context()
+        return _default_ssl_context
+
+
+async def _ssl_context(given: Optional[ssl.SSLContext]) -> ssl.SSLContext:
+    """`given`, or the system's trust store (SSL_CERT_FILE honoured) with host checks,
+    built once per process and off the event loop: loading the store takes tens of
+    milliseconds, which every task on the loop would wait for."""
     if given is not None:
         return given
-    if _default_ssl_context is None:
-        _default_ssl_context = ssl.create_default_context()
-    return _default_ssl_context
+    if _default_ssl_context is not None:
+        return _default_ssl_context
+    return await asyncio.get_running_loop().run_in_executor(None, _build_default_ssl_context)
 
 
 async def _open_socket(endpoint: _Endpoint) -> socket.socket:
@@ -2285,7 +2295,7 @@ class _Connection(asyncio.BufferedProtocol):
         factory: Callable[[], "_Connection"], limits: Limits,
     ) -> "_Connection":
         loop = asyncio.get_running_loop()
-        context = _ssl_context(given) if endpoint.tls else None
+        context = await _ssl_context(given) if endpoint.tls else None
         if proxy is None:
             _, connection = await loop.create_connection(
                 factory, endpoint.host, endpoint.port, ssl=context,
@@ -3586,6 +3596,7 @@ def _iterate_in_new_loop(pieces: AsyncGenerator[_T, None]) -> Iterator[_T]:
             if tasks:
                 loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
             loop.run_until_complete(loop.shutdown_asyncgens())  # closes `pieces`, and its connection
+            loop.run_until_complete(loop.shutdown_default_executor())  # the TLS set-up's thread
         finally:
             loop.close()
 

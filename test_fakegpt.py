@@ -2646,6 +2646,27 @@ def test_tls_with_a_trusted_test_ca_works() -> None:
         assert "".join(pieces_of(provider_for(server.url), ssl=trusting_test_ca())) == FULL_REPLY
 
 
+def test_the_default_tls_context_is_built_once_and_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    built: List[int] = []
+    create = ssl.create_default_context
+
+    def recording(*args: Any, **kwargs: Any) -> ssl.SSLContext:
+        built.append(threading.get_ident())
+        return create(*args, **kwargs)
+
+    monkeypatch.setattr(fakegpt, "_default_ssl_context", None)
+    monkeypatch.setattr(ssl, "create_default_context", recording)
+    with mock_server.serve_in_thread(certfile=str(TESTDATA / "server.pem"), keyfile=str(TESTDATA / "server.key")) as server:
+        async def twice() -> int:
+            for _ in range(2):  # the test CA is not in the system's store: certificate errors
+                with pytest.raises(fakegpt.TLSError):
+                    await provider_for(server.url).create_async("", USER, access_token="token-1")
+            return threading.get_ident()
+
+        loop_thread = asyncio.run(twice())
+    assert len(built) == 1 and built[0] != loop_thread
+
+
 def test_a_session_is_per_tls_setting_a_token_got_strictly_is_not_used_loosely() -> None:
     with mock_server.serve_in_thread(certfile=str(TESTDATA / "server.pem"), keyfile=str(TESTDATA / "server.key")) as server:
         provider, strict = provider_for(server.url), trusting_test_ca()
