@@ -2540,6 +2540,7 @@ class _Options(NamedTuple):
     account_id: Optional[str]
     auto_continue: bool
     retries: int
+    session_cache: bool  # keep the login between processes (the CLI's default)
 
 
 class _Client:
@@ -2900,6 +2901,89 @@ def _check_login(head: Response, body: bytes, *, redact: Sequence[str]) -> None:
         )
 
 
+class _SessionFile:
+    """Sessions kept between processes: the access token and the cookies of each
+    upstream, in a JSON file readable by its owner alone (directory 0700, file 0600,
+    replaced atomically). Never a proxy's password: a proxy is known by its address."""
+
+    _MOST = 50  # upstreams kept; the least recently saved go first
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    @classmethod
+    def default(cls) -> "_SessionFile":
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        return cls(os.path.join(base, "fakegpt", "sessions.json"))
+
+    def load(self, key: str, session: _Session) -> None:
+        """Give `session` what the file keeps for `key`, if it is still good."""
+        entry = self._read().get(key)
+        if not isinstance(entry, dict):
+            return
+        token = entry.get("access_token")
+        if not isinstance(token, str) or _TOKEN_TEXT.fullmatch(token) is None:
+            return
+        now = time.time()
+        for fields in entry.get("cookies") or []:
+            try:
+                cookie = http.cookiejar.Cookie(
+                    0, fields["name"], fields["value"], None, False, fields["domain"],
+                    fields["domain_specified"], fields["domain"].startswith("."), fields["path"], True,
+                    fields["secure"], fields["expires"], fields["expires"] is None, None, None, {},
+                )
+            except (KeyError, TypeError, AttributeError):
+                return  # not a file this code wrote: ignore it all
+            if cookie.expires is None or cookie.expires > now:
+                session.cookie_jar.set_cookie(cookie)
+        session.access_token = token
+
+    def save(self, key: str, session: _Session) -> None:
+        cookies = [
+            {"name": c.name, "value": c.value, "domain": c.domain, "domain_specified": c.domain_specified,
+             "path": c.path, "secure": c.secure, "expires": c.expires}
+            for c in session.cookie_jar
+        ]
+        data = self._read()
+        data.pop(key, None)
+        data[key] = {"access_token": session.access_token, "cookies": cookies, "saved": time.time()}
+        self._write(dict(list(data.items())[-self._MOST:]))
+
+    def drop(self, key: str, token: str) -> None:
+        """Forget `key`'s session if it still holds `token` (the upstream refused it)."""
+        data = self._read()
+        entry = data.get(key)
+        if isinstance(entry, dict) and entry.get("access_token") == token:
+            del data[key]
+            self._write(data)
+
+    def _read(self) -> Dict[str, Any]:
+        try:
+            with open(self.path, encoding="utf-8") as file:
+                data = json.load(file)
+        except (OSError, ValueError, RecursionError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def _write(self, data: Dict[str, Any]) -> None:
+        import tempfile  # here: only a command that logged in needs it
+
+        directory = os.path.dirname(self.path)
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            os.chmod(directory, 0o700)
+            fd, temporary = tempfile.mkstemp(dir=directory, prefix=".sessions-")  # mode 0600
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as file:
+                    json.dump(data, file)
+                os.replace(temporary, self.path)
+            except BaseException:
+                os.unlink(temporary)
+                raise
+        except OSError as exc:
+            _log.info("the session was not kept in %s: %s", self.path, exc.strerror or exc)
+
+
 # ---------------------------------------------------------------------------------------
 # Provider API: gpt4free's FakeGpt, the event stream, sync wrappers
 # ---------------------------------------------------------------------------------------
@@ -2936,6 +3020,7 @@ KEYWORDS = frozenset({
     "url", "proxy", "timeout", "ssl", "trust_env", "limits", "conversation_id",
     "parent_message_id", "history_and_training_disabled", "profile", "access_token",
     "chatgpt_account_id", "auto_continue", "return_conversation", "conversation", "retries",
+    "session_cache",
 })
 _GPT4FREE_KEYWORDS = frozenset({
     "stream", "stream_timeout", "web_search", "media", "images", "image", "image_name",
@@ -3021,6 +3106,7 @@ def _options(
         account_id=account_id,
         auto_continue=bool(kwargs.get("auto_continue", False)),
         retries=retries,
+        session_cache=bool(kwargs.get("session_cache", False)),
     )
 
 
@@ -3066,6 +3152,11 @@ class ChatStream:
         self._taken = 0
         self._text_only = False
         self._text_pieces: Optional[AsyncGenerator[str, None]] = None
+        # The session file, if this call keeps its login between processes (never for a
+        # TLS context of the caller's: it cannot be told apart in another process).
+        kept = self._options.session_cache and self._options.ssl_context is None
+        self._kept = _SessionFile.default() if kept else None
+        self._kept_token: Optional[str] = None
 
     @property
     def text(self) -> str:
@@ -3158,6 +3249,10 @@ class ChatStream:
             session = _Session(options.access_token)
         else:
             session = self._sessions.setdefault(client.session_key, _Session())
+            if self._kept is not None:
+                if not session.access_token:
+                    self._kept.load(self._kept_key(client), session)
+                self._kept_token = session.access_token  # written again only when it changes
         continues: Optional[ConversationDecoder] = None
         for _ in range(1 + (_MAX_CONTINUATIONS if options.auto_continue else 0)):
             async with _Closing(self._retrying(client, session, text_only, continues)) as batches:
@@ -3168,6 +3263,10 @@ class ChatStream:
                 return
             _log.info("the reply stopped at max_tokens: asking the upstream to continue it")
             continues = decoder
+
+    def _kept_key(self, client: _Client) -> str:
+        proxy = client.proxy
+        return f"{self._options.profile} {client.base_url} via {proxy.endpoint.origin if proxy else 'direct'}"
 
     async def _retrying(
         self, client: _Client, session: _Session, text_only: bool,
@@ -3203,6 +3302,9 @@ class ChatStream:
             token = await session.token(client)
             if not session.given:
                 provider._access_token, provider._cookie_jar = token, session.cookie_jar
+                if self._kept is not None and token != self._kept_token:
+                    self._kept.save(self._kept_key(client), session)
+                    self._kept_token = token
             try:
                 async with _Closing(self._converse(client, session, token, text_only, continues)) as batches:
                     async for batch in batches:
@@ -3213,6 +3315,8 @@ class ChatStream:
                     raise
                 _log.debug("the access token was refused: logging in again")
                 session.invalidate(token)
+                if self._kept is not None:
+                    self._kept.drop(self._kept_key(client), token)
                 if provider._access_token == token:
                     provider._access_token = None
 
@@ -3641,6 +3745,8 @@ def _cli_parser() -> argparse.ArgumentParser:
                         help="try again this many times after a 429, a 5xx or a failed connection, "
                         "before any text arrived (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="write one JSON object per event")
+    parser.add_argument("--no-session-cache", action="store_true",
+                        help="log in afresh: keep no session between commands (also: $FAKEGPT_NO_SESSION_CACHE)")
     parser.add_argument("--no-history", action="store_true",
                         help="the chat keeps no history file (default: $XDG_STATE_HOME/fakegpt/history)")
     parser.add_argument("--verbose", action="store_true",
@@ -3712,6 +3818,8 @@ def _with_mock(args: argparse.Namespace, token: Optional[str]) -> int:
 def _run(args: argparse.Namespace, url: str, token: Optional[str], *, trust_env: bool) -> int:
     options: Dict[str, Any] = {"url": url, "trust_env": trust_env, "profile": args.profile,
                                "auto_continue": True, "retries": args.retries}
+    if trust_env and not args.no_session_cache and not os.environ.get("FAKEGPT_NO_SESSION_CACHE"):
+        options["session_cache"] = True  # not for --mock: each of its runs is a new upstream
     if token is not None:
         options["access_token"] = token
     if args.conversation_id:

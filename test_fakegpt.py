@@ -64,6 +64,23 @@ PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=[Heal
 SENTINEL = "SENTINEL-ACCESS-TOKEN-5f3c"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def no_user_state(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """No test, nor any command a test starts, writes to the user's cache or state: they
+    point into a temporary directory, and the CLI keeps no session unless a test asks."""
+    names = ("XDG_CACHE_HOME", "XDG_STATE_HOME", "FAKEGPT_NO_SESSION_CACHE")
+    saved = {name: os.environ.get(name) for name in names}
+    home = tmp_path_factory.mktemp("home")
+    os.environ.update({"XDG_CACHE_HOME": str(home / "cache"), "XDG_STATE_HOME": str(home / "state"),
+                       "FAKEGPT_NO_SESSION_CACHE": "1"})
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 # ---------------------------------------------------------------------------------------
 # The modules' shape: layers that hold, no object in another's private state
 # ---------------------------------------------------------------------------------------
@@ -3152,6 +3169,47 @@ def test_a_tls_end_of_stream_during_the_handshake_says_why() -> None:
     assert isinstance(raised, fakegpt.TransportError)
     reason = str(raised).rsplit(":", 1)[-1].strip()
     assert reason and reason != "None"
+
+
+def test_the_cli_keeps_its_session_between_commands(mock: mock_server.MockServer, tmp_path: pathlib.Path) -> None:
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache"), "FAKEGPT_NO_SESSION_CACHE": ""}
+    assert run_cli("--url", mock.url, "Hello", env=env).stdout == FULL_REPLY + "\n"
+    assert run_cli("--url", mock.url, "Hello", env=env).stdout == FULL_REPLY + "\n"
+    assert mock.count("GET", "/api/loads") == 1  # the second command made no login
+    kept = tmp_path / "cache" / "fakegpt" / "sessions.json"
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o600 and stat.S_IMODE(kept.parent.stat().st_mode) == 0o700
+    first = json.loads(kept.read_text())
+    mock.expire_tokens()  # a token the upstream no longer takes: dropped, and a new login kept
+    assert run_cli("--url", mock.url, "Hello", env=env).stdout == FULL_REPLY + "\n"
+    assert mock.count("GET", "/api/loads") == 2
+    second = json.loads(kept.read_text())
+    [(key, old)], [(_, new)] = first.items(), second.items()
+    assert mock.url in key and old["access_token"] != new["access_token"]
+    assert any(c["name"] == "credential" for c in new["cookies"])
+    for off in ({"FAKEGPT_NO_SESSION_CACHE": "1"}, {}):
+        args = ["--url", mock.url, "Hello"] + ([] if off else ["--no-session-cache"])
+        run_cli(*args, env={**env, **off})
+    assert mock.count("GET", "/api/loads") == 4  # each of these logged in
+
+
+def test_a_kept_session_never_holds_a_proxy_password(mock: mock_server.MockServer, tmp_path: pathlib.Path) -> None:
+    proxy = LoopbackProxy("user:pr0xy-secret")
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache"), "FAKEGPT_NO_SESSION_CACHE": ""}
+    with thread_server(proxy.handle) as (host, port):
+        result = run_cli("--url", mock.url, "--proxy", f"http://user:pr0xy-secret@{host}:{port}", "Hello", env=env)
+    assert result.stdout == FULL_REPLY + "\n"
+    kept = (tmp_path / "cache" / "fakegpt" / "sessions.json").read_text()
+    assert "pr0xy-secret" not in kept and base64.b64encode(b"user:pr0xy-secret").decode() not in kept
+    assert f"via http://{host}:{port}" in kept  # the proxy is known by its address
+
+
+def test_the_library_keeps_a_session_only_when_asked(mock: mock_server.MockServer, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    pieces_of(provider_for(mock.url))
+    assert not (tmp_path / "fakegpt").exists()  # off by default
+    pieces_of(provider_for(mock.url), session_cache=True)
+    assert "".join(pieces_of(provider_for(mock.url), session_cache=True)) == FULL_REPLY  # a new class: no session in memory
+    assert mock.count("GET", "/api/loads") == 2  # the third call used the kept one
 
 
 def test_cli_timeout_flag(mock: mock_server.MockServer) -> None:
