@@ -142,7 +142,9 @@ def main() -> int:
             return 0
         subprocess.run([sys.executable, "-m", "compileall", "-q", "fakegpt.py", "mock_server.py"], cwd=ROOT, check=True)
         cold = process_seconds({
-            "fakegpt CLI (python -m fakegpt --url URL hi)": [sys.executable, "-m", "fakegpt", "--url", url, "hi"],
+            # A login each time, as the aiohttp flow does (the session cache would skip it).
+            "fakegpt CLI (python -m fakegpt --url URL hi)": [sys.executable, "-m", "fakegpt", "--url", url,
+                                                           "--no-session-cache", "hi"],
             "aiohttp flow (bench/aiohttp_cli.py URL hi)": [sys.executable, os.path.join(HERE, "aiohttp_cli.py"), url, "hi"],
             "import fakegpt": [sys.executable, "-c", "import fakegpt"],
             "import aiohttp": [sys.executable, "-c", "import aiohttp"],
