@@ -1709,9 +1709,9 @@ def _blank_line_end(chunk: bytes, pos: int) -> int:
     return len(chunk)
 
 
-def _json_payload(raw: Union[bytes, str], what: str) -> Any:
+def _json_payload(raw: bytes, what: str) -> Any:
     """`raw` as JSON; anything else (nesting too deep for the parser too) is a `ProtocolError`."""
-    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    text = raw.decode("utf-8", "replace")
     try:
         return json.loads(text)
     except (ValueError, RecursionError):
@@ -1887,7 +1887,6 @@ def _detail_and_code(error: Any) -> Tuple[str, Optional[str]]:
 _READ_BUFFER_SIZE = 256 * 1024  # one per thread: each read lands in it, then in the parser
 _PAUSE_READING_AT = 1024 * 1024  # bytes in the parser not yet parsed: more pauses the socket
 _T = TypeVar("_T")
-_MAX_CONTINUATIONS = 5  # auto_continue: at most this many "continue" requests a reply
 
 
 class Timeouts(NamedTuple):
@@ -2719,17 +2718,14 @@ def _error_detail(head: Response, body: bytes, redact: Sequence[str] = ()) -> Tu
         payload = json.loads(text)
     except (ValueError, RecursionError):
         payload = None
+    message, code, limit = text, None, 200
     if isinstance(payload, dict):
-        for key in ("detail", "error", "message"):
-            if payload.get(key):
-                detail, code = _detail_and_code(payload[key])
-                return _excerpt(_redact(detail, redact), 500), code
-        return _excerpt(_redact(text, redact), 200), None
-    if "html" in (head.get("content-type") or "").lower() or text.lstrip().startswith("<"):
-        title = _html_title(text)
-        if title:
-            return _excerpt(_redact(title, redact), 200), None
-    return _excerpt(_redact(text, redact), 200), None
+        key = next((key for key in ("detail", "error", "message") if payload.get(key)), None)
+        if key is not None:
+            (message, code), limit = _detail_and_code(payload[key]), 500
+    elif "html" in (head.get("content-type") or "").lower() or text.lstrip().startswith("<"):
+        message = _html_title(text) or text
+    return _excerpt(_redact(message, redact), limit), code
 
 
 def _html_title(page: str) -> Optional[str]:
@@ -3038,10 +3034,10 @@ def _check_keywords(kwargs: Dict[str, Any]) -> None:
     import difflib  # here: only a call with a keyword we do not know needs it
 
     known = KEYWORDS | _GPT4FREE_KEYWORDS
+    folded = {k.lower(): k for k in KEYWORDS}
     for name in kwargs:
         if name in known:
             continue
-        folded = {k.lower(): k for k in KEYWORDS}
         close = folded.get(str(name).lower()) or next(
             iter(difflib.get_close_matches(str(name), sorted(KEYWORDS), n=1, cutoff=0.75)), None
         )
@@ -3123,6 +3119,9 @@ def _conversation_keyword(conversation: Any) -> Tuple[Optional[str], Optional[st
     if not isinstance(conversation_id, str) or not isinstance(parent, str):
         raise UsageError("conversation must carry a conversation_id and a message_id (strings)")
     return conversation_id, parent
+
+
+_MAX_CONTINUATIONS = 5  # auto_continue: at most this many "continue" requests a reply
 
 
 class ChatStream:

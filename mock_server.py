@@ -137,10 +137,12 @@ _FAULT_KINDS: Dict[str, _FaultKind] = {
     "empty": _FaultKind((), 0, "a complete stream with no assistant text"),
 }
 
-FAULTS = {
-    name + "".join(f":{p}" if i < kind.required else f"[:{p}]" for i, (p, _) in enumerate(kind.params)): kind.help
-    for name, kind in _FAULT_KINDS.items()
-}
+def _fault_form(name: str, kind: _FaultKind) -> str:
+    """How the fault is written: ``status:CODE[:RETRY_AFTER]``."""
+    return name + "".join(f":{p}" if i < kind.required else f"[:{p}]" for i, (p, _) in enumerate(kind.params))
+
+
+FAULTS = {_fault_form(name, kind): kind.help for name, kind in _FAULT_KINDS.items()}
 """Every fault, as written (``NAME:ARG``), and what it does."""
 
 
@@ -163,9 +165,8 @@ def _parse_fault(text: Any) -> _Fault:
     kind = _FAULT_KINDS.get(name)
     if kind is None:
         raise ValueError(f"unknown fault {text!r}; faults: {', '.join(FAULTS)}")
-    usage = next(form for form in FAULTS if form.split(":")[0].split("[")[0] == name)
     if not kind.required <= len(given) <= len(kind.params):
-        raise ValueError(f"fault {text!r}: write it as {usage}")
+        raise ValueError(f"fault {text!r}: write it as {_fault_form(name, kind)}")
     args = []
     for (param, parse), value in zip(kind.params, given):
         try:
