@@ -345,7 +345,8 @@ class ResponseReader:
     `Response`, then `Data` pieces, then `EndOfMessage`, or `NEED_DATA`. Interim 1xx
     responses are skipped. Bodies are framed by Content-Length, chunked coding or the end
     of the connection; gzip and deflate content codings are removed. Anything malformed
-    raises `ProtocolError`, anything oversized `LimitExceeded`.
+    raises `ProtocolError`, anything oversized `LimitExceeded`. After `EndOfMessage`,
+    `keep_alive` says whether the connection may carry another request.
     """
 
     def __init__(
@@ -356,7 +357,9 @@ class ResponseReader:
         self._method = method.upper()
         self._limits = limits
         self._decode_content = decode_content
-        self._status: Optional[Tuple[int, str]] = None
+        self._status: Optional[Tuple[bool, int, str]] = None  # (HTTP/1.0?, status, reason)
+        self._persistent = False  # the response lets the connection carry another
+        self._complete = False  # EndOfMessage returned
         self._fields: List[Tuple[str, str]] = []
         self._remaining = 0
         self._decoder: Any = None
@@ -386,6 +389,13 @@ class ResponseReader:
     def unconsumed(self) -> bytes:
         """Bytes fed but not part of the response (after a tunnel's head, for instance)."""
         return bytes(self._buf)
+
+    @property
+    def keep_alive(self) -> bool:
+        """Whether the connection may carry another request: the response was read to its
+        end, it is HTTP/1.1 without ``Connection: close``, its body was framed by length
+        or chunks (not by the end of the connection), and nothing came after it."""
+        return self._complete and self._persistent and not self._buf and not self._eof and self._error is None
 
     def next_event(self) -> Union[ReaderEvent, _NeedData]:
         """The next event, or `NEED_DATA` until more is fed.
@@ -436,7 +446,7 @@ class ResponseReader:
                 if len(self._fields) > self._limits.max_header_count:
                     raise LimitExceeded(f"more than {self._limits.max_header_count} header fields")
                 continue
-            status, reason = self._status
+            http10, status, reason = self._status
             headers, self._status, self._fields = tuple(self._fields), None, []
             if status == 101:
                 raise ProtocolError("unexpected 101 Switching Protocols")
@@ -444,6 +454,11 @@ class ResponseReader:
                 continue  # an interim response: the real one follows
             self.response = Response(status, reason, headers)
             self._choose_framing(self.response)
+            connection = (self.response.get("connection") or "").lower()
+            self._persistent = (
+                not http10 and self._step != self._read_until_close and self._method != "CONNECT"
+                and "close" not in (token.strip() for token in connection.split(","))
+            )
             return self.response
 
     def _choose_framing(self, response: Response) -> None:
@@ -619,6 +634,7 @@ class ResponseReader:
             if self._compressed_seen and not self._decoder.eof:
                 raise TruncatedStreamError("compressed body ended before its end marker")
             self._decoder = None
+        self._complete = True
         return EndOfMessage()
 
     def _take(self, limit: int) -> bytes:
@@ -657,11 +673,12 @@ class ResponseReader:
             piece = b""
 
 
-def _parse_status_line(line: bytes) -> Tuple[int, str]:
+def _parse_status_line(line: bytes) -> Tuple[bool, int, str]:
+    """(HTTP/1.0?, status, reason)"""
     match = _STATUS_LINE.fullmatch(line)
     if match is None:
         raise ProtocolError(f"malformed status line {_excerpt(line)!r}")
-    return int(match.group(2)), (match.group(3) or b"").decode("latin-1")
+    return match.group(1) == b"0", int(match.group(2)), (match.group(3) or b"").decode("latin-1")
 
 
 def _parse_field_line(line: bytes) -> Tuple[str, str]:
@@ -1886,6 +1903,12 @@ def _detail_and_code(error: Any) -> Tuple[str, Optional[str]]:
 
 _READ_BUFFER_SIZE = 256 * 1024  # one per thread: each read lands in it, then in the parser
 _PAUSE_READING_AT = 1024 * 1024  # bytes in the parser not yet parsed: more pauses the socket
+# Keep-alive: how long an idle connection is kept when the server does not say (common
+# servers close theirs after 5 s: Node, uvicorn, Apache), the most it is kept when it does
+# (``Keep-Alive: timeout=N``, less a second for the trip), and how many are kept per loop.
+_IDLE_SECONDS, _IDLE_MAX_SECONDS, _IDLE_CONNECTIONS = 4.0, 60.0, 16
+_END_WAIT_SECONDS = 0.5  # after a stream's last event, how long the end of its body is awaited
+_DRAIN_BYTES = 64 * 1024  # after the last wanted byte, how much more is read to reuse a connection
 _T = TypeVar("_T")
 
 
@@ -2231,7 +2254,8 @@ def _read_buffer() -> memoryview:
 
 
 class _Connection(asyncio.BufferedProtocol):
-    """One HTTP/1.1 exchange on its own connection: bytes out, and bytes in to its parser.
+    """An HTTP/1.1 connection: bytes out, and bytes in to the parser of the exchange in
+    progress. Between exchanges it is idle, waiting in a `_Pool`.
 
     An asyncio protocol rather than asyncio's streams: a StreamReader copies every byte
     into its buffer and out again, and copies the whole buffer again each time it grows
@@ -2240,9 +2264,9 @@ class _Connection(asyncio.BufferedProtocol):
     parser; `receive` waits until something has arrived.
     """
 
-    def __init__(self, clock: _Clock, parser: ResponseReader) -> None:
-        self._clock = clock
-        self._parser = parser
+    def __init__(self) -> None:
+        self._clock: Optional[_Clock] = None
+        self._parser: Optional[ResponseReader] = None  # None while idle
         self._loop = asyncio.get_running_loop()
         self._transport: Optional[asyncio.Transport] = None
         self._view = _read_buffer()
@@ -2252,20 +2276,25 @@ class _Connection(asyncio.BufferedProtocol):
         self._lost: Optional[Exception] = None
         self._data_waiter: Optional["asyncio.Future[None]"] = None
         self._drain_waiter: Optional["asyncio.Future[None]"] = None
+        self.exchanges = 0  # requests sent on it so far (more than one: it was reused)
+        self.answered = False  # bytes of a response arrived in the exchange in progress
 
     @classmethod
     async def open(
         cls, endpoint: _Endpoint, *, proxy: Optional[_Proxy], ssl_context: Optional[ssl.SSLContext],
         clock: _Clock, parser: ResponseReader, limits: Limits,
     ) -> "_Connection":
-        """A connection whose bytes go to `parser`."""
+        """A new connection, its first exchange begun: what arrives goes to `parser`."""
         where = endpoint.authority if proxy is None else f"the proxy {proxy.endpoint.authority}"
         started = time.monotonic()
+
+        def factory() -> "_Connection":
+            connection = cls()
+            connection.begin(parser, clock)
+            return connection
+
         try:
-            connection = await clock.within(
-                cls._connect(endpoint, proxy, ssl_context, lambda: cls(clock, parser), limits),
-                "connect",
-            )
+            connection = await clock.within(cls._connect(endpoint, proxy, ssl_context, factory, limits), "connect")
             _log.debug("connected to %s in %.0f ms", where, (time.monotonic() - started) * 1000)
             return connection
         except ssl.SSLCertVerificationError as exc:
@@ -2315,12 +2344,33 @@ class _Connection(asyncio.BufferedProtocol):
                 raise
         return connection
 
+    @property
+    def usable(self) -> bool:
+        """Open, and the peer has not closed it: it can carry a request."""
+        transport = self._transport
+        return not self._ended and transport is not None and not transport.is_closing()
+
+    def begin(self, parser: ResponseReader, clock: _Clock) -> None:
+        """Start an exchange: what arrives goes to `parser`, waits go by `clock`."""
+        self._parser, self._clock = parser, clock
+        self.exchanges += 1
+        self.answered = False
+
+    def rest(self) -> None:
+        """The exchange is over and the response read to its end: idle until the next."""
+        self._parser = self._clock = None
+        self._fresh = False
+        if self._reading_paused and self._transport is not None:
+            self._reading_paused = False
+            self._transport.resume_reading()  # so that the peer's close is seen at once
+
     async def send(self, data: bytes) -> None:
         transport = self._transport
         if self._ended or transport is None or transport.is_closing():
             raise TransportError(f"connection lost before sending: {self._reason()}")
         transport.write(data)
         if self._drain_waiter is not None:  # the socket's buffer is full: wait for room
+            assert self._clock is not None, "send() outside an exchange"
             await self._clock.within(self._drain_waiter, "read")
         if self._lost is not None:
             raise TransportError(f"connection lost while sending: {self._reason()}")
@@ -2328,10 +2378,12 @@ class _Connection(asyncio.BufferedProtocol):
     async def receive(self) -> None:
         """Wait until more bytes have gone to the parser; at the end of the connection,
         feed it b"" (or raise, if the connection was lost rather than closed)."""
+        parser, clock = self._parser, self._clock
+        assert parser is not None and clock is not None, "receive() outside an exchange"
         if not self._fresh and not self._ended:
             self._data_waiter = self._loop.create_future()
             try:
-                await self._clock.wait(self._data_waiter)
+                await clock.wait(self._data_waiter)
             finally:
                 self._data_waiter = None
         if self._fresh:
@@ -2342,7 +2394,7 @@ class _Connection(asyncio.BufferedProtocol):
             return
         if self._lost is not None:
             raise TruncatedStreamError(f"connection lost: {self._reason()}")
-        self._parser.feed(b"")
+        parser.feed(b"")
 
     def close(self) -> None:
         """Close at once: an abandoned stream must not keep its socket."""
@@ -2366,8 +2418,12 @@ class _Connection(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         parser = self._parser
+        if parser is None:  # bytes nobody asked for: this connection can carry no request
+            self._ended = True
+            self.close()
+            return
         parser.feed(self._view[:nbytes])  # copied: the buffer is the next read's
-        self._fresh = True
+        self._fresh = self.answered = True
         if parser.buffered > _PAUSE_READING_AT and not self._reading_paused:
             self._reading_paused = True
             assert self._transport is not None
@@ -2399,6 +2455,125 @@ class _Connection(asyncio.BufferedProtocol):
             waiter.set_result(None)
 
 
+def _keep_alive_seconds(head: Response) -> float:
+    """How long a connection may stay idle after `head`: a little less than the server's
+    ``Keep-Alive: timeout=N`` (a second less, or half of a short one; at most a minute),
+    else `_IDLE_SECONDS`."""
+    for part in (head.get("keep-alive") or "").split(","):
+        name, _, value = part.partition("=")
+        value = value.strip().strip('"')
+        if name.strip().lower() == "timeout" and value.isascii() and value.isdigit() and len(value) < 6:
+            seconds = int(value)
+            return min(max(seconds - 1.0, seconds / 2), _IDLE_MAX_SECONDS)
+    return _IDLE_SECONDS
+
+
+class _Pool:
+    """The idle keep-alive connections of one event loop, by what they lead to (origin,
+    proxy, TLS settings); the most recently used is taken first. Each closes after its
+    idle time, the oldest when there are too many, and all of them with `close`."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._idle: Dict[Any, List[Tuple[_Connection, float, asyncio.TimerHandle]]] = {}
+        self._count = 0
+        self.closed = False
+
+    def take(self, key: Any) -> Optional[_Connection]:
+        """An idle connection to `key` that can carry a request, or None."""
+        entries = self._idle.get(key)
+        while entries:
+            connection, _, timer = entries.pop()
+            self._count -= 1
+            timer.cancel()
+            if connection.usable:
+                return connection
+            connection.close()
+        return None
+
+    def put(self, key: Any, connection: _Connection, seconds: float) -> None:
+        """Keep `connection` (its response read to the end) for at most `seconds`."""
+        if self.closed or seconds <= 0 or not connection.usable:
+            connection.close()
+            return
+        connection.rest()
+        if self._count >= _IDLE_CONNECTIONS:
+            oldest_key, oldest = min(
+                ((entry_key, entry) for entry_key, entries in self._idle.items() for entry in entries),
+                key=lambda found: found[1][1],
+            )
+            self._forget(oldest_key, oldest[0])
+        timer = self._loop.call_later(seconds, self._forget, key, connection)
+        self._idle.setdefault(key, []).append((connection, time.monotonic(), timer))
+        self._count += 1
+
+    def close(self) -> None:
+        """Close every idle connection; a connection put afterwards is closed at once."""
+        self.closed = True
+        for entries in self._idle.values():
+            for connection, _, timer in entries:
+                timer.cancel()
+                connection.close()
+        self._idle.clear()
+        self._count = 0
+
+    def _forget(self, key: Any, connection: _Connection) -> None:
+        entries = self._idle.get(key, [])
+        for index, entry in enumerate(entries):
+            if entry[0] is connection:
+                del entries[index]
+                self._count -= 1
+                entry[2].cancel()
+                connection.close()
+                return
+
+
+class _Pools:
+    """A `_Pool` per event loop: a connection never crosses loops, nor so threads.
+
+    A loop's pool closes when the loop ends: ``asyncio.run`` (and ``create_completion``)
+    close every async generator of the loop before closing it, and each pool has one
+    waiting to close it. `aclose` closes the running loop's pool sooner.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_loop: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Tuple[_Pool, AsyncGenerator[None, None]]]" = (
+            weakref.WeakKeyDictionary()
+        )
+
+    async def get(self) -> _Pool:
+        """The running loop's pool, made on first use."""
+        loop = asyncio.get_running_loop()
+        found = self._by_loop.get(loop)
+        if found is not None and not found[0].closed:
+            return found[0]
+        pool = _Pool()
+        guard = self._guard(loop, pool)
+        await guard.__anext__()  # started: the loop now knows it, and closes it at its end
+        with self._lock:
+            for other in [other for other in self._by_loop if other.is_closed()]:
+                del self._by_loop[other]  # ended without closing its generators: let it go
+            self._by_loop[loop] = (pool, guard)
+        return pool
+
+    async def aclose(self) -> None:
+        """Close the running loop's idle connections."""
+        with self._lock:
+            found = self._by_loop.pop(asyncio.get_running_loop(), None)
+        if found is not None:
+            await found[1].aclose()
+
+    async def _guard(self, loop: asyncio.AbstractEventLoop, pool: _Pool) -> AsyncGenerator[None, None]:
+        try:
+            yield
+        finally:
+            pool.close()
+            with self._lock:
+                if self._by_loop.get(loop, (None,))[0] is pool:
+                    del self._by_loop[loop]
+
+
 class _Closing:
     """``async with _Closing(generator) as items``: the generator is closed when the block
     ends, for any reason, before control returns (``contextlib.aclosing`` is 3.10+). An
@@ -2416,23 +2591,35 @@ class _Closing:
 
 
 class _HTTPResponse:
-    """A response whose head has arrived; the body is read on demand."""
+    """A response whose head has arrived; the body is read on demand. When the caller is
+    done with it, `release` keeps the connection for another request (if the body was read
+    to its end and the response allows it) and `close` closes it: after an error, a
+    cancel or a partial read, a connection is never reused."""
 
-    def __init__(self, head: Response, parser: ResponseReader, connection: _Connection) -> None:
+    def __init__(
+        self, head: Response, parser: ResponseReader, connection: _Connection,
+        keep: Optional[Callable[[_Connection, Response], None]],
+    ) -> None:
         self.head = head
         self.status = head.status
         self._parser = parser
-        self._connection = connection
+        self._connection: Optional[_Connection] = connection
+        self._keep = keep
+        self._ended = False  # EndOfMessage read
 
     async def chunks(self) -> AsyncGenerator[bytes, None]:
-        parser, connection = self._parser, self._connection
+        parser = self._parser
         while True:
             event = parser.next_event()
             if event is NEED_DATA:
+                connection = self._connection
+                if connection is None:
+                    raise UsageError("the response was closed before its body was read")
                 await connection.receive()
             elif isinstance(event, Data):
                 yield event.data
             else:
+                self._ended = True
                 return
 
     async def read(self, limit: int) -> bytes:
@@ -2445,8 +2632,54 @@ class _HTTPResponse:
                     break
         return bytes(body[:limit])
 
+    async def finish(self, seconds: float) -> None:
+        """`release`, after waiting at most `seconds` for the rest of the body (after a
+        stream's last event, the few bytes that end it, usually here already)."""
+        connection = self._connection
+        deadline = time.monotonic() + seconds
+        try:
+            while connection is not None and not self._read_arrived():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                await asyncio.wait_for(connection.receive(), left)
+        except (FakeGptError, asyncio.TimeoutError):
+            pass  # then the connection is closed
+        self.release()
+
+    def release(self) -> None:
+        """Done with the response, which went well: its connection is kept for another
+        request if what has arrived ends the body and the response allows it, else closed."""
+        connection, self._connection = self._connection, None
+        if connection is None:
+            return
+        if self._read_arrived() and self._keep is not None and self._parser.keep_alive:
+            self._keep(connection, self.head)
+        else:
+            connection.close()
+
     def close(self) -> None:
-        self._connection.close()
+        """Done with the response: close its connection at once (unless released)."""
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.close()
+
+    def _read_arrived(self) -> bool:
+        """Whether the body has ended, reading through what has already arrived (a little
+        of it at most: what the caller did not want)."""
+        skipped = 0
+        try:
+            while not self._ended and skipped <= _DRAIN_BYTES:
+                event = self._parser.next_event()
+                if event is NEED_DATA:
+                    return False
+                if isinstance(event, Data):
+                    skipped += len(event.data)
+                else:
+                    self._ended = True
+        except FakeGptError:
+            return False
+        return self._ended
 
 
 class _CookieRequest:
@@ -2543,9 +2776,12 @@ class _Options(NamedTuple):
 
 
 class _Client:
-    """HTTP/1.1 requests to one upstream, one connection each, with the call's options."""
+    """HTTP/1.1 requests to one upstream, with the call's options, on connections kept in
+    `pool` (or, without one, a connection each)."""
 
-    def __init__(self, options: _Options, *, timeouts: Optional[Timeouts] = None) -> None:
+    def __init__(
+        self, options: _Options, *, timeouts: Optional[Timeouts] = None, pool: Optional[_Pool] = None,
+    ) -> None:
         self.endpoint, self.base_path = options.endpoint, options.base_path
         self.base_url = f"{self.endpoint.origin}{self.base_path}"
         self.options = options
@@ -2553,6 +2789,7 @@ class _Client:
         if self.proxy is None and options.trust_env:
             self.proxy = _proxy_from_environment(self.endpoint)
         self.clock = _Clock(timeouts or options.timeouts)
+        self.pool = pool
 
     @property
     def secrets(self) -> List[str]:
@@ -2560,20 +2797,25 @@ class _Client:
         return self.proxy.secrets if self.proxy is not None else []
 
     @property
+    def connection_key(self) -> Tuple[Any, ...]:
+        """What a connection leads to: the origin, the TLS settings and the proxy."""
+        proxy = self.proxy
+        return (
+            self.endpoint, self.options.ssl_context,
+            None if proxy is None else (proxy.endpoint, hash(proxy.authorization)),
+        )
+
+    @property
     def session_key(self) -> Tuple[Any, ...]:
         """What a login depends on: the upstream, the TLS settings and the proxy. A token
         got one way is never used another way."""
-        proxy = self.proxy
-        return (
-            self.base_url, self.options.ssl_context,
-            None if proxy is None else (proxy.endpoint, hash(proxy.authorization)),
-        )
+        return (self.base_url, *self.connection_key[1:])
 
     def for_shared_work(self) -> "_Client":
         """This client without its call's total timeout: work that other calls share (a
         login) must not fail them when this call gives up; each waits by its own clock."""
         timeouts = self.options.timeouts
-        shared = _Client(self.options, timeouts=Timeouts(timeouts.connect, timeouts.read, None))
+        shared = _Client(self.options, timeouts=Timeouts(timeouts.connect, timeouts.read, None), pool=self.pool)
         shared.proxy = self.proxy
         return shared
 
@@ -2589,37 +2831,66 @@ class _Client:
             fields.append(("Proxy-Authorization", proxy.authorization))
         if body is not None:
             fields.append(("Content-Length", str(len(body))))
-        fields.append(("Connection", "close"))
+        if self.pool is None:
+            fields.append(("Connection", "close"))
         cookie_request = _CookieRequest(url, fields)
         if cookie_jar is not None:
             _add_cookie_header(cookie_jar, cookie_request)
         head = _serialize_head(method, target, cookie_request.fields)
         via = f" via {proxy.endpoint.authority}" if proxy is not None else ""
         _log.debug("%s %s%s", method, url.split("?")[0], via)
-        parser = ResponseReader(method=method, limits=limits)
-        connection = await _Connection.open(
-            endpoint, proxy=proxy, ssl_context=self.options.ssl_context, clock=self.clock,
-            parser=parser, limits=limits,
-        )
-        try:
-            await connection.send(head + body if body else head)
-            while True:
-                try:
-                    event = parser.next_event()
-                    if event is NEED_DATA:
-                        await connection.receive()
-                        continue
-                except TruncatedStreamError as exc:  # before any response: the connection failed
-                    raise TransportError(f"{method} {path}: {exc}") from None
-                assert isinstance(event, Response)
+        message = head + body if body else head
+        key = self.connection_key
+        connection = self.pool.take(key) if self.pool is not None else None
+        while True:
+            parser = ResponseReader(method=method, limits=limits)
+            reused = connection is not None
+            if connection is None:
+                connection = await _Connection.open(
+                    endpoint, proxy=proxy, ssl_context=self.options.ssl_context, clock=self.clock,
+                    parser=parser, limits=limits,
+                )
+            else:
+                connection.begin(parser, self.clock)
+            try:
+                event = await self._exchange(connection, parser, message)
                 break
-        except BaseException:
-            connection.close()
-            raise
+            except (TransportError, TruncatedStreamError) as exc:
+                connection.close()
+                if not reused or connection.answered or isinstance(exc, RequestTimeout):
+                    if isinstance(exc, TruncatedStreamError):  # before any response: the connection failed
+                        raise TransportError(f"{method} {path}: {exc}") from None
+                    raise
+                # The server had closed the idle connection as we sent: nothing of the
+                # request was processed, so it goes again, on a new connection.
+                _log.debug("%s %s: a kept connection failed before any answer (%s): once more on a new one",
+                           method, url.split("?")[0], exc)
+                connection = None
+            except BaseException:
+                connection.close()
+                raise
         _log.debug("%s %s -> %d %s", method, url.split("?")[0], event.status, event.reason)
         if cookie_jar is not None and (event.get("set-cookie") or event.get("set-cookie2")):
             cookie_jar.extract_cookies(_CookieResponse(event), cookie_request)  # type: ignore[arg-type]
-        return _HTTPResponse(event, parser, connection)
+        keep = None if self.pool is None else self._keep
+        return _HTTPResponse(event, parser, connection, keep)
+
+    @staticmethod
+    async def _exchange(connection: _Connection, parser: ResponseReader, message: bytes) -> Response:
+        """Send `message` and wait for the head of the response."""
+        await connection.send(message)
+        while True:
+            event = parser.next_event()
+            if event is NEED_DATA:
+                await connection.receive()
+                continue
+            assert isinstance(event, Response)
+            return event
+
+    def _keep(self, connection: _Connection, head: Response) -> None:
+        pool = self.pool
+        assert pool is not None
+        pool.put(self.connection_key, connection, _keep_alive_seconds(head))
 
     async def json(
         self, method: str, path: str, *, what: str, body: Optional[bytes] = None,
@@ -2633,14 +2904,16 @@ class _Client:
         )
         try:
             raw = await response.read(self.options.limits.max_error_body_size)
+            if response.status >= 400:
+                raise _status_error(response.head, raw, what=what, redact=[*redact, *self.secrets])
+            try:
+                value = json.loads(raw.decode("utf-8", "replace"))
+            except (ValueError, RecursionError):
+                raise ProtocolError(f"{what}: the answer is not JSON: {_excerpt(raw)!r}") from None
+            response.release()
+            return value
         finally:
             response.close()
-        if response.status >= 400:
-            raise _status_error(response.head, raw, what=what, redact=[*redact, *self.secrets])
-        try:
-            return json.loads(raw.decode("utf-8", "replace"))
-        except (ValueError, RecursionError):
-            raise ProtocolError(f"{what}: the answer is not JSON: {_excerpt(raw)!r}") from None
 
 
 def _serialize_head(method: str, target: str, fields: Sequence[Tuple[str, str]]) -> bytes:
@@ -2853,9 +3126,10 @@ class _Session:
         )
         try:
             answer = await response.read(client.options.limits.max_error_body_size)
+            _check_login(response.head, answer, redact=[*self.secrets(), *client.secrets])
+            response.release()
         finally:
             response.close()
-        _check_login(response.head, answer, redact=[*self.secrets(), *client.secrets])
         session = await client.json(
             "GET", "/api/auth/session", what="GET /api/auth/session",
             cookie_jar=self.cookie_jar, redact=self.secrets(),
@@ -3127,19 +3401,21 @@ _MAX_CONTINUATIONS = 5  # auto_continue: at most this many "continue" requests a
 class ChatStream:
     """The reply as `ChatEvent`s: an async iterator and an async context manager.
 
-    Leaving the ``async with`` block, or ``aclose()``, closes the connection at once,
-    whether or not the reply was read to the end. After the stream, ``text``,
+    Leaving the ``async with`` block, or ``aclose()``, closes the connection at once if
+    the reply was not read to the end; a reply read to its end leaves its connection
+    open for the next call. After the stream, ``text``,
     ``conversation_id``, ``message_id`` and ``finish_reason`` describe the reply; pass the
     first and the last two back (``conversation_id=``, ``parent_message_id=``) to continue.
     """
 
     def __init__(
         self, provider: "type[FakeGpt]", model: Optional[str], messages: Messages,
-        proxy: Optional[str] = None, *, sessions: Dict[Any, _Session], **kwargs: Any,
+        proxy: Optional[str] = None, *, sessions: Dict[Any, _Session], pools: _Pools, **kwargs: Any,
     ) -> None:
         self.prompt = format_prompt(messages)
         self._provider = provider
         self._sessions = sessions
+        self._pools = pools
         self._options = _options(provider, model, proxy, kwargs)
         self._decoder = ConversationDecoder()
         # Events travel in batches, one per read of the socket: a long reply has
@@ -3243,7 +3519,7 @@ class ChatStream:
 
     async def _run(self, *, text_only: bool) -> AsyncGenerator[List[Any], None]:
         options = self._options
-        client = _Client(options)
+        client = _Client(options, pool=await self._pools.get())
         if options.access_token is not None:
             session = _Session(options.access_token)
         else:
@@ -3355,6 +3631,9 @@ class ChatStream:
                         break
             if not decoder.done:
                 reply.close()
+            elif decoder.complete and decoder.has_text:  # the body's last bytes, and the connection is kept
+                left = client.clock.time_left()
+                await response.finish(_END_WAIT_SECONDS if left is None else min(left, _END_WAIT_SECONDS))
         except TruncatedStreamError as exc:  # the connection or the body ended early
             raise self._cut(str(exc)) from None
         finally:
@@ -3504,7 +3783,9 @@ class FakeGpt:
     Other keywords (gpt4free passes ``stream``, ...) are accepted and ignored.
 
     The access token and the cookies are kept on the class, one session per upstream URL:
-    a second call makes one request, not four.
+    a second call makes one request, not four. Connections are kept too (HTTP/1.1
+    keep-alive, per event loop): the login and later calls on a loop share one, which
+    closes after a few idle seconds, when the loop ends, or on ``await FakeGpt.aclose()``.
     """
 
     url: str = DEFAULT_URL
@@ -3518,13 +3799,14 @@ class FakeGpt:
     _access_token: Optional[str] = None
     _cookie_jar: Optional[http.cookiejar.CookieJar] = None
     _sessions: Dict[Any, _Session] = {}
+    _pools = _Pools()
 
     @classmethod
     def isolated(cls, url: Optional[str] = None, **attributes: Any) -> "type[FakeGpt]":
         """A subclass with a session cache of its own (token, cookies), aimed at `url`
         if given, with `attributes` set on it: for tests, and for code that must not
         share a login with the rest of the process."""
-        namespace: Dict[str, Any] = {"_sessions": {}, "_access_token": None, "_cookie_jar": None}
+        namespace: Dict[str, Any] = {"_sessions": {}, "_pools": _Pools(), "_access_token": None, "_cookie_jar": None}
         if url is not None:
             _parse_url(url)  # a bad URL fails here
             namespace["url"] = url
@@ -3536,7 +3818,14 @@ class FakeGpt:
         cls, model: Optional[str], messages: Messages, proxy: Optional[str] = None, **kwargs: Any
     ) -> ChatStream:
         """The reply as a `ChatStream` of `ChatEvent`s (same arguments as below)."""
-        return ChatStream(cls, model, messages, proxy, sessions=cls._sessions, **kwargs)
+        return ChatStream(cls, model, messages, proxy, sessions=cls._sessions, pools=cls._pools, **kwargs)
+
+    @classmethod
+    async def aclose(cls) -> None:
+        """Close the connections this class keeps open for later calls on the running
+        event loop (they close by themselves when idle a few seconds, and all of them
+        when the loop ends, as ``asyncio.run`` returns)."""
+        await cls._pools.aclose()
 
     @classmethod
     async def create_async_generator(

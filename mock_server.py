@@ -275,6 +275,8 @@ class RecordedRequest:
     query: str
     headers: Tuple[Tuple[str, str], ...]
     body: bytes
+    connection: int = 0
+    """Which connection it came on: the server's accepted connections, counted from 1."""
 
     def header(self, name: str) -> Optional[str]:
         name = name.lower()
@@ -448,6 +450,8 @@ class MockServer:
         self._conversations: Dict[str, _Conversation] = {}
         self._server: Optional[asyncio.AbstractServer] = None
         self._connections: Set["asyncio.Task[None]"] = set()
+        self.accepted_connections = 0
+        """Connections accepted so far (a client that keeps its connections opens few)."""
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -510,6 +514,8 @@ class MockServer:
         task = asyncio.current_task()
         assert task is not None
         self._connections.add(task)
+        self.accepted_connections += 1
+        serial = self.accepted_connections
         sock = writer.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
@@ -529,6 +535,7 @@ class MockServer:
                     break
                 if request is None:
                     break
+                request = dataclasses.replace(request, connection=serial)
                 self.requests.append(request)
                 if len(self.requests) > self.options.max_recorded:
                     del self.requests[: len(self.requests) - self.options.max_recorded]

@@ -598,6 +598,51 @@ def test_http_reader_returns_chunks_before_a_malformed_one_then_raises() -> None
         reader.next_event()
 
 
+KEEP_ALIVE_CASES = {
+    # RFC 9112 9.3: HTTP/1.1 persists unless "close"; a body ended by the close cannot.
+    "length": (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", "GET", True),
+    "chunked with trailers": (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-T: 1\r\n\r\n", "GET", True),
+    "204 without a body": (b"HTTP/1.1 204 No Content\r\n\r\n", "GET", True),
+    "HEAD": (b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n", "HEAD", True),
+    "after an interim 100": (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", "GET", True),
+    "gzip by length": (b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n%s" % (len(gzip_hi := zlib.compress(b"hi", wbits=31)), gzip_hi), "GET", True),
+    "Connection: close": (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello", "GET", False),
+    "close among other tokens": (b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: Upgrade, CLOSE\r\n\r\n", "GET", False),
+    "HTTP/1.0": (b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\nhello", "GET", False),
+    "HTTP/1.0 asking for keep-alive": (b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\nConnection: keep-alive\r\n\r\n", "GET", False),
+    "body ended by the close": (b"HTTP/1.1 200 OK\r\n\r\nhello", "GET", False),
+    "bytes after the message": (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhelloHTTP/1.1 200 OK", "GET", False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(KEEP_ALIVE_CASES))
+def test_http_reader_says_whether_the_connection_may_carry_another_request(name: str) -> None:
+    data, method, expected = KEEP_ALIVE_CASES[name]
+    for chunks in three_ways(data):
+        reader = ResponseReader(method=method)
+        ended = False
+        for chunk in chunks:
+            assert ended or not reader.keep_alive  # never before the message has ended
+            reader.feed(chunk)
+            while (event := reader.next_event()) is not NEED_DATA:
+                ended = ended or isinstance(event, EndOfMessage)
+                if ended:
+                    break
+        if not ended:  # only a body ended by the close gets here
+            reader.feed(b"")
+            assert isinstance(reader.next_event(), EndOfMessage)
+        assert reader.keep_alive is expected
+
+
+def test_http_reader_does_not_keep_a_connection_whose_peer_has_closed() -> None:
+    reader = ResponseReader()
+    reader.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert isinstance(reader.next_event(), Response) and isinstance(reader.next_event(), EndOfMessage)
+    assert reader.keep_alive
+    reader.feed(b"")
+    assert not reader.keep_alive
+
+
 # ---------------------------------------------------------------------------------------
 # Server-Sent Events (WHATWG "event stream interpretation")
 # ---------------------------------------------------------------------------------------
@@ -2527,6 +2572,312 @@ def test_idle_accounts_are_preferred_when_offered() -> None:
 
 
 # ---------------------------------------------------------------------------------------
+# Keep-alive connections
+# ---------------------------------------------------------------------------------------
+
+
+def prompted(text: str) -> List[Dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+def conversation_connections(server: mock_server.MockServer) -> Dict[str, int]:
+    """Which connection each conversation request came on, by its prompt."""
+    return {
+        request.json()["messages"][0]["content"]["parts"][0]: request.connection
+        for request in server.requests if request.method == "POST" and request.path == "/api/conversation"
+    }
+
+
+def wait_until(condition: Callable[[], bool], seconds: float = 2.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_the_login_and_later_calls_share_one_connection(provider: "type[FakeGpt]", mock: mock_server.MockServer) -> None:
+    async def three() -> List[str]:
+        return [await provider.create_async("", prompted(f"call {n}")) for n in range(3)]
+
+    replies = asyncio.run(three())
+    assert replies == [mock_server.default_reply(f"call {n}") for n in range(3)]
+    assert [(r.method, r.path) for r in mock.requests] == [
+        ("GET", "/api/loads"), ("POST", "/auth/login"), ("GET", "/api/auth/session"),
+        *[("POST", "/api/conversation")] * 3,
+    ]
+    assert mock.accepted_connections == 1 and {r.connection for r in mock.requests} == {1}
+    assert all(r.header("connection") is None for r in mock.requests)  # HTTP/1.1 keeps it by default
+
+
+async def read_partly(provider: "type[FakeGpt]") -> None:
+    async for _ in provider.create_async_generator("", prompted("first")):
+        break
+
+
+async def fail_with_a_status(provider: "type[FakeGpt]") -> None:
+    with pytest.raises(fakegpt.HTTPStatusError):
+        await provider.create_async("", prompted("first [[fault status:500]]"), retries=0)
+
+
+async def fail_with_an_error_event(provider: "type[FakeGpt]") -> None:
+    with pytest.raises(fakegpt.UpstreamError):
+        await provider.create_async("", prompted("first [[fault error_event:2]]"))
+
+
+async def fail_mid_stream(provider: "type[FakeGpt]") -> None:
+    with pytest.raises(fakegpt.TruncatedStreamError):
+        await provider.create_async("", prompted("first [[fault cut:2]]"), retries=0)
+
+
+async def time_out(provider: "type[FakeGpt]") -> None:
+    with pytest.raises(fakegpt.RequestTimeout):
+        await provider.create_async("", prompted("first [[fault pause_after:1:1]]"), timeout=fakegpt.Timeouts(read=0.3))
+
+
+async def cancel(provider: "type[FakeGpt]") -> None:
+    task = asyncio.ensure_future(provider.create_async("", prompted("first [[fault hang_after:2]]")))
+    await asyncio.sleep(0.2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+@pytest.mark.parametrize("first_call", [read_partly, fail_with_a_status, fail_with_an_error_event, fail_mid_stream, time_out, cancel])
+def test_a_connection_is_never_kept_after_a_partial_read_an_error_or_a_cancel(
+    provider: "type[FakeGpt]", mock: mock_server.MockServer, first_call: Callable[["type[FakeGpt]"], Awaitable[None]],
+) -> None:
+    async def run() -> str:
+        await provider.create_async("", prompted("log in"))
+        await first_call(provider)
+        return await provider.create_async("", prompted("second"))
+
+    assert asyncio.run(run()) == mock_server.default_reply("second")
+    used = conversation_connections(mock)
+    first = next(connection for prompt, connection in used.items() if prompt.startswith("first"))
+    assert used["log in"] == first  # the login's connection went on to the first call
+    assert used["second"] != first
+    assert wait_until(lambda: mock.open_connections == 0)
+
+
+def test_a_reply_framed_by_the_close_is_not_kept_but_the_login_is() -> None:
+    with mock_server.serve_in_thread(framing="close") as server:
+        provider = provider_for(server.url)
+
+        async def two() -> None:
+            for n in range(2):
+                await provider.create_async("", prompted(f"call {n}"))
+
+        asyncio.run(two())
+    login = {r.connection for r in server.requests if r.path != "/api/conversation"}
+    assert len(login) == 1 and server.accepted_connections == 2
+    assert conversation_connections(server) == {"call 0": 1, "call 1": 2}
+
+
+def keep_alive_reply(text: str, extra: bytes = b"") -> bytes:
+    body = b"".join(b"data: " + data + b"\n\n" for data in (assistant_event(text, status="finished_successfully"), b"[DONE]"))
+    return b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n%sContent-Length: %d\r\n\r\n%s" % (extra, len(body), body)
+
+
+class KeepAliveServer:
+    """A raw HTTP/1.1 server that keeps its connections open; `plan(connection, request)`
+    (both counted from 1) says what it does with each request: "answer", "close" (FIN,
+    nothing sent), "reset" (RST, nothing sent), or bytes to send before closing."""
+
+    def __init__(self, plan: Callable[[int, int], Union[str, bytes]], extra: bytes = b"") -> None:
+        self.plan, self.extra = plan, extra
+        self.requests: List[Tuple[int, int]] = []
+        self.closed_after: Dict[int, float] = {}  # connection: seconds idle before the client closed it
+        self.connections = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        number, count, answered = self.connections, 0, time.monotonic()
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = re.search(rb"(?i)\r\ncontent-length: *([0-9]+)", head)
+                if length:
+                    await reader.readexactly(int(length[1]))
+                count += 1
+                self.requests.append((number, count))
+                action = self.plan(number, count)
+                if action == "answer":
+                    writer.write(keep_alive_reply(f"Reply {number}.{count}", self.extra))
+                    await writer.drain()
+                    answered = time.monotonic()
+                    continue
+                if action == "reset":
+                    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                    writer.transport.abort()
+                elif isinstance(action, bytes):
+                    writer.write(action)
+                    await writer.drain()
+                return
+        except (asyncio.IncompleteReadError, ConnectionError):
+            self.closed_after[number] = time.monotonic() - answered
+        finally:
+            writer.close()
+
+
+def replies_of(url: str, prompts: Sequence[str], **kwargs: Any) -> List[str]:
+    provider = provider_for(url)
+
+    async def run() -> List[str]:
+        return [await provider.create_async("", prompted(prompt), access_token="t", retries=0, **kwargs) for prompt in prompts]
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("how", ["close", "reset"])
+def test_a_kept_connection_the_server_closed_is_replaced_once_and_the_reply_arrives(how: str) -> None:
+    # The server drops the kept connection as the second request arrives: what a server
+    # whose idle timeout ran out as the request was sent does. Nothing was answered, so
+    # the request goes again, once, on a new connection.
+    server = KeepAliveServer(lambda connection, request: how if (connection, request) == (1, 2) else "answer")
+    with thread_server(server.handle) as (host, port):
+        replies = replies_of(f"http://{host}:{port}", ["one", "two", "three"])
+    assert replies == ["Reply 1.1", "Reply 2.1", "Reply 2.2"]
+    assert server.requests == [(1, 1), (1, 2), (2, 1), (2, 2)]
+
+
+def test_a_new_connection_that_fails_before_any_answer_is_not_tried_again() -> None:
+    server = KeepAliveServer(lambda connection, request: "close")
+    with thread_server(server.handle) as (host, port):
+        provider = provider_for(f"http://{host}:{port}")
+        raised, _ = failure(provider, access_token="t", retries=0)
+    assert isinstance(raised, fakegpt.TransportError) and server.requests == [(1, 1)]
+
+
+@pytest.mark.parametrize("sent", [b"HTTP/1.1 200", b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: 500\r\n\r\ndata: {"])
+def test_a_kept_connection_that_fails_after_response_bytes_is_not_tried_again(sent: bytes) -> None:
+    server = KeepAliveServer(lambda connection, request: sent if (connection, request) == (1, 2) else "answer")
+    with thread_server(server.handle) as (host, port):
+        provider = provider_for(f"http://{host}:{port}")
+
+        async def run() -> BaseException:
+            await provider.create_async("", USER, access_token="t", retries=0)
+            with pytest.raises(fakegpt.FakeGptError) as raised:
+                await provider.create_async("", USER, access_token="t", retries=0)
+            return raised.value
+
+        error = asyncio.run(run())
+    assert isinstance(error, (fakegpt.TransportError, fakegpt.TruncatedStreamError))
+    assert server.requests == [(1, 1), (1, 2)]
+
+
+@pytest.mark.parametrize("header, seconds", [
+    ("timeout=5", 4.0), ("timeout=5, max=100", 4.0), ("max=9, timeout=1", 0.5), ('timeout="3"', 2.0),
+    ("timeout=86400", fakegpt._IDLE_MAX_SECONDS), ("timeout=0", 0.0), (None, fakegpt._IDLE_SECONDS),
+    ("timeout=", fakegpt._IDLE_SECONDS), ("timeout=1.5", fakegpt._IDLE_SECONDS), ("timeout=\u0663", fakegpt._IDLE_SECONDS),
+    ("timeout=" + "9" * 400, fakegpt._IDLE_SECONDS),
+])
+def test_the_idle_time_of_a_kept_connection_honours_the_servers_keep_alive(header: Optional[str], seconds: float) -> None:
+    head = Response(200, "OK", (("keep-alive", header),) if header is not None else ())
+    assert fakegpt._keep_alive_seconds(head) == seconds
+
+
+def test_an_idle_connection_is_closed_before_the_server_would(monkeypatch: pytest.MonkeyPatch) -> None:
+    told = KeepAliveServer(lambda connection, request: "answer", extra=b"Keep-Alive: timeout=2\r\n")
+    untold = KeepAliveServer(lambda connection, request: "answer")
+    monkeypatch.setattr(fakegpt, "_IDLE_SECONDS", 0.3)
+    for server in (told, untold):
+        with thread_server(server.handle) as (host, port):
+            provider = provider_for(f"http://{host}:{port}")
+
+            async def call_then_idle() -> None:
+                await provider.create_async("", USER, access_token="t")
+                await asyncio.sleep(1.6)  # within the loop: only the idle timer can close it
+
+            asyncio.run(call_then_idle())
+    assert 0.8 < told.closed_after[1] < 1.5  # 2 s said: kept a second
+    assert 0.2 < untold.closed_after[1] < 0.9
+
+
+def test_no_connection_outlives_its_event_loop(provider: "type[FakeGpt]", mock: mock_server.MockServer) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResourceWarning)
+        assert "".join(pieces_of(provider)) == FULL_REPLY
+        assert "".join(provider.create_completion("", USER)) == FULL_REPLY  # its own loop, in this thread
+        gc.collect()
+    assert mock.accepted_connections == 2
+    assert wait_until(lambda: mock.open_connections == 0, 1.0)  # the mock keeps idle ones for 5 s
+
+
+def test_aclose_closes_the_kept_connections_and_later_calls_open_new_ones(provider: "type[FakeGpt]", mock: mock_server.MockServer) -> None:
+    async def run() -> Tuple[int, int, str]:
+        await provider.create_async("", USER)
+        kept = mock.open_connections
+        await provider.aclose()
+        await asyncio.sleep(0)
+        closed = wait_until(lambda: mock.open_connections == 0) and mock.open_connections
+        return kept, closed, await provider.create_async("", prompted("again"))
+
+    kept, after_aclose, reply = asyncio.run(run())
+    assert (kept, after_aclose, reply) == (1, 0, mock_server.default_reply("again"))
+    assert mock.accepted_connections == 2
+
+
+def test_two_event_loops_never_share_a_connection(provider: "type[FakeGpt]", mock: mock_server.MockServer) -> None:
+    pieces_of(provider)  # logged in: the session is shared, the connections are not
+    both_started = threading.Barrier(2)
+
+    def calls(name: str) -> None:
+        async def run() -> None:
+            both_started.wait(5)
+            for n in range(3):
+                await provider.create_async("", prompted(f"{name} {n}"))
+                await asyncio.sleep(0.01)
+
+        asyncio.run(run())
+
+    threads = [threading.Thread(target=calls, args=(name,)) for name in "AB"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    used = conversation_connections(mock)
+    a, b = ({used[f"{name} {n}"] for n in range(3)} for name in "AB")
+    assert len(a) == 1 and len(b) == 1 and a != b  # each loop kept its own, and only its own
+
+
+def test_the_pool_keeps_a_bounded_number_of_idle_connections(provider: "type[FakeGpt]", mock: mock_server.MockServer) -> None:
+    many = fakegpt._IDLE_CONNECTIONS + 6
+
+    async def run() -> Tuple[int, int]:
+        await asyncio.gather(*(provider.create_async("", USER, access_token=mock.access_token) for _ in range(many)))
+        opened = mock.accepted_connections
+        wait_until(lambda: mock.open_connections <= fakegpt._IDLE_CONNECTIONS)
+        return opened, mock.open_connections
+
+    assert asyncio.run(run()) == (many, fakegpt._IDLE_CONNECTIONS)
+
+
+def test_tunnels_through_a_proxy_are_kept_like_direct_connections() -> None:
+    proxy = LoopbackProxy()
+    certs = {"certfile": str(TESTDATA / "server.pem"), "keyfile": str(TESTDATA / "server.key")}
+    with mock_server.serve_in_thread(**certs) as server, thread_server(proxy.handle) as (host, port):
+        provider, context, other_context = provider_for(server.url), trusting_test_ca(), trusting_test_ca()
+
+        async def run() -> List[str]:
+            replies = [
+                await provider.create_async("", prompted(f"call {n}"), proxy=f"http://{host}:{port}", ssl=context)
+                for n in range(3)
+            ]
+            tunnels = proxy.seen[:]
+            # Other TLS settings, or no proxy: never the same connection.
+            await provider.create_async("", USER, proxy=f"http://{host}:{port}", ssl=other_context)
+            await provider.create_async("", USER, ssl=context)
+            return [*replies, *(method for method, _, _ in tunnels)]
+
+        assert asyncio.run(run()) == [*(mock_server.default_reply(f"call {n}") for n in range(3)), "CONNECT"]
+        assert [method for method, _, _ in proxy.seen] == ["CONNECT"] * 2
+    used = [r.connection for r in server.requests if r.path == "/api/conversation"]
+    assert used[:3] == [1, 1, 1] and len(set(used)) == 3
+
+
+# ---------------------------------------------------------------------------------------
 # Proxies and TLS
 # ---------------------------------------------------------------------------------------
 
@@ -2556,7 +2907,10 @@ class LoopbackProxy:
             else:
                 url = urllib.parse.urlsplit(target)
                 upstream_reader, upstream_writer = await asyncio.open_connection(url.hostname, url.port)
-                kept = [line for line in lines[1:] if line and not line.lower().startswith("proxy-authorization")]
+                # One request per connection, as simple proxies do: the upstream's answer
+                # says "Connection: close", so the client opens a new one for the next.
+                kept = [line for line in lines[1:] if line and not line.lower().startswith(("proxy-authorization", "connection:"))]
+                kept.append("Connection: close")
                 origin_form = url.path + ("?" + url.query if url.query else "")
                 upstream_writer.write(("\r\n".join([f"{method} {origin_form} HTTP/1.1", *kept]) + "\r\n\r\n").encode("latin-1"))
             await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
