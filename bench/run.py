@@ -8,10 +8,11 @@ W3: cold start, the whole process, and the import time alone.
 W4: peak memory in W1 and W2, and with one 50 MB event.
 W6: one reply in the delta format of a ChatGPT-web gateway: 4,000 small deltas.
 
-Clients run in turn (A B C ... A B C ...), each in a process of its own; the mock runs in
-another process, and its share of the CPU is reported for each workload, beside the
-client's own CPU time (which the mock's speed does not bound). The tables are
-medians and ratios from this one run, printed as Markdown.
+Clients run in turn (A B C ... A B C ...), each in a process of its own. The upstream is
+`replay.py` in another process: the mock's answers rendered once (in a warm-up that is
+not measured) and replayed as bytes, so that the client is the bottleneck, not the
+mock's JSON. Its share of the CPU is reported for each workload, beside the client's own
+CPU time. The tables are medians and ratios from this one run, printed as Markdown.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def worker(client: str, workload: str, url: str, repeats: int, mock_pid: int) ->
 
 
 def measure(workload: str, clients: List[str], url: str, repeats: int, rounds: int, mock_pid: int) -> Dict[str, Dict]:
+    worker(clients[0], workload, url, 1, mock_pid)  # warm-up: the upstream renders its answers
     table: Dict[str, Dict] = {c: {"times": [], "cpu": [], "errors": 0, "rss": 0.0, "mock": [], "failure": ""} for c in clients}
     for _ in range(rounds):
         for client in clients:
@@ -84,7 +86,7 @@ def print_table(title: str, table: Dict[str, Dict]) -> None:
     limit = median_ms(table["limit"]) if "limit" in table else float("nan")
     aiohttp = median_ms(table["aiohttp"])
     print(f"\n{title}\n")
-    print("| client | median | x limit | x aiohttp | client CPU | peak RSS | errors | mock CPU share |")
+    print("| client | median | x limit | x aiohttp | client CPU | peak RSS | errors | upstream CPU share |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for client, row in table.items():
         ms = median_ms(row)
@@ -108,13 +110,12 @@ def main() -> int:
                         help="which workloads to run, comma-separated (default: all)")
     args = parser.parse_args()
     wanted = set(args.workloads.upper().split(","))
-    mock = subprocess.Popen([sys.executable, "-m", "mock_server", "--port", "0", "--quiet"], cwd=ROOT,
-                            stdout=subprocess.PIPE, text=True)
+    mock = subprocess.Popen([sys.executable, os.path.join(HERE, "replay.py")], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert mock.stdout is not None
         url = mock.stdout.readline().strip()
         print(f"fakegpt benchmark, {datetime.date.today()}, Python {platform.python_version()}, "
-              f"{os.cpu_count()} cores, {platform.machine()}; mock at {url} in its own process")
+              f"{os.cpu_count()} cores, {platform.machine()}; replayed mock answers at {url}, in its own process")
         if "W1" in wanted:
             w1 = measure("W1", CLIENTS, url, repeats=5, rounds=args.rounds, mock_pid=mock.pid)
             print_table("W1: one reply of 4,000 events (about 48 MB), per conversation", w1)
@@ -122,9 +123,8 @@ def main() -> int:
             w2 = measure("W2", ["fakegpt", "aiohttp", "httpx", "limit"], url, repeats=1, rounds=args.rounds, mock_pid=mock.pid)
             print_table("W2: 1,000 concurrent conversations of 50 events, wall time", w2)
         if "W6" in wanted:
-            gateway = subprocess.Popen([sys.executable, "-m", "mock_server", "--port", "0", "--quiet",
-                                        "--profile", "backend-api", "--access-token", "bench-access-token"],
-                                       cwd=ROOT, stdout=subprocess.PIPE, text=True)
+            gateway = subprocess.Popen([sys.executable, os.path.join(HERE, "replay.py"), "--profile", "backend-api",
+                                        "--access-token", "bench-access-token"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
             try:
                 assert gateway.stdout is not None
                 gateway_url = gateway.stdout.readline().strip()
