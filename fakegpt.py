@@ -2179,6 +2179,8 @@ async def _ssl_context(given: Optional[ssl.SSLContext]) -> ssl.SSLContext:
     """`given`, or the system's trust store (SSL_CERT_FILE honoured) with host checks,
     built once per process and off the event loop: loading the store takes tens of
     milliseconds, which every task on the loop would wait for."""
+    if "encodings.idna" not in sys.modules:
+        "".encode("idna")  # the codec every TLS host name goes through: imported once, a few ms
     if given is not None:
         return given
     if _default_ssl_context is not None:
@@ -2188,7 +2190,7 @@ async def _ssl_context(given: Optional[ssl.SSLContext]) -> ssl.SSLContext:
 
 async def _open_socket(endpoint: _Endpoint) -> socket.socket:
     loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(endpoint.host, endpoint.port, type=socket.SOCK_STREAM)
+    infos = _numeric_address(endpoint) or await loop.getaddrinfo(endpoint.host, endpoint.port, type=socket.SOCK_STREAM)
     last_error: Optional[OSError] = None
     for family, kind, proto, _, address in infos:
         sock = socket.socket(family, kind, proto)
@@ -2203,6 +2205,17 @@ async def _open_socket(endpoint: _Endpoint) -> socket.socket:
             sock.close()
             raise
     raise last_error or OSError(f"no address for {endpoint.host}")
+
+
+def _numeric_address(endpoint: _Endpoint) -> List[Tuple[Any, ...]]:
+    """getaddrinfo's answer for a host that is an IP address, without a trip to a thread."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, endpoint.host)
+        except (OSError, ValueError):
+            continue
+        return [(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (endpoint.host, endpoint.port))]
+    return []
 
 
 async def _open_tunnel(proxy: _Proxy, endpoint: _Endpoint, limits: Limits) -> socket.socket:
@@ -2323,25 +2336,32 @@ class _Connection(asyncio.BufferedProtocol):
         factory: Callable[[], "_Connection"], limits: Limits,
     ) -> "_Connection":
         loop = asyncio.get_running_loop()
-        context = await _ssl_context(given) if endpoint.tls else None
-        if proxy is None:
+        if not endpoint.tls:
+            target = endpoint if proxy is None else proxy.endpoint  # plain http goes to a proxy in absolute form
+            _, connection = await loop.create_connection(factory, target.host, target.port)
+            return connection
+        # The TCP connection (or tunnel) is set up while the TLS context is made: the
+        # first time in a process, that takes a while.
+        connecting = asyncio.ensure_future(
+            _open_socket(endpoint) if proxy is None else _open_tunnel(proxy, endpoint, limits)
+        )
+        try:
+            await asyncio.sleep(0)  # it starts
+            context = await _ssl_context(given)
+            sock = await connecting
+        except BaseException:
+            connecting.cancel()
+            if connecting.done() and not connecting.cancelled():
+                if connecting.exception() is None:
+                    connecting.result().close()
+            raise
+        try:
             _, connection = await loop.create_connection(
-                factory, endpoint.host, endpoint.port, ssl=context,
-                server_hostname=endpoint.host if context else None,
+                factory, sock=sock, ssl=context, server_hostname=endpoint.host
             )
-        elif context is None:  # plain http goes to the proxy in absolute form
-            _, connection = await loop.create_connection(
-                factory, proxy.endpoint.host, proxy.endpoint.port
-            )
-        else:
-            sock = await _open_tunnel(proxy, endpoint, limits)
-            try:
-                _, connection = await loop.create_connection(
-                    factory, sock=sock, ssl=context, server_hostname=endpoint.host
-                )
-            except BaseException:
-                sock.close()
-                raise
+        except BaseException:
+            sock.close()
+            raise
         return connection
 
     @property

@@ -3017,6 +3017,14 @@ def test_tls_with_a_trusted_test_ca_works() -> None:
         assert "".join(pieces_of(provider_for(server.url), ssl=trusting_test_ca())) == FULL_REPLY
 
 
+def test_an_ip_address_needs_no_lookup_and_a_name_gets_one() -> None:
+    assert fakegpt._numeric_address(fakegpt._Endpoint("https", "127.0.0.1", 443)) == [
+        (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", ("127.0.0.1", 443))]
+    assert fakegpt._numeric_address(fakegpt._Endpoint("https", "::1", 8443))[0][0] == socket.AF_INET6
+    for name in ("localhost", "example.com", "127.0.0.1.nip.io", "1.2.3"):
+        assert fakegpt._numeric_address(fakegpt._Endpoint("https", name, 443)) == []
+
+
 def test_the_default_tls_context_is_built_once_and_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
     built: List[int] = []
     create = ssl.create_default_context
