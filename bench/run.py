@@ -6,6 +6,8 @@ W1: one long reply (4,000 events growing by 4 characters, about 48 MB of SSE).
 W2: 1,000 concurrent conversations of 50 events each, in one event loop.
 W3: cold start, the whole process, and the import time alone.
 W4: peak memory in W1 and W2, and with one 50 MB event.
+W5: time to the first piece over TLS and a 50 ms round trip: the first call (login
+    included), later calls, and a second command line after a first.
 W6: one reply in the delta format of a ChatGPT-web gateway: 4,000 small deltas.
 
 Clients run in turn (A B C ... A B C ...), each in a process of its own. The upstream is
@@ -26,6 +28,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Dict, List, Tuple
 
@@ -78,6 +81,77 @@ def process_seconds(commands: Dict[str, List[str]], rounds: int) -> Dict[str, fl
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+ONE_WAY_MS = 25  # W5's forwarder: a 50 ms round trip
+RTT = 2 * ONE_WAY_MS / 1000
+LATER_CALLS = 7
+
+
+def first_byte_seconds(command: List[str], env: Dict[str, str]) -> float:
+    """Seconds from starting `command` to the first byte it writes on stdout."""
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, cwd=ROOT, env=env)
+    assert process.stdout is not None
+    first = process.stdout.read(1)
+    elapsed = time.perf_counter() - started
+    rest = process.stdout.read()
+    if process.wait(60) != 0 or not first + rest:
+        raise RuntimeError(f"{command} failed")
+    return elapsed
+
+
+def w5(rounds: int) -> None:
+    """W5: a TLS mock behind a forwarder that adds 25 ms each way."""
+    ca = os.path.join(ROOT, "testdata", "ca.pem")
+    upstream = subprocess.Popen([sys.executable, "-m", "mock_server", "--port", "0", "--quiet", "--certfile",
+                                 os.path.join(ROOT, "testdata", "server.pem"), "--keyfile",
+                                 os.path.join(ROOT, "testdata", "server.key")], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    forwarder = None
+    try:
+        assert upstream.stdout is not None
+        port = upstream.stdout.readline().strip().rsplit(":", 1)[1]
+        forwarder = subprocess.Popen([sys.executable, os.path.join(HERE, "forwarder.py"), "127.0.0.1", port, str(ONE_WAY_MS)],
+                                     stdout=subprocess.PIPE, text=True)
+        assert forwarder.stdout is not None
+        url = f"https://127.0.0.1:{forwarder.stdout.readline().strip()}"
+        calls: Dict[str, Dict[str, List[float]]] = {c: {"first": [], "later": []} for c in ("fakegpt", "aiohttp", "httpx")}
+        commands: Dict[str, List[float]] = {}
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONDONTWRITEBYTECODE", "FAKEGPT_NO_SESSION_CACHE")}
+        env["SSL_CERT_FILE"] = ca  # the command line trusts the test CA as it would the system's
+        cli = [sys.executable, "-m", "fakegpt", "--url", url, "W5 command"]
+        for _ in range(rounds):
+            for client, row in calls.items():
+                output = subprocess.run([sys.executable, os.path.join(HERE, "latency.py"), "calls", client, url, ca,
+                                         str(LATER_CALLS)], capture_output=True, text=True, cwd=ROOT, timeout=300, check=True)
+                result = json.loads(output.stdout.strip().splitlines()[-1])
+                row["first"].append(result["first"])
+                row["later"] += result["later"]
+            with tempfile.TemporaryDirectory() as cache:
+                env["XDG_CACHE_HOME"] = cache  # a fresh user: the first command logs in, the second not
+                commands.setdefault("fakegpt, first command (logs in)", []).append(first_byte_seconds(cli, env))
+                commands.setdefault("fakegpt, second command", []).append(first_byte_seconds(cli, env))
+            for peer in ("aiohttp", "httpx"):
+                command = [sys.executable, os.path.join(HERE, "latency.py"), "once", peer, url, ca]
+                commands.setdefault(f"{peer} as a command (logs in: no session kept)", []).append(first_byte_seconds(command, env))
+            commands.setdefault("fakegpt --version (interpreter start and imports)", []).append(
+                first_byte_seconds([sys.executable, "-m", "fakegpt", "--version"], env))
+    finally:
+        for process in (forwarder, upstream):
+            if process is not None:
+                process.terminate()
+                process.wait(10)
+    print(f"\nW5: time to the first piece over TLS, {2 * ONE_WAY_MS} ms round trip (RTT), medians\n")
+    print("| client | first call (login included) | later calls |")
+    print("| --- | ---: | ---: |")
+    for client, row in calls.items():
+        first, later = statistics.median(row["first"]), statistics.median(row["later"])
+        print(f"| {client} | {first * 1000:.0f} ms ({first / RTT:.2f} RTT) | {later * 1000:.0f} ms ({later / RTT:.2f} RTT) |")
+    print("\n| command, from its start to the first piece on stdout | median |")
+    print("| --- | ---: |")
+    for name, values in commands.items():
+        value = statistics.median(values)
+        print(f"| {name} | {value * 1000:.0f} ms ({value / RTT:.2f} RTT) |")
+
+
 def median_ms(row: Dict) -> float:
     return statistics.median(row["times"]) * 1000 if row["times"] else float("nan")
 
@@ -106,7 +180,7 @@ def number(value: float, form: str) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3, help="turns of every client (default 3)")
-    parser.add_argument("--workloads", default="W1,W2,W3,W4,W6",
+    parser.add_argument("--workloads", default="W1,W2,W3,W4,W5,W6",
                         help="which workloads to run, comma-separated (default: all)")
     args = parser.parse_args()
     wanted = set(args.workloads.upper().split(","))
@@ -138,6 +212,8 @@ def main() -> int:
         if "W4" in wanted:
             w4 = measure("W4", ["fakegpt", "aiohttp", "httpx", "limit"], url, repeats=1, rounds=1, mock_pid=mock.pid)
             print_table("W4: one 50 MB event (peak RSS is the point)", w4)
+        if "W5" in wanted:
+            w5(args.rounds)
         if "W3" not in wanted:
             return 0
         subprocess.run([sys.executable, "-m", "compileall", "-q", "fakegpt.py", "mock_server.py"], cwd=ROOT, check=True)
