@@ -30,6 +30,7 @@ import math
 import os
 import re
 import secrets
+import signal
 import socket
 import ssl
 import string
@@ -4252,6 +4253,7 @@ class _Chat:
         self.model: Optional[str] = None
         self.last: Optional[Tuple[str, Optional[str], Optional[str]]] = None  # prompt, conversation, parent
         self.history_file: Optional[str] = None
+        self.turns = _Turns()
 
     def run(self) -> int:
         self._set_up_line_editing()
@@ -4276,6 +4278,7 @@ class _Chat:
                     continue
                 self._ask(prompt[1:] if prompt.startswith("//") else prompt)
         finally:
+            self.turns.close()
             self._save_history()
 
     # -- input ---------------------------------------------------------------------------
@@ -4347,7 +4350,7 @@ class _Chat:
         self.transcript.append({"role": "user", "content": prompt})
         seen: List[ChatStream] = []
         try:
-            reply = asyncio.run(_print_reply(prompt, self.args, options, seen))
+            reply = self.turns.run(_print_reply(prompt, self.args, options, seen))
         except KeyboardInterrupt:
             text = seen[0].text if seen else ""
             print("[reply stopped]", file=sys.stderr)
@@ -4424,6 +4427,49 @@ class _Chat:
             print(f"[not saved: {exc.strerror or exc}]", file=sys.stderr)
             return
         print(f"[saved {len(self.transcript)} messages to {path}]", file=sys.stderr)
+
+
+class _Turns:
+    """One event loop for all the turns of a chat, so that a turn can take the connection
+    the one before it kept. Like ``asyncio.run`` for each turn: Ctrl-C cancels the turn in
+    progress (its connection closes) and raises KeyboardInterrupt; a second Ctrl-C before
+    it has stopped raises at once."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+
+    def run(self, turn: Awaitable[_T]) -> _T:
+        task = asyncio.ensure_future(turn, loop=self.loop)
+        interrupted = False
+
+        def on_interrupt(signum: int, frame: Any) -> None:
+            nonlocal interrupted
+            if interrupted or task.done():
+                raise KeyboardInterrupt
+            interrupted = True
+            task.cancel()
+            self.loop.call_soon_threadsafe(lambda: None)  # wake the loop to see it
+
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, on_interrupt) if in_main_thread else None
+        try:
+            return self.loop.run_until_complete(task)
+        except asyncio.CancelledError:
+            if interrupted:
+                raise KeyboardInterrupt from None
+            raise
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+
+    def close(self) -> None:
+        """Close what the loop holds (kept connections, the TLS set-up's thread), then it."""
+        loop = self.loop
+        try:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+        finally:
+            loop.close()
 
 
 def _state_directory() -> str:

@@ -3450,6 +3450,28 @@ def test_chat_ctrl_c_keeps_the_text_and_the_next_turn_answers_the_last_complete_
     assert stopped.startswith("Turn 2: before, you said “First”. Привет") and not stopped.endswith("fine.")
 
 
+def test_chat_turns_share_a_connection_and_a_stopped_turn_closes_its_own(mock_process: str) -> None:
+    term = Terminal(mock_process, "--no-history", "--verbose")
+    try:
+        term.until("you> ")
+        for prompt in ("First", "Second", "Third"):
+            term.type(prompt + "\n")
+            term.until("you> ")
+        assert term.screen.count("connected to 127.0.0.1") == 1  # the login's connection, for every turn
+        term.type("[[fault delay_events:0.3]] slow\n")
+        term.until("Привет")
+        term.type("\x03")
+        term.until("you> ")
+        term.type("Next\n")
+        assert "Turn 4: before, you said “Third”. Привет! You said “Next”." in term.until("you> ")
+        assert term.screen.count("connected to 127.0.0.1") == 2  # the stopped turn's was not kept
+        term.type("/exit\n")
+        _, status = os.waitpid(term.pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        term.kill()
+
+
 @pytest.mark.parametrize("args, words", [
     (["--mock", "--url", "http://127.0.0.1:9", "Hi"], "--mock and --url exclude each other"),
     (["--url", "", "Hi"], "--url is empty"),
