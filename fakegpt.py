@@ -2496,17 +2496,16 @@ class _Pool:
 
     def __init__(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._idle: Dict[Any, List[Tuple[_Connection, float, asyncio.TimerHandle]]] = {}
-        self._count = 0
+        self._idle: Dict[Any, List[_Connection]] = {}  # by key, the most recent last
+        self._timers: Dict[_Connection, Tuple[Any, asyncio.TimerHandle]] = {}  # the oldest first
         self.closed = False
 
     def take(self, key: Any) -> Optional[_Connection]:
         """An idle connection to `key` that can carry a request, or None."""
-        entries = self._idle.get(key)
-        while entries:
-            connection, _, timer = entries.pop()
-            self._count -= 1
-            timer.cancel()
+        connections = self._idle.get(key)
+        while connections:
+            connection = connections.pop()
+            self._timers.pop(connection)[1].cancel()
             if connection.usable:
                 return connection
             connection.close()
@@ -2518,35 +2517,27 @@ class _Pool:
             connection.close()
             return
         connection.rest()
-        if self._count >= _IDLE_CONNECTIONS:
-            oldest_key, oldest = min(
-                ((entry_key, entry) for entry_key, entries in self._idle.items() for entry in entries),
-                key=lambda found: found[1][1],
-            )
-            self._forget(oldest_key, oldest[0])
-        timer = self._loop.call_later(seconds, self._forget, key, connection)
-        self._idle.setdefault(key, []).append((connection, time.monotonic(), timer))
-        self._count += 1
+        if len(self._timers) >= _IDLE_CONNECTIONS:
+            oldest = next(iter(self._timers))
+            self._forget(self._timers[oldest][0], oldest)
+        self._idle.setdefault(key, []).append(connection)
+        self._timers[connection] = (key, self._loop.call_later(seconds, self._forget, key, connection))
 
     def close(self) -> None:
         """Close every idle connection; a connection put afterwards is closed at once."""
         self.closed = True
-        for entries in self._idle.values():
-            for connection, _, timer in entries:
-                timer.cancel()
-                connection.close()
+        for connection, (_, timer) in self._timers.items():
+            timer.cancel()
+            connection.close()
         self._idle.clear()
-        self._count = 0
+        self._timers.clear()
 
     def _forget(self, key: Any, connection: _Connection) -> None:
-        entries = self._idle.get(key, [])
-        for index, entry in enumerate(entries):
-            if entry[0] is connection:
-                del entries[index]
-                self._count -= 1
-                entry[2].cancel()
-                connection.close()
-                return
+        found = self._timers.pop(connection, None)
+        if found is not None:
+            found[1].cancel()
+            self._idle[key].remove(connection)
+            connection.close()
 
 
 class _Pools:
@@ -2562,12 +2553,17 @@ class _Pools:
         self._by_loop: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Tuple[_Pool, AsyncGenerator[None, None]]]" = (
             weakref.WeakKeyDictionary()
         )
+        self._last: Optional[Tuple[asyncio.AbstractEventLoop, _Pool]] = None  # the usual case, at once
 
     async def get(self) -> _Pool:
         """The running loop's pool, made on first use."""
         loop = asyncio.get_running_loop()
+        last = self._last
+        if last is not None and last[0] is loop and not last[1].closed:
+            return last[1]
         found = self._by_loop.get(loop)
         if found is not None and not found[0].closed:
+            self._last = (loop, found[0])
             return found[0]
         pool = _Pool()
         guard = self._guard(loop, pool)
@@ -2576,6 +2572,7 @@ class _Pools:
             for other in [other for other in self._by_loop if other.is_closed()]:
                 del self._by_loop[other]  # ended without closing its generators: let it go
             self._by_loop[loop] = (pool, guard)
+            self._last = (loop, pool)
         return pool
 
     async def aclose(self) -> None:
@@ -2593,6 +2590,8 @@ class _Pools:
             with self._lock:
                 if self._by_loop.get(loop, (None,))[0] is pool:
                     del self._by_loop[loop]
+                if self._last is not None and self._last[1] is pool:
+                    self._last = None
 
 
 class _Closing:
