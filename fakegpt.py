@@ -58,7 +58,7 @@ from typing import (
     Union,
 )
 
-__version__ = "1.2.0"
+__version__ = "1.3.0"
 __all__ = [
     "AsyncResult",
     "AuthenticationError",
