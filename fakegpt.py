@@ -1908,7 +1908,7 @@ _PAUSE_READING_AT = 1024 * 1024  # bytes in the parser not yet parsed: more paus
 # servers close theirs after 5 s: Node, uvicorn, Apache), the most it is kept when it does
 # (``Keep-Alive: timeout=N``, less a second for the trip), and how many are kept per loop.
 _IDLE_SECONDS, _IDLE_MAX_SECONDS, _IDLE_CONNECTIONS = 4.0, 60.0, 16
-_END_WAIT_SECONDS = 0.5  # after a stream's last event, how long the end of its body is awaited
+_END_WAIT_SECONDS = 0.25  # after a stream's last event, how long the end of its body is awaited
 _DRAIN_BYTES = 64 * 1024  # after the last wanted byte, how much more is read to reuse a connection
 _T = TypeVar("_T")
 

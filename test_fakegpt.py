@@ -2842,6 +2842,59 @@ def test_two_event_loops_never_share_a_connection(provider: "type[FakeGpt]", moc
     assert len(a) == 1 and len(b) == 1 and a != b  # each loop kept its own, and only its own
 
 
+def test_concurrent_calls_each_take_a_kept_connection_of_their_own(provider: "type[FakeGpt]", mock: mock_server.MockServer) -> None:
+    async def run() -> List[int]:
+        opened = []
+        for round_ in range(3):
+            replies = await asyncio.gather(*(provider.create_async("", prompted(f"{round_}.{n}")) for n in range(3)))
+            assert replies == [mock_server.default_reply(f"{round_}.{n}") for n in range(3)]
+            opened.append(mock.accepted_connections)
+        return opened
+
+    assert asyncio.run(run()) == [3, 3, 3]  # the login's connection and two more, then only those
+    used = conversation_connections(mock)
+    for round_ in range(3):  # no connection carried two requests at once
+        assert sorted(used[f"{round_}.{n}"] for n in range(3)) == [1, 2, 3]
+
+
+def test_a_connection_the_mock_closed_while_idle_is_replaced() -> None:
+    with mock_server.serve_in_thread(keep_alive_timeout=0.2) as server:
+        provider = provider_for(server.url)
+
+        async def run() -> List[str]:
+            first = await provider.create_async("", prompted("one"))
+            await asyncio.sleep(0.5)  # the mock has closed it meanwhile
+            return [first, await provider.create_async("", prompted("two"))]
+
+        assert asyncio.run(run()) == [mock_server.default_reply("one"), mock_server.default_reply("two")]
+    assert server.accepted_connections == 2 and conversation_connections(server) == {"one": 1, "two": 2}
+    assert server.count("POST", "/api/conversation") == 2  # nothing sent into the closed one
+
+
+def test_a_reply_whose_body_stays_open_after_done_ends_at_once_and_its_connection_closes() -> None:
+    closed = threading.Event()
+
+    async def held_open(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = re.search(rb"(?i)\r\ncontent-length: *([0-9]+)", head)
+        await reader.readexactly(int(length[1]) if length else 0)
+        body = b"".join(b"data: " + d + b"\n\n" for d in (assistant_event("Hi", status="finished_successfully"), b"[DONE]"))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     + b"%x\r\n%s\r\n" % (len(body), body))  # and never the last chunk
+        await writer.drain()
+        await reader.read()  # until the client closes
+        closed.set()
+        writer.close()
+
+    with thread_server(held_open) as (host, port):
+        provider = provider_for(f"http://{host}:{port}")
+        started = time.monotonic()
+        reply = asyncio.run(provider.create_async("", USER, access_token="t"))
+        took = time.monotonic() - started
+        assert closed.wait(2)
+    assert reply == "Hi" and took < 1.0
+
+
 def test_the_pool_keeps_a_bounded_number_of_idle_connections(provider: "type[FakeGpt]", mock: mock_server.MockServer) -> None:
     many = fakegpt._IDLE_CONNECTIONS + 6
 
