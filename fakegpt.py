@@ -2655,14 +2655,13 @@ class _HTTPResponse:
     async def finish(self, seconds: float) -> None:
         """`release`, after waiting at most `seconds` for the rest of the body (after a
         stream's last event, the few bytes that end it, usually here already)."""
-        connection = self._connection
         deadline = time.monotonic() + seconds
         try:
-            while connection is not None and not self._read_arrived():
+            while self._connection is not None and not self._read_arrived():
                 left = deadline - time.monotonic()
-                if left <= 0:
+                if left <= 0 or self._connection is None:
                     break
-                await asyncio.wait_for(connection.receive(), left)
+                await asyncio.wait_for(self._connection.receive(), left)
         except (FakeGptError, asyncio.TimeoutError):
             pass  # then the connection is closed
         self.release()
@@ -2698,6 +2697,7 @@ class _HTTPResponse:
                 else:
                     self._ended = True
         except FakeGptError:
+            self.close()  # a broken end: the connection cannot carry another request
             return False
         return self._ended
 

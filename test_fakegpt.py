@@ -2895,6 +2895,22 @@ def test_a_reply_whose_body_stays_open_after_done_ends_at_once_and_its_connectio
     assert reply == "Hi" and took < 1.0
 
 
+def test_a_broken_end_after_done_closes_the_connection_without_spinning() -> None:
+    body = b"".join(b"data: " + d + b"\n\n" for d in (assistant_event("Hi", status="finished_successfully"), b"[DONE]"))
+    broken = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+              + b"%x\r\n%s\r\nzz\r\n" % (len(body), body))  # a malformed chunk size, then the close
+    with thread_server(answering(broken)) as (host, port):
+        provider = provider_for(f"http://{host}:{port}")
+
+        async def run() -> Tuple[str, float]:
+            started = time.process_time()
+            reply = await provider.create_async("", USER, access_token="t")
+            return reply, time.process_time() - started
+
+        reply, cpu = asyncio.run(run())
+    assert reply == "Hi" and cpu < 0.15
+
+
 def test_the_pool_keeps_a_bounded_number_of_idle_connections(provider: "type[FakeGpt]", mock: mock_server.MockServer) -> None:
     many = fakegpt._IDLE_CONNECTIONS + 6
 
