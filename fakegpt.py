@@ -2505,8 +2505,10 @@ class _Pool:
         connections = self._idle.get(key)
         while connections:
             connection = connections.pop()
-            self._timers.pop(connection)[1].cancel()
-            if connection.usable:
+            timer = self._timers.pop(connection)[1]
+            timer.cancel()
+            # Past its time, even if the loop did not run to close it (a chat between turns).
+            if connection.usable and timer.when() > self._loop.time():
                 return connection
             connection.close()
         return None

@@ -2795,6 +2795,21 @@ def test_an_idle_connection_is_closed_before_the_server_would(monkeypatch: pytes
     assert 0.2 < untold.closed_after[1] < 0.9
 
 
+def test_a_connection_past_its_idle_time_is_not_taken_even_if_the_loop_was_busy(monkeypatch: pytest.MonkeyPatch) -> None:
+    server = KeepAliveServer(lambda connection, request: "answer")  # it would keep them for ever
+    monkeypatch.setattr(fakegpt, "_IDLE_SECONDS", 0.3)
+    with thread_server(server.handle) as (host, port):
+        provider = provider_for(f"http://{host}:{port}")
+
+        async def run() -> List[str]:
+            first = await provider.create_async("", USER, access_token="t")
+            time.sleep(0.5)  # the loop does not run: no timer closes the idle connection
+            return [first, await provider.create_async("", USER, access_token="t")]
+
+        assert asyncio.run(run()) == ["Reply 1.1", "Reply 2.1"]
+    assert server.requests == [(1, 1), (2, 1)]
+
+
 def test_no_connection_outlives_its_event_loop(provider: "type[FakeGpt]", mock: mock_server.MockServer) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error", ResourceWarning)
