@@ -2290,7 +2290,6 @@ class _Connection(asyncio.BufferedProtocol):
         self._lost: Optional[Exception] = None
         self._data_waiter: Optional["asyncio.Future[None]"] = None
         self._drain_waiter: Optional["asyncio.Future[None]"] = None
-        self.exchanges = 0  # requests sent on it so far (more than one: it was reused)
         self.answered = False  # bytes of a response arrived in the exchange in progress
 
     @classmethod
@@ -2374,7 +2373,6 @@ class _Connection(asyncio.BufferedProtocol):
     def begin(self, parser: ResponseReader, clock: _Clock) -> None:
         """Start an exchange: what arrives goes to `parser`, waits go by `clock`."""
         self._parser, self._clock = parser, clock
-        self.exchanges += 1
         self.answered = False
 
     def rest(self) -> None:
