@@ -11,6 +11,7 @@ async def ask(prompt: str) -> str:
         async for event in reply:
             print(event.delta, end="")
     title: "str | None" = reply.title
+    await fakegpt.FakeGpt.aclose()
     return reply.text + (title or "")
 
 
