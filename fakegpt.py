@@ -2618,7 +2618,7 @@ class _HTTPResponse:
 
     def __init__(
         self, head: Response, parser: ResponseReader, connection: _Connection,
-        keep: Optional[Callable[[_Connection, Response], None]],
+        keep: Callable[[_Connection, Response], None],
     ) -> None:
         self.head = head
         self.status = head.status
@@ -2672,7 +2672,7 @@ class _HTTPResponse:
         connection, self._connection = self._connection, None
         if connection is None:
             return
-        if self._read_arrived() and self._keep is not None and self._parser.keep_alive:
+        if self._read_arrived() and self._parser.keep_alive:
             self._keep(connection, self.head)
         else:
             connection.close()
@@ -2797,11 +2797,9 @@ class _Options(NamedTuple):
 
 class _Client:
     """HTTP/1.1 requests to one upstream, with the call's options, on connections kept in
-    `pool` (or, without one, a connection each)."""
+    `pool`."""
 
-    def __init__(
-        self, options: _Options, *, timeouts: Optional[Timeouts] = None, pool: Optional[_Pool] = None,
-    ) -> None:
+    def __init__(self, options: _Options, *, pool: _Pool, timeouts: Optional[Timeouts] = None) -> None:
         self.endpoint, self.base_path = options.endpoint, options.base_path
         self.base_url = f"{self.endpoint.origin}{self.base_path}"
         self.options = options
@@ -2851,8 +2849,6 @@ class _Client:
             fields.append(("Proxy-Authorization", proxy.authorization))
         if body is not None:
             fields.append(("Content-Length", str(len(body))))
-        if self.pool is None:
-            fields.append(("Connection", "close"))
         cookie_request = _CookieRequest(url, fields)
         if cookie_jar is not None:
             _add_cookie_header(cookie_jar, cookie_request)
@@ -2861,7 +2857,7 @@ class _Client:
         _log.debug("%s %s%s", method, url.split("?")[0], via)
         message = head + body if body else head
         key = self.connection_key
-        connection = self.pool.take(key) if self.pool is not None else None
+        connection = self.pool.take(key)
         while True:
             parser = ResponseReader(method=method, limits=limits)
             reused = connection is not None
@@ -2892,8 +2888,7 @@ class _Client:
         _log.debug("%s %s -> %d %s", method, url.split("?")[0], event.status, event.reason)
         if cookie_jar is not None and (event.get("set-cookie") or event.get("set-cookie2")):
             cookie_jar.extract_cookies(_CookieResponse(event), cookie_request)  # type: ignore[arg-type]
-        keep = None if self.pool is None else self._keep
-        return _HTTPResponse(event, parser, connection, keep)
+        return _HTTPResponse(event, parser, connection, self._keep)
 
     @staticmethod
     async def _exchange(connection: _Connection, parser: ResponseReader, message: bytes) -> Response:
@@ -2908,9 +2903,7 @@ class _Client:
             return event
 
     def _keep(self, connection: _Connection, head: Response) -> None:
-        pool = self.pool
-        assert pool is not None
-        pool.put(self.connection_key, connection, _keep_alive_seconds(head))
+        self.pool.put(self.connection_key, connection, _keep_alive_seconds(head))
 
     async def json(
         self, method: str, path: str, *, what: str, body: Optional[bytes] = None,
