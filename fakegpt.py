@@ -4451,8 +4451,16 @@ class _Turns:
                 raise KeyboardInterrupt from None
             raise
         finally:
+            self._cancel_the_rest()  # as asyncio.run does: a stopped turn's login, say
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
+
+    def _cancel_the_rest(self) -> None:
+        left = [task for task in asyncio.all_tasks(self.loop) if not task.done()]
+        for task in left:
+            task.cancel()
+        if left:
+            self.loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
 
     def close(self) -> None:
         """Close what the loop holds (kept connections, the TLS set-up's thread), then it."""

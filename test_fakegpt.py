@@ -3556,6 +3556,30 @@ def test_chat_turns_share_a_connection_and_a_stopped_turn_closes_its_own(mock_pr
         term.kill()
 
 
+def test_a_chat_turn_leaves_no_task_behind_for_the_next(caplog: pytest.LogCaptureFixture) -> None:
+    turns = fakegpt._Turns()
+    finished: List[str] = []
+
+    async def leave_a_task() -> str:
+        async def background() -> None:
+            try:
+                await asyncio.sleep(3600)
+            finally:
+                finished.append("cancelled")
+
+        asyncio.ensure_future(background())
+        await asyncio.sleep(0)
+        return "turn"
+
+    try:
+        assert turns.run(leave_a_task()) == "turn"
+        assert finished == ["cancelled"] and not asyncio.all_tasks(turns.loop)
+    finally:
+        turns.close()
+    gc.collect()
+    assert "destroyed but it is pending" not in caplog.text
+
+
 @pytest.mark.parametrize("args, words", [
     (["--mock", "--url", "http://127.0.0.1:9", "Hi"], "--mock and --url exclude each other"),
     (["--url", "", "Hi"], "--url is empty"),
