@@ -2625,7 +2625,6 @@ class _HTTPResponse:
         self._parser = parser
         self._connection: Optional[_Connection] = connection
         self._keep = keep
-        self._ended = False  # EndOfMessage read
 
     async def chunks(self) -> AsyncGenerator[bytes, None]:
         parser = self._parser
@@ -2639,7 +2638,6 @@ class _HTTPResponse:
             elif isinstance(event, Data):
                 yield event.data
             else:
-                self._ended = True
                 return
 
     async def read(self, limit: int) -> bytes:
@@ -2657,9 +2655,9 @@ class _HTTPResponse:
         stream's last event, the few bytes that end it, usually here already)."""
         deadline = time.monotonic() + seconds
         try:
-            while self._connection is not None and not self._read_arrived():
+            while not self._read_arrived() and self._connection is not None:
                 left = deadline - time.monotonic()
-                if left <= 0 or self._connection is None:
+                if left <= 0:
                     break
                 await asyncio.wait_for(self._connection.receive(), left)
         except (FakeGptError, asyncio.TimeoutError):
@@ -2688,18 +2686,16 @@ class _HTTPResponse:
         of it at most: what the caller did not want)."""
         skipped = 0
         try:
-            while not self._ended and skipped <= _DRAIN_BYTES:
-                event = self._parser.next_event()
+            while skipped <= _DRAIN_BYTES:
+                event = self._parser.next_event()  # EndOfMessage again, once it came
                 if event is NEED_DATA:
                     return False
-                if isinstance(event, Data):
-                    skipped += len(event.data)
-                else:
-                    self._ended = True
+                if not isinstance(event, Data):
+                    return True
+                skipped += len(event.data)
         except FakeGptError:
             self.close()  # a broken end: the connection cannot carry another request
-            return False
-        return self._ended
+        return False
 
 
 class _CookieRequest:
