@@ -19,12 +19,12 @@ import os
 import ssl
 import sys
 import time
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from peers import HEADERS, Done, conversation_body, follow_line, new_suffix, password
+from peers import HEADERS, AiohttpClient, Done, HttpxClient, conversation_body, follow_line, new_suffix
 
 PAUSE = 0.2  # seconds between later calls, as between a reply and the next prompt
 
@@ -42,28 +42,19 @@ class FakeGptLatency:
         await self.provider.aclose()
 
 
-class AiohttpOriginal:
+class AiohttpOriginal(AiohttpClient):
     """gpt4free's FakeGpt: one ClientSession per call; the login, when there is no token,
     and the conversation in it; the reply read line by line."""
 
     def __init__(self, url: str, context: ssl.SSLContext) -> None:
-        import aiohttp
-
-        self.aiohttp, self.url, self.context = aiohttp, url, context
-        self.token: Optional[str] = None
-        self.cookie_jar = aiohttp.CookieJar(unsafe=True)
+        super().__init__(url)
+        self.context = context
 
     async def pieces(self, prompt: str) -> AsyncIterator[str]:
         connector = self.aiohttp.TCPConnector(ssl=self.context)
         async with self.aiohttp.ClientSession(headers=HEADERS, cookie_jar=self.cookie_jar, connector=connector) as session:
             if self.token is None:
-                async with session.get(f"{self.url}/api/loads", params={"t": int(time.time())}) as response:
-                    token_ids = [t["token_id"] for t in (await response.json())["loads"]]
-                data = {"token_key": token_ids[0], "session_password": password()}
-                async with session.post(f"{self.url}/auth/login", data=data) as response:
-                    await response.read()
-                async with session.get(f"{self.url}/api/auth/session") as response:
-                    self.token = (await response.json())["accessToken"]
+                await self.log_in(session)
             headers = {"Content-Type": "application/json", "Accept": "text/event-stream",
                        "X-Authorization": f"Bearer {self.token}"}
             async with session.post(f"{self.url}/api/conversation", json=conversation_body(prompt), headers=headers) as response:
@@ -78,27 +69,16 @@ class AiohttpOriginal:
                 except Done:
                     pass
 
-    async def close(self) -> None:
-        pass
 
-
-class HttpxPooled:
+class HttpxPooled(HttpxClient):
     """httpx and httpx-sse, one AsyncClient (its pool) for the process, each reply read to its end."""
 
     def __init__(self, url: str, context: ssl.SSLContext) -> None:
-        import httpx
-        import httpx_sse
-
-        self.httpx_sse = httpx_sse
-        self.client = httpx.AsyncClient(base_url=url, headers=HEADERS, verify=context, timeout=60)
-        self.token: Optional[str] = None
+        super().__init__(url, verify=context)
 
     async def pieces(self, prompt: str) -> AsyncIterator[str]:
         if self.token is None:
-            response = await self.client.get("/api/loads", params={"t": int(time.time())})
-            token_ids = [t["token_id"] for t in response.json()["loads"]]
-            await self.client.post("/auth/login", data={"token_key": token_ids[0], "session_password": password()})
-            self.token = (await self.client.get("/api/auth/session")).json()["accessToken"]
+            await self.login()
         last = ""
         async with self.httpx_sse.aconnect_sse(self.client, "POST", "/api/conversation", json=conversation_body(prompt),
                                                headers={"X-Authorization": f"Bearer {self.token}"}) as source:
@@ -110,9 +90,6 @@ class HttpxPooled:
                 if text is not None and len(text) > len(last):
                     yield text[len(last):]
                     last = text
-
-    async def close(self) -> None:
-        await self.client.aclose()
 
 
 CLIENTS = {"fakegpt": FakeGptLatency, "aiohttp": AiohttpOriginal, "httpx": HttpxPooled}

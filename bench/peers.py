@@ -97,15 +97,19 @@ class AiohttpClient:
 
     async def login(self) -> None:
         async with self.aiohttp.ClientSession(headers=HEADERS, cookie_jar=self.cookie_jar) as session:
-            async with session.get(f"{self.url}/api/loads", params={"t": int(time.time())}) as response:
-                response.raise_for_status()
-                token_ids = [t["token_id"] for t in (await response.json())["loads"]]
-            data = {"token_key": random.choice(token_ids), "session_password": password()}
-            async with session.post(f"{self.url}/auth/login", data=data) as response:
-                response.raise_for_status()
-            async with session.get(f"{self.url}/api/auth/session") as response:
-                response.raise_for_status()
-                self.token = (await response.json())["accessToken"]
+            await self.log_in(session)
+
+    async def log_in(self, session: Any) -> None:
+        """The three requests of the login, in `session`."""
+        async with session.get(f"{self.url}/api/loads", params={"t": int(time.time())}) as response:
+            response.raise_for_status()
+            token_ids = [t["token_id"] for t in (await response.json())["loads"]]
+        data = {"token_key": random.choice(token_ids), "session_password": password()}
+        async with session.post(f"{self.url}/auth/login", data=data) as response:
+            response.raise_for_status()
+        async with session.get(f"{self.url}/api/auth/session") as response:
+            response.raise_for_status()
+            self.token = (await response.json())["accessToken"]
 
     async def conversation(self, prompt: str) -> str:
         headers = {"Content-Type": "application/json", "Accept": "text/event-stream",
@@ -130,12 +134,12 @@ class AiohttpClient:
 class HttpxClient:
     """httpx with httpx-sse, one AsyncClient for the run."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, verify: Any = True) -> None:
         import httpx
         import httpx_sse
 
         self.httpx_sse = httpx_sse
-        self.client = httpx.AsyncClient(base_url=url, headers=HEADERS, timeout=600,
+        self.client = httpx.AsyncClient(base_url=url, headers=HEADERS, timeout=600, verify=verify,
                                         limits=httpx.Limits(max_connections=None, max_keepalive_connections=100))
         self.token: Optional[str] = None
 
