@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import gc
 import http.client
+import importlib.metadata
 import importlib.util
 import json
 import logging
@@ -3339,6 +3340,34 @@ def test_cli_version_and_help() -> None:
     help_text = run_cli("--help").stdout
     for flag in ("--mock", "--url", "--proxy", "--model", "--timeout", "--json", "--verbose", "exit codes"):
         assert flag in help_text
+
+
+def test_the_command_leaves_its_objects_out_of_the_last_collection() -> None:
+    # The entry points (`fakegpt`, `python -m fakegpt`) freeze the collector's objects once
+    # main returns, so the exit does not walk them; main alone, as a library calls it, not.
+    script = ("import gc, runpy, sys\n"
+              "before = gc.get_freeze_count()\n"
+              "sys.argv = ['fakegpt'] + sys.argv[1:]\n"
+              "try:\n"
+              "    runpy.run_module('fakegpt', run_name='__main__')\n"
+              "except SystemExit as exit:\n"
+              "    print(exit.code, gc.get_freeze_count() - before)\n")
+    for args in (["--version"], ["--timeout", "0", "Hi"]):
+        output = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, cwd=HERE,
+                                check=True, env={**os.environ, "PYTHONPATH": str(HERE)}).stdout
+        code, frozen = output.split()[-2:]
+        assert code == ("0" if args == ["--version"] else "2") and int(frozen) > 1000
+    plain = ("import gc, fakegpt\n"
+             "before = gc.get_freeze_count()\n"
+             "print(fakegpt.main(['--timeout', '0', 'Hi']), gc.get_freeze_count() - before)\n")
+    output = subprocess.run([sys.executable, "-c", plain], capture_output=True, text=True, cwd=HERE, check=True,
+                            env={**os.environ, "PYTHONPATH": str(HERE)}).stdout
+    assert output.split() == ["2", "0"]
+    if sys.version_info >= (3, 10):
+        scripts = list(importlib.metadata.entry_points(group="console_scripts", name="fakegpt"))
+    else:
+        scripts = [entry for entry in importlib.metadata.entry_points()["console_scripts"] if entry.name == "fakegpt"]
+    assert {entry.value for entry in scripts} == {"fakegpt:command"}
 
 
 def test_cli_ctrl_c_exits_130_without_traceback(mock: mock_server.MockServer) -> None:
