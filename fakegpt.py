@@ -2738,7 +2738,7 @@ _cookie_headers: "weakref.WeakKeyDictionary[http.cookiejar.CookieJar, Tuple[Any,
 
 def _add_cookie_header(jar: http.cookiejar.CookieJar, request: _CookieRequest) -> None:
     """``jar.add_cookie_header(request)``, remembered while the jar's cookies stay the same."""
-    cookies = list(jar)  # under the jar's lock
+    cookies = list(iter(jar))  # under the jar's lock; list(jar) would walk it twice, for its len()
     key = (request.full_url, [
         (id(c), c.name, c.value, c.domain, c.path, c.secure, c.expires, c.version) for c in cookies
     ])
@@ -3533,7 +3533,9 @@ class ChatStream:
         if options.access_token is not None:
             session = _Session(options.access_token)
         else:
-            session = self._sessions.setdefault(client.session_key, _Session())
+            # A new jar costs more than the look-up: made only when there is none.
+            key = client.session_key
+            session = self._sessions.get(key) or self._sessions.setdefault(key, _Session())
             if self._kept is not None:
                 if not session.access_token:
                     self._kept.load(self._kept_key(client), session)
