@@ -59,7 +59,7 @@ from typing import (
     Union,
 )
 
-__version__ = "1.3.0"
+__version__ = "1.3.1"
 __all__ = [
     "AsyncResult",
     "AuthenticationError",

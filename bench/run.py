@@ -25,6 +25,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -99,6 +100,17 @@ def first_byte_seconds(command: List[str], env: Dict[str, str]) -> float:
     return elapsed
 
 
+def call_seconds(command: List[str], env: Dict[str, str]) -> float:
+    """Seconds from the call's start to its first piece, as `command --verbose` reports
+    them: the command less the interpreter's start and imports."""
+    output = subprocess.run([*command[:3], "--verbose", *command[3:]], capture_output=True, text=True, cwd=ROOT,
+                            env=env, timeout=60, check=True)
+    found = re.search(r"first piece after (\d+) ms", output.stderr)
+    if found is None:
+        raise RuntimeError(f"{command}: no timing in its log")
+    return int(found.group(1)) / 1000
+
+
 def w5(rounds: int) -> None:
     """W5: a TLS mock behind a forwarder that adds 25 ms each way."""
     ca = os.path.join(ROOT, "testdata", "ca.pem")
@@ -129,6 +141,8 @@ def w5(rounds: int) -> None:
                 env["XDG_CACHE_HOME"] = cache  # a fresh user: the first command logs in, the second not
                 commands.setdefault("fakegpt, first command (logs in)", []).append(first_byte_seconds(cli, env))
                 commands.setdefault("fakegpt, second command", []).append(first_byte_seconds(cli, env))
+                commands.setdefault("fakegpt, a later command, from the call's start (its --verbose log)", []).append(
+                    call_seconds(cli, env))
             for peer in ("aiohttp", "httpx"):
                 command = [sys.executable, os.path.join(HERE, "latency.py"), "once", peer, url, ca]
                 commands.setdefault(f"{peer} as a command (logs in: no session kept)", []).append(first_byte_seconds(command, env))
