@@ -1062,6 +1062,9 @@ _VISIBLE_TEXT_PATH = "/message/content/parts/0"
 _PARTS_MARKERS = (b'"parts": ["', b'"parts":["')
 # A JSON string's bytes that are its text as they stand: no escapes, no control characters.
 _NEEDS_JSON = re.compile(rb"[\x00-\x1f\\]")
+# JSON string content whose escapes are whole and stand for characters by themselves
+# (no half of a surrogate pair): it decodes the same on its own as after other such content.
+_WHOLE_ESCAPES = re.compile(rb'(?:[^"\\\x00-\x1f]+|\\["\\/bfnrt]|\\u(?![dD][89a-fA-F])[0-9a-fA-F]{4})*')
 _scan_json_string: Callable[[str, int], Tuple[str, int]] = json.decoder.scanstring  # type: ignore[attr-defined]
 
 
@@ -1090,8 +1093,9 @@ class ConversationDecoder:
     ``fast_path=False``) serves the usual snapshot, which repeats the whole text so far:
     once an event has been decoded in full, the next one whose bytes around ``parts[0]``
     are the same and whose ``parts[0]`` starts with the previous one as sent only needs
-    its new suffix decoded. `extend` is its one entry point. Both paths give the same
-    events and errors.
+    its new suffix decoded. `extend` is its entry point, event by event; `extend_texts`
+    takes a run of such events at once when only their text is wanted. Both paths give
+    the same events and errors.
     """
 
     __slots__ = (
@@ -1424,19 +1428,9 @@ class ConversationDecoder:
             if reframed is None:
                 return None
             text_end = reframed[0]
-        # The new text, still JSON-escaped; the string is known to end at text_end, so
-        # without escapes it is its own text (inline: this runs for every event).
-        suffix = buffer[resume:text_end]
-        if _NEEDS_JSON.search(suffix) is None:
-            try:
-                text = suffix.decode("utf-8")
-            except UnicodeDecodeError:
-                return None
-        else:
-            decoded = _json_escaped(suffix)
-            if decoded is None:
-                return None
-            text = decoded
+        text = _string_content(buffer[resume:text_end])
+        if text is None:
+            return None
         if reframed is not None:
             _, payload, reply = reframed
             self._read_envelope(payload)
@@ -1451,6 +1445,51 @@ class ConversationDecoder:
             self._pieces.append(text)
             self._length += len(text)
         return text
+
+    def extend_texts(self, buffer: bytes, spans: Sequence[Tuple[int, int]]) -> Tuple[int, str]:
+        """`extend` for a run of events, when only their text is wanted: takes in the
+        events ``buffer[start:end]`` of `spans`, in order, while each is a snapshot of the
+        known shape whose text extends the last one's and whose envelope is unchanged;
+        returns how many it took and their new text, decoded once for all of them. That is
+        the text `extend` gives taking them one by one: each new text is checked to be
+        whole (no escape, surrogate pair or UTF-8 sequence cut off), else the run stops
+        before it; if the text does not decode, none is taken."""
+        head = self._head
+        if head is None or not spans:
+            return 0, ""
+        tail, before = self._tail, self._escaped_text
+        if buffer is not self._buffer:
+            self._buffer, self._buffer_view = buffer, memoryview(buffer)
+        view = self._buffer_view
+        assert view is not None
+        escaped, taken = before, 0
+        for start, end in spans:
+            text_start = start + len(head)
+            resume = text_start + len(escaped)
+            if not (
+                buffer.startswith(head, start, end) and buffer.startswith(escaped, text_start, end)
+                and _text_ends_at(buffer, resume, end, tail)
+            ):
+                break
+            text_end = end - len(tail)
+            if resume < text_end and (
+                buffer[resume] & 0xC0 == 0x80  # the text before ended inside a UTF-8 sequence
+                or _NEEDS_JSON.search(buffer, resume, text_end) is not None
+                and _WHOLE_ESCAPES.fullmatch(buffer, resume, text_end) is None
+            ):
+                break
+            escaped = view[text_start:text_end]
+            taken += 1
+        if not taken:
+            return 0, ""
+        text = _string_content(bytes(escaped[len(before):]))
+        if text is None:
+            return 0, ""
+        self._escaped_text = escaped
+        if text:
+            self._pieces.append(text)
+            self._length += len(text)
+        return taken, text
 
     def _extend_delta(self, buffer: bytes, start: int, end: int) -> Optional[str]:
         """`extend` for ``{"v": "<text>"}`` (padding after it allowed), appended to the
@@ -1546,6 +1585,18 @@ class ConversationDecoder:
         self._escaped_text = raw[start:end]
         self._head, self._tail = head, tail
         self._one_line = b"\n" not in head and b"\n" not in tail
+
+
+def _string_content(content: bytes) -> Optional[str]:
+    """The text of JSON string content (no quotes around it) known to end where it ends,
+    or None if it is not a string by itself (see `_json_escaped`). Without escapes or
+    control characters, the content is its own text."""
+    if _NEEDS_JSON.search(content) is None:
+        try:
+            return content.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    return _json_escaped(content)
 
 
 def _json_escaped(content: bytes) -> Optional[str]:
@@ -1687,13 +1738,16 @@ class _ReplyDecoder:
         LF, and its data starts with bytes known to hold no line break
         (`ConversationDecoder.known_prefix_size`), so the search for the line's end
         starts after them. Each event taken only makes them longer, so the size read once
-        holds for the whole run.
+        holds for the whole run. When only text is wanted, a run of snapshots goes to
+        `ConversationDecoder.extend_texts` first, which decodes their new text once.
         """
-        conversation, size = self.conversation, len(chunk)
-        max_line, max_data, text_only = self._max_line, self._max_data, self.text_only
-        extend, known = conversation.extend, conversation.known_prefix_size
+        conversation = self.conversation
+        known = conversation.known_prefix_size
         if known is None:
             return pos
+        if self.text_only:
+            pos = self._snapshot_run(chunk, pos, known, events)
+        extend, text_only = conversation.extend, self.text_only
         while True:
             if chunk.startswith(b"data: ", pos):
                 event, first = "message", pos + 6
@@ -1701,11 +1755,9 @@ class _ReplyDecoder:
                 event, first = "delta", pos + 19
             else:
                 break
-            last = chunk.find(b"\n", first + known)
-            if last < 0 or last + 1 == size or chunk[last + 1] != 0x0A:
-                break  # incomplete, or more than one line
-            if last - first + 6 > max_line or last - first > max_data:
-                break  # the event stream decoder raises
+            last = self._data_end(chunk, first, known)
+            if last < 0:
+                break
             text = extend(chunk, first, last, event)
             if text is None:
                 break
@@ -1715,6 +1767,33 @@ class _ReplyDecoder:
                 events.append(text)
             pos = last + 2
         return pos
+
+    def _snapshot_run(self, chunk: bytes, pos: int, known: int, events: List[Any]) -> int:
+        """The ``data:`` events from `pos` on that `ConversationDecoder.extend_texts` takes
+        at once, their text appended; returns where the first one it did not take starts."""
+        spans: List[Tuple[int, int]] = []
+        end = pos
+        while chunk.startswith(b"data: ", end):
+            last = self._data_end(chunk, end + 6, known)
+            if last < 0:
+                break
+            spans.append((end + 6, last))
+            end = last + 2
+        taken, text = self.conversation.extend_texts(chunk, spans)
+        if text:
+            events.append(text)
+        return spans[taken - 1][1] + 2 if taken else pos
+
+    def _data_end(self, chunk: bytes, first: int, known: int) -> int:
+        """Where the data of the event whose ``data:`` line's value starts at `first` ends
+        (the LF before the blank line), or -1 if that is not one line followed by a blank
+        line, all in `chunk`, within the limits."""
+        last = chunk.find(b"\n", first + known)
+        if last < 0 or last + 1 == len(chunk) or chunk[last + 1] != 0x0A:
+            return -1  # incomplete, or more than one line
+        if last - first + 6 > self._max_line or last - first > self._max_data:
+            return -1  # the event stream decoder raises
+        return last
 
 
 def _blank_line_end(chunk: bytes, pos: int) -> int:

@@ -371,6 +371,14 @@ def reply_outcome(chunks: Sequence[bytes], limits: Limits, text_only: bool = Fal
     return events, None
 
 
+def text_only_outcome(chunks: Sequence[bytes], limits: Limits) -> Tuple[str, Optional[str]]:
+    """The text `_ReplyDecoder` gives when only text is wanted (the pieces of each chunk
+    joined, as `texts()` joins them), and the error; every piece must be text."""
+    pieces, error = reply_outcome(chunks, limits, text_only=True)
+    assert all(isinstance(piece, str) and piece for piece in pieces)
+    return "".join(pieces), error
+
+
 def json_sizes(run: Callable[[], Any]) -> Tuple[Any, List[int]]:
     """What `run` returns, and the size of every document fakegpt gave json.loads meanwhile."""
     loads, sizes = json.loads, []
@@ -1001,7 +1009,7 @@ def test_property_reply_decoder_shortcut_gives_exactly_what_the_two_decoders_giv
     chunks = split_at(bytes(body), cuts + boundaries[1::2])
     events, error = layered_outcome(chunks, limits)
     assert reply_outcome(chunks, limits) == (events, error)
-    assert reply_outcome(chunks, limits, text_only=True) == ([event[0] for event in events if event[0]], error)
+    assert text_only_outcome(chunks, limits) == ("".join(event[0] for event in events), error)
 
 
 def test_reply_decoder_takes_the_shortcut_for_a_long_reply() -> None:
@@ -1020,6 +1028,51 @@ def test_reply_decoder_takes_the_shortcut_for_a_long_reply() -> None:
     full_decodes = len([size for size in documents if size > len(assistant_event("x"))])
     assert reply.done and "".join(e.delta for e in events) == texts[-1]
     assert full_decodes <= 3  # the first event, and none of the other 198
+
+
+def test_reply_decoder_decodes_a_run_of_snapshots_once_when_only_text_is_wanted() -> None:
+    whole = 'Привет, мир! 你好 👋 "q" \\ ' * 40
+    texts = [whole[: 4 * i] for i in range(1, 200)]
+    body = b"".join(b"data: " + assistant_event(t) + b"\n\n" for t in texts) + b"data: [DONE]\n\n"
+    reply = fakegpt._ReplyDecoder(ConversationDecoder(), Limits(), text_only=True)
+    pieces: List[str] = []
+    reply.feed(body, pieces)
+    # The first event is decoded in full (its text is the first piece); the other 198 are
+    # checked and their new text is one piece.
+    assert reply.done and pieces == [texts[0], texts[-1][len(texts[0]):]]
+    assert reply.conversation.text == texts[-1]
+
+
+def snapshot_run_body(text: str, cuts: Sequence[int], ascii_only: bool, end: str) -> bytes:
+    """Events whose parts[0] is the JSON string of `text` cut at each of `cuts` (bytes of
+    its content as sent: inside a UTF-8 sequence, an escape or a surrogate pair too), then
+    the whole of it, then `end` ("finish": a final event; "done": only [DONE])."""
+    content = json.dumps(text, ensure_ascii=ascii_only)[1:-1].encode("utf-8")
+    template = assistant_event("@@")
+    body = bytearray()
+    for cut in [*sorted(min(c, len(content)) for c in cuts), len(content)]:
+        body += b"data: " + template.replace(b'"@@"', b'"' + content[:cut] + b'"') + b"\n\n"
+    if end == "finish":
+        final = assistant_event("@@", status="finished_successfully", finish="stop")
+        body += b"data: " + final.replace(b'"@@"', b'"' + content + b'"') + b"\n\n"
+    return bytes(body + b"data: [DONE]\n\n")
+
+
+@settings(PROPERTY, max_examples=300)
+@example("Hi 😀", [3, 9], True, "finish", [], [])  # between a surrogate pair's halves
+@example("Hi 😀", [5], True, "finish", [], [])  # inside an escape
+@example("Привет", [1, 3, 5], False, "finish", [], [])  # inside a UTF-8 sequence
+@given(st.text(st.characters(blacklist_categories=["Cs"]), max_size=12), st.lists(st.integers(0, 80), max_size=10),
+       st.booleans(), st.sampled_from(["finish", "done"]),
+       st.lists(st.tuples(st.sampled_from(["flip", "insert", "delete"]), st.integers(0, 10**6), st.integers(0, 255)), max_size=2),
+       st.lists(st.integers(0, 3000), max_size=4))
+def test_property_snapshot_runs_give_the_text_and_error_of_decoding_every_event(
+        text: str, cuts: List[int], ascii_only: bool, end: str, edits: List[Tuple[str, int, int]],
+        chunk_cuts: List[int]) -> None:
+    body = corrupted(snapshot_run_body(text, cuts, ascii_only, end), edits)
+    chunks = split_at(bytes(body), chunk_cuts)
+    reference, error = layered_outcome(chunks, Limits(), ConversationDecoder(fast_path=False))
+    assert text_only_outcome(chunks, Limits()) == ("".join(e[0] for e in reference), error)
 
 
 V1_BODIES: Dict[Tuple[str, int], bytes] = {}
@@ -1044,7 +1097,7 @@ def test_property_delta_shortcut_gives_exactly_what_the_reference_path_gives(
     chunks = split_at(bytes(body), cuts)
     reference = layered_outcome(chunks, Limits(), ConversationDecoder(fast_path=False))
     assert reply_outcome(chunks, Limits()) == reference
-    assert reply_outcome(chunks, Limits(), text_only=True) == ([e[0] for e in reference[0] if e[0]], reference[1])
+    assert text_only_outcome(chunks, Limits()) == ("".join(e[0] for e in reference[0]), reference[1])
     if not edits:
         assert "".join(e[0] for e in reference[0]) == text
 

@@ -208,7 +208,7 @@ def main() -> int:
             w1 = measure("W1", CLIENTS, url, repeats=5, rounds=args.rounds, mock_pid=mock.pid)
             print_table("W1: one reply of 4,000 events (about 48 MB), per conversation", w1)
         if "W2" in wanted:
-            w2 = measure("W2", ["fakegpt", "aiohttp", "httpx", "limit"], url, repeats=1, rounds=args.rounds, mock_pid=mock.pid)
+            w2 = measure("W2", ["fakegpt", "aiohttp", "httpx", "floor", "limit"], url, repeats=1, rounds=args.rounds, mock_pid=mock.pid)
             print_table("W2: 1,000 concurrent conversations of 50 events, wall time", w2)
         if "W6" in wanted:
             gateway = subprocess.Popen([sys.executable, os.path.join(HERE, "replay.py"), "--profile", "backend-api",
