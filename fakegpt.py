@@ -1062,9 +1062,11 @@ _VISIBLE_TEXT_PATH = "/message/content/parts/0"
 _PARTS_MARKERS = (b'"parts": ["', b'"parts":["')
 # A JSON string's bytes that are its text as they stand: no escapes, no control characters.
 _NEEDS_JSON = re.compile(rb"[\x00-\x1f\\]")
-# JSON string content whose escapes are whole and stand for characters by themselves
-# (no half of a surrogate pair): it decodes the same on its own as after other such content.
-_WHOLE_ESCAPES = re.compile(rb'(?:[^"\\\x00-\x1f]+|\\["\\/bfnrt]|\\u(?![dD][89a-fA-F])[0-9a-fA-F]{4})*')
+# JSON string content whose escapes are whole and stand for characters by themselves (no
+# half of a surrogate pair). One character or escape per repetition, the alternatives
+# told apart by their first bytes: a failed match backtracks in linear time.
+_WHOLE_ESCAPES = re.compile(rb'(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u(?![dD][89a-fA-F])[0-9a-fA-F]{4})*')
+_WHOLE_ESCAPES_MAX = 4096  # longer content with escapes is decoded by itself instead
 _scan_json_string: Callable[[str, int], Tuple[str, int]] = json.decoder.scanstring  # type: ignore[attr-defined]
 
 
@@ -1472,11 +1474,7 @@ class ConversationDecoder:
             ):
                 break
             text_end = end - len(tail)
-            if resume < text_end and (
-                buffer[resume] & 0xC0 == 0x80  # the text before ended inside a UTF-8 sequence
-                or _NEEDS_JSON.search(buffer, resume, text_end) is not None
-                and _WHOLE_ESCAPES.fullmatch(buffer, resume, text_end) is None
-            ):
+            if resume < text_end and not _whole(buffer, resume, text_end):
                 break
             escaped = view[text_start:text_end]
             taken += 1
@@ -1585,6 +1583,18 @@ class ConversationDecoder:
         self._escaped_text = raw[start:end]
         self._head, self._tail = head, tail
         self._one_line = b"\n" not in head and b"\n" not in tail
+
+
+def _whole(buf: bytes, start: int, end: int) -> bool:
+    """Whether the JSON string content ``buf[start:end]``, which follows other content,
+    decodes the same on its own as after it: it does not start inside a UTF-8 sequence,
+    and its escapes are whole and none is half of a surrogate pair. (Long content with
+    escapes is not looked into: False.)"""
+    if buf[start] & 0xC0 == 0x80:
+        return False
+    if _NEEDS_JSON.search(buf, start, end) is None:
+        return True
+    return end - start <= _WHOLE_ESCAPES_MAX and _WHOLE_ESCAPES.fullmatch(buf, start, end) is not None
 
 
 def _string_content(content: bytes) -> Optional[str]:
@@ -2817,7 +2827,7 @@ _cookie_headers: "weakref.WeakKeyDictionary[http.cookiejar.CookieJar, Tuple[Any,
 
 def _add_cookie_header(jar: http.cookiejar.CookieJar, request: _CookieRequest) -> None:
     """``jar.add_cookie_header(request)``, remembered while the jar's cookies stay the same."""
-    cookies = list(iter(jar))  # under the jar's lock; list(jar) would walk it twice, for its len()
+    cookies = list(iter(jar))  # list(jar) would walk the cookies twice: once for its len()
     key = (request.full_url, [
         (id(c), c.name, c.value, c.domain, c.path, c.secure, c.expires, c.version) for c in cookies
     ])

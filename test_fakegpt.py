@@ -1075,6 +1075,25 @@ def test_property_snapshot_runs_give_the_text_and_error_of_decoding_every_event(
     assert text_only_outcome(chunks, Limits()) == ("".join(e[0] for e in reference), error)
 
 
+def test_snapshot_runs_check_long_or_hostile_new_text_in_linear_time() -> None:
+    # New text that looks whole for a long way and then is not (a raw control character):
+    # a check that backtracks exponentially would never return. Each body goes through
+    # text-only decoding in a child process with a deadline, and must give the reference's
+    # text and error; the second also has escaped text longer than the run checks.
+    script = """if True:
+        from test_fakegpt import *
+        for text, cuts in (("a" * 60 + "\\x01" + "b", [1]), ("x\\n" + "\\"" * 6000 + "\\u0001", [1])):
+            body = snapshot_run_body(text, cuts, False, "finish")
+            hostile = body.replace(b"\\\\u0001", b"\\x01")  # a raw control character in the string
+            for chunks in ([body], [hostile]):
+                reference, error = layered_outcome(chunks, Limits(), ConversationDecoder(fast_path=False))
+                assert text_only_outcome(chunks, Limits()) == ("".join(e[0] for e in reference), error)
+        print("ok")
+    """
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30, cwd=HERE)
+    assert result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
 V1_BODIES: Dict[Tuple[str, int], bytes] = {}
 
 
