@@ -49,6 +49,7 @@ from typing import (
     Callable,
     Dict,
     Final,
+    Iterable,
     Iterator,
     List,
     NamedTuple,
@@ -1448,23 +1449,24 @@ class ConversationDecoder:
             self._length += len(text)
         return text
 
-    def extend_texts(self, buffer: bytes, spans: Sequence[Tuple[int, int]]) -> Tuple[int, str]:
+    def extend_texts(self, buffer: bytes, spans: Iterable[Tuple[int, int]]) -> Tuple[int, str]:
         """`extend` for a run of events, when only their text is wanted: takes in the
         events ``buffer[start:end]`` of `spans`, in order, while each is a snapshot of the
-        known shape whose text extends the last one's and whose envelope is unchanged;
-        returns how many it took and their new text, decoded once for all of them. That is
+        known shape whose text extends the last one's and whose envelope is unchanged (no
+        span is asked for after the first it does not take); returns the `end` of the last
+        it took (-1 if none) and their new text, decoded once for all of them. That is
         the text `extend` gives taking them one by one: each new text is checked to be
         whole (no escape, surrogate pair or UTF-8 sequence cut off), else the run stops
         before it; if the text does not decode, none is taken."""
         head = self._head
-        if head is None or not spans:
-            return 0, ""
+        if head is None:
+            return -1, ""
         tail, before = self._tail, self._escaped_text
         if buffer is not self._buffer:
             self._buffer, self._buffer_view = buffer, memoryview(buffer)
         view = self._buffer_view
         assert view is not None
-        escaped, taken = before, 0
+        escaped, taken = before, -1
         for start, end in spans:
             text_start = start + len(head)
             resume = text_start + len(escaped)
@@ -1477,12 +1479,12 @@ class ConversationDecoder:
             if resume < text_end and not _whole(buffer, resume, text_end):
                 break
             escaped = view[text_start:text_end]
-            taken += 1
-        if not taken:
-            return 0, ""
+            taken = end
+        if taken < 0:
+            return -1, ""
         text = _string_content(bytes(escaped[len(before):]))
         if text is None:
-            return 0, ""
+            return -1, ""
         self._escaped_text = escaped
         if text:
             self._pieces.append(text)
@@ -1781,18 +1783,21 @@ class _ReplyDecoder:
     def _snapshot_run(self, chunk: bytes, pos: int, known: int, events: List[Any]) -> int:
         """The ``data:`` events from `pos` on that `ConversationDecoder.extend_texts` takes
         at once, their text appended; returns where the first one it did not take starts."""
-        spans: List[Tuple[int, int]] = []
-        end = pos
-        while chunk.startswith(b"data: ", end):
-            last = self._data_end(chunk, end + 6, known)
-            if last < 0:
-                break
-            spans.append((end + 6, last))
-            end = last + 2
-        taken, text = self.conversation.extend_texts(chunk, spans)
+        last, text = self.conversation.extend_texts(chunk, self._data_spans(chunk, pos, known))
         if text:
             events.append(text)
-        return spans[taken - 1][1] + 2 if taken else pos
+        return pos if last < 0 else last + 2
+
+    def _data_spans(self, chunk: bytes, pos: int, known: int) -> Iterator[Tuple[int, int]]:
+        """Where the data of each ``data:`` event from `pos` on starts and ends, found as
+        they are asked for: a run ends at the first event not taken, and framing the rest
+        of the chunk each time would cost the square of its events."""
+        while chunk.startswith(b"data: ", pos):
+            last = self._data_end(chunk, pos + 6, known)
+            if last < 0:
+                return
+            yield pos + 6, last
+            pos = last + 2
 
     def _data_end(self, chunk: bytes, first: int, known: int) -> int:
         """Where the data of the event whose ``data:`` line's value starts at `first` ends

@@ -1043,6 +1043,32 @@ def test_reply_decoder_decodes_a_run_of_snapshots_once_when_only_text_is_wanted(
     assert reply.conversation.text == texts[-1]
 
 
+def test_snapshot_runs_frame_each_event_a_bounded_number_of_times() -> None:
+    # Snapshots with a notice after each: every run ends at a notice. Framing the rest of
+    # the chunk for every run would frame its events a number of times that grows with
+    # their count; each is framed at most three times.
+    body, text = bytearray(), ""
+    for _ in range(300):
+        text += "ab "
+        body += b"data: " + assistant_event(text) + b"\n\ndata: " + MODERATION + b"\n\n"
+    body += b"data: [DONE]\n\n"
+    reply = fakegpt._ReplyDecoder(ConversationDecoder(), Limits(), text_only=True)
+    framed = 0
+    data_end = fakegpt._ReplyDecoder._data_end
+
+    def counted(self: Any, chunk: bytes, first: int, known: int) -> int:
+        nonlocal framed
+        framed += 1
+        return data_end(self, chunk, first, known)
+
+    pieces: List[str] = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fakegpt._ReplyDecoder, "_data_end", counted)
+        reply.feed(bytes(body), pieces)
+    assert reply.done and "".join(pieces) == text
+    assert framed <= 3 * 600
+
+
 def snapshot_run_body(text: str, cuts: Sequence[int], ascii_only: bool, end: str) -> bytes:
     """Events whose parts[0] is the JSON string of `text` cut at each of `cuts` (bytes of
     its content as sent: inside a UTF-8 sequence, an escape or a surrogate pair too), then
