@@ -1466,7 +1466,7 @@ class ConversationDecoder:
             self._buffer, self._buffer_view = buffer, memoryview(buffer)
         view = self._buffer_view
         assert view is not None
-        escaped, taken = before, -1
+        escaped, taken_to = before, -1
         for start, end in spans:
             text_start = start + len(head)
             resume = text_start + len(escaped)
@@ -1479,8 +1479,8 @@ class ConversationDecoder:
             if resume < text_end and not _whole(buffer, resume, text_end):
                 break
             escaped = view[text_start:text_end]
-            taken = end
-        if taken < 0:
+            taken_to = end
+        if taken_to < 0:
             return -1, ""
         text = _string_content(bytes(escaped[len(before):]))
         if text is None:
@@ -1489,7 +1489,7 @@ class ConversationDecoder:
         if text:
             self._pieces.append(text)
             self._length += len(text)
-        return taken, text
+        return taken_to, text
 
     def _extend_delta(self, buffer: bytes, start: int, end: int) -> Optional[str]:
         """`extend` for ``{"v": "<text>"}`` (padding after it allowed), appended to the
