@@ -1,5 +1,5 @@
 """``python -m fakegpt`` for the installed package (in the repository, fakegpt.py runs itself)."""
 
-from fakegpt import main
+from fakegpt import command
 
-raise SystemExit(main())
+raise SystemExit(command())
