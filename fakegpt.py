@@ -3287,8 +3287,7 @@ class _SessionFile:
 
     @classmethod
     def default(cls) -> "_SessionFile":
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        return cls(os.path.join(base, "fakegpt", "sessions.json"))
+        return cls(os.path.join(_xdg_directory("XDG_CACHE_HOME", ".cache"), "fakegpt", "sessions.json"))
 
     def load(self, key: str, session: _Session) -> None:
         """Give `session` what the file keeps for `key`, if it is still good."""
@@ -3298,16 +3297,13 @@ class _SessionFile:
         token = entry.get("access_token")
         if not isinstance(token, str) or _TOKEN_TEXT.fullmatch(token) is None:
             return
+        listed = entry.get("cookies", [])
+        cookies = [_kept_cookie(fields) for fields in listed] if isinstance(listed, list) else [None]
+        if None in cookies:
+            return  # not a file this code wrote (or edited since): ignore the entry
         now = time.time()
-        for fields in entry.get("cookies") or []:
-            try:
-                cookie = http.cookiejar.Cookie(
-                    0, fields["name"], fields["value"], None, False, fields["domain"],
-                    fields["domain_specified"], fields["domain"].startswith("."), fields["path"], True,
-                    fields["secure"], fields["expires"], fields["expires"] is None, None, None, {},
-                )
-            except (KeyError, TypeError, AttributeError):
-                return  # not a file this code wrote: ignore it all
+        for cookie in cookies:
+            assert cookie is not None
             if cookie.expires is None or cookie.expires > now:
                 session.cookie_jar.set_cookie(cookie)
         session.access_token = token
@@ -3357,6 +3353,33 @@ class _SessionFile:
         except OSError as exc:
             _log.info("the session was not kept in %s: %s", self.path, exc.strerror or exc)
 
+
+
+def _xdg_directory(variable: str, default: str) -> str:
+    """The base directory an XDG variable names, or `default` under the home directory
+    when it is unset or relative (the specification says to ignore relative paths)."""
+    base = os.environ.get(variable, "")
+    return base if os.path.isabs(base) else os.path.join(os.path.expanduser("~"), default)
+
+
+def _kept_cookie(fields: Any) -> Optional[http.cookiejar.Cookie]:
+    """The cookie a session file keeps as `fields`, or None if they are not what
+    `_SessionFile.save` writes."""
+    if not isinstance(fields, dict):
+        return None
+    name, value, domain, path = (fields.get(k) for k in ("name", "value", "domain", "path"))
+    specified, secure, expires = (fields.get(k) for k in ("domain_specified", "secure", "expires"))
+    if not (
+        all(isinstance(v, str) for v in (name, domain, path)) and isinstance(value, (str, type(None)))
+        and isinstance(specified, bool) and isinstance(secure, bool)
+        and (expires is None or (type(expires) in (int, float) and 0 <= expires < 2**53))
+    ):
+        return None
+    expires = None if expires is None else int(expires)
+    return http.cookiejar.Cookie(
+        0, name, value, None, False, domain, specified, domain.startswith("."), path, True,
+        secure, expires, expires is None, None, None, {},
+    )
 
 # ---------------------------------------------------------------------------------------
 # Provider API: gpt4free's FakeGpt, the event stream, sync wrappers
@@ -4567,8 +4590,7 @@ class _Turns:
 
 def _state_directory() -> str:
     """Where fakegpt keeps what it remembers between commands (XDG's state directory)."""
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return os.path.join(base, "fakegpt")
+    return os.path.join(_xdg_directory("XDG_STATE_HOME", os.path.join(".local", "state")), "fakegpt")
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\x80-\x9f]")

@@ -3445,16 +3445,19 @@ def test_the_command_leaves_its_objects_out_of_the_last_collection() -> None:
     # main returns, so the exit does not walk them; main alone, as a library calls it, not.
     script = ("import gc, runpy, sys\n"
               "before = gc.get_freeze_count()\n"
-              "sys.argv = ['fakegpt'] + sys.argv[1:]\n"
+              "run, sys.argv = sys.argv[1], ['fakegpt'] + sys.argv[2:]\n"
               "try:\n"
-              "    runpy.run_module('fakegpt', run_name='__main__')\n"
+              "    eval(run)\n"
               "except SystemExit as exit:\n"
               "    print(exit.code, gc.get_freeze_count() - before)\n")
-    for args in (["--version"], ["--timeout", "0", "Hi"]):
-        output = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, cwd=HERE,
-                                check=True, env={**os.environ, "PYTHONPATH": str(HERE)}).stdout
-        code, frozen = output.split()[-2:]
-        assert code == ("0" if args == ["--version"] else "2") and int(frozen) > 1000
+    # The module run as a script, and the installed package's __main__ (its fakegpt is this one).
+    for run in ("runpy.run_module('fakegpt', run_name='__main__')",
+                "runpy.run_path('packaging/fakegpt/__main__.py', run_name='__main__')"):
+        for args in (["--version"], ["--timeout", "0", "Hi"]):
+            output = subprocess.run([sys.executable, "-c", script, run, *args], capture_output=True, text=True,
+                                    cwd=HERE, check=True, env={**os.environ, "PYTHONPATH": str(HERE)}).stdout
+            code, frozen = output.split()[-2:]
+            assert code == ("0" if args == ["--version"] else "2") and int(frozen) > 1000
     plain = ("import gc, fakegpt\n"
              "before = gc.get_freeze_count()\n"
              "print(fakegpt.main(['--timeout', '0', 'Hi']), gc.get_freeze_count() - before)\n")
@@ -3809,6 +3812,49 @@ def test_the_cli_keeps_its_session_between_commands(mock: mock_server.MockServer
         args = ["--url", mock.url, "Hello"] + ([] if off else ["--no-session-cache"])
         run_cli(*args, env={**env, **off})
     assert mock.count("GET", "/api/loads") == 4  # each of these logged in
+
+
+KEY = "shared {url} via direct"
+
+
+@pytest.mark.parametrize("kept", [
+    '{"KEY": {"access_token": "eyJkept", "cookies": 5}}',
+    '{"KEY": {"access_token": "eyJkept", "cookies": {"name": "credential"}}}',
+    '{"KEY": {"access_token": "eyJkept", "cookies": [5]}}',
+    '{"KEY": {"access_token": "eyJkept", "cookies": [{"name": "credential", "value": "v", "domain": "127.0.0.1",'
+    ' "domain_specified": false, "path": "/", "secure": false, "expires": "soon"}]}}',
+    '{"KEY": {"access_token": "eyJkept", "cookies": [{"name": 5, "value": {}, "domain": "127.0.0.1",'
+    ' "domain_specified": false, "path": "/", "secure": false, "expires": null}]}}',
+    '{"KEY": {"access_token": "eyJkept", "cookies": [{"name": "a", "value": "b", "domain": "127.0.0.1",'
+    ' "domain_specified": "no", "path": 5, "secure": false, "expires": 1e400}]}}',
+    '{"KEY": {"access_token": ["eyJkept"]}}',
+    '{"KEY": "eyJkept"}',
+    '[1, 2]',
+    'not JSON',
+    '{"KEY": {"access_token": "eyJ',
+])
+def test_a_session_file_the_cli_did_not_write_means_a_new_login(mock: mock_server.MockServer, tmp_path: pathlib.Path, kept: str) -> None:
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache"), "FAKEGPT_NO_SESSION_CACHE": ""}
+    path = tmp_path / "cache" / "fakegpt" / "sessions.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(kept.replace("KEY", KEY.format(url=mock.url)))
+    first = run_cli("--url", mock.url, "Hello", env=env)
+    assert (first.returncode, first.stdout, first.stderr) == (0, FULL_REPLY + "\n", "")
+    assert mock.count("GET", "/api/loads") == 1  # the kept entry was not used
+    assert run_cli("--url", mock.url, "Hello", env=env).stdout == FULL_REPLY + "\n"
+    assert mock.count("GET", "/api/loads") == 1  # and the file now keeps the new login
+
+
+def test_a_relative_xdg_directory_is_ignored(mock: mock_server.MockServer, tmp_path: pathlib.Path) -> None:
+    work, home = tmp_path / "work", tmp_path / "home"
+    work.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(HERE), "HOME": str(home), "XDG_CACHE_HOME": "relative-cache",
+           "XDG_STATE_HOME": "relative-state", "FAKEGPT_NO_SESSION_CACHE": ""}
+    result = subprocess.run([sys.executable, "-m", "fakegpt", "--url", mock.url, "Hello"], capture_output=True,
+                            text=True, encoding="utf-8", env=env, cwd=work, timeout=30)
+    assert result.stdout == FULL_REPLY + "\n"
+    assert list(work.iterdir()) == []  # as the XDG specification says: a relative path is not a base
+    assert (home / ".cache" / "fakegpt" / "sessions.json").is_file()
 
 
 def test_a_kept_session_never_holds_a_proxy_password(mock: mock_server.MockServer, tmp_path: pathlib.Path) -> None:
