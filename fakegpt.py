@@ -3370,8 +3370,8 @@ def _kept_cookie(fields: Any) -> Optional[http.cookiejar.Cookie]:
     name, value, domain, path = (fields.get(k) for k in ("name", "value", "domain", "path"))
     specified, secure, expires = (fields.get(k) for k in ("domain_specified", "secure", "expires"))
     if not (
-        all(isinstance(v, str) for v in (name, domain, path)) and isinstance(value, (str, type(None)))
-        and isinstance(specified, bool) and isinstance(secure, bool)
+        isinstance(name, str) and isinstance(domain, str) and isinstance(path, str)
+        and isinstance(value, (str, type(None))) and isinstance(specified, bool) and isinstance(secure, bool)
         and (expires is None or (type(expires) in (int, float) and 0 <= expires < 2**53))
     ):
         return None
