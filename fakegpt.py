@@ -3330,6 +3330,12 @@ class _SessionFile:
     def _read(self) -> Dict[str, Any]:
         try:
             with open(self.path, encoding="utf-8") as file:
+                if hasattr(os, "getuid"):  # POSIX: the owner's alone, as `_write` makes it
+                    info = os.fstat(file.fileno())
+                    if info.st_uid != os.getuid():
+                        return {}  # someone else's: not a session of this user's
+                    if info.st_mode & 0o077:
+                        os.fchmod(file.fileno(), 0o600)  # copied or restored with looser modes
                 data = json.load(file)
         except (OSError, ValueError, RecursionError):
             return {}

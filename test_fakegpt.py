@@ -3800,6 +3800,9 @@ def test_the_cli_keeps_its_session_between_commands(mock: mock_server.MockServer
     assert mock.count("GET", "/api/loads") == 1  # the second command made no login
     kept = tmp_path / "cache" / "fakegpt" / "sessions.json"
     assert stat.S_IMODE(kept.stat().st_mode) == 0o600 and stat.S_IMODE(kept.parent.stat().st_mode) == 0o700
+    kept.chmod(0o644)  # copied or restored with looser modes: made the owner's alone when read
+    assert run_cli("--url", mock.url, "Hello", env=env).stdout == FULL_REPLY + "\n"
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o600 and mock.count("GET", "/api/loads") == 1
     first = json.loads(kept.read_text())
     mock.expire_tokens()  # a token the upstream no longer takes: dropped, and a new login kept
     assert run_cli("--url", mock.url, "Hello", env=env).stdout == FULL_REPLY + "\n"
@@ -3843,6 +3846,16 @@ def test_a_session_file_the_cli_did_not_write_means_a_new_login(mock: mock_serve
     assert mock.count("GET", "/api/loads") == 1  # the kept entry was not used
     assert run_cli("--url", mock.url, "Hello", env=env).stdout == FULL_REPLY + "\n"
     assert mock.count("GET", "/api/loads") == 1  # and the file now keeps the new login
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid") or os.getuid() != 0, reason="only root can give a file to another user")
+def test_a_session_file_someone_else_owns_is_not_used(mock: mock_server.MockServer, tmp_path: pathlib.Path) -> None:
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache"), "FAKEGPT_NO_SESSION_CACHE": ""}
+    assert run_cli("--url", mock.url, "Hello", env=env).stdout == FULL_REPLY + "\n"
+    kept = tmp_path / "cache" / "fakegpt" / "sessions.json"
+    os.chown(kept, 65534, 65534)
+    assert run_cli("--url", mock.url, "Hello", env=env).stdout == FULL_REPLY + "\n"
+    assert mock.count("GET", "/api/loads") == 2 and kept.stat().st_uid == 0  # a new login, kept in a file of its own
 
 
 def test_a_relative_xdg_directory_is_ignored(mock: mock_server.MockServer, tmp_path: pathlib.Path) -> None:
