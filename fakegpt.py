@@ -4290,15 +4290,15 @@ async def _print_reply(
         try:
             if waiting is not None:
                 waiting.start()
-            async for event in reply:
-                if first is None and (event.delta or args.json):
+            # An event a line with --json; else the text, one write for each read of the
+            # socket (a long reply is thousands of events).
+            terminal = out.isatty()
+            async for piece in (_json_lines(reply) if args.json else reply.texts()):
+                if first is None:
                     first = time.monotonic() - started
                     if waiting is not None:
                         waiting.stop()
-                if args.json:
-                    out.write(json.dumps(event.as_dict(), ensure_ascii=False) + "\n")
-                elif event.delta:
-                    out.write(_printable(event.delta) if out.isatty() else event.delta)
+                out.write(_printable(piece) if terminal and not args.json else piece)
                 out.flush()
         finally:
             if waiting is not None:
@@ -4314,6 +4314,12 @@ async def _print_reply(
             reply.finish_reason, reply.conversation_id,
         )
     return reply
+
+
+async def _json_lines(reply: ChatStream) -> AsyncGenerator[str, None]:
+    """Each event of `reply` as a line of JSON."""
+    async for event in reply:
+        yield json.dumps(event.as_dict(), ensure_ascii=False) + "\n"
 
 
 class _Waiting:

@@ -15,6 +15,7 @@ import gc
 import http.client
 import importlib.metadata
 import importlib.util
+import io
 import json
 import logging
 import os
@@ -3888,6 +3889,27 @@ def test_the_library_keeps_a_session_only_when_asked(mock: mock_server.MockServe
     pieces_of(provider_for(mock.url), session_cache=True)
     assert "".join(pieces_of(provider_for(mock.url), session_cache=True)) == FULL_REPLY  # a new class: no session in memory
     assert mock.count("GET", "/api/loads") == 2  # the third call used the kept one
+
+
+def test_the_cli_writes_the_text_once_for_each_read_not_for_each_event(mock: mock_server.MockServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    class Out(io.StringIO):
+        writes = 0
+
+        def write(self, text: str) -> int:
+            self.writes += 1
+            return super().write(text)
+
+    prompt = "[[chars 2000]] [[step 4]] a reply of 500 events, sent in a few writes"
+    for json_lines in (False, True):
+        out = Out()
+        monkeypatch.setattr(sys, "stdout", out)
+        assert fakegpt.main(["--url", mock.url, "--no-session-cache", *(["--json"] if json_lines else []), prompt]) == 0
+        if json_lines:  # an event a line, as before
+            deltas = [json.loads(line)["delta"] for line in out.getvalue().splitlines()]
+            assert "".join(deltas) == mock_server.default_reply(prompt) and len(deltas) >= 500
+        else:
+            assert out.getvalue() == mock_server.default_reply(prompt) + "\n"
+            assert out.writes <= 20  # one for each read of the socket, and the last line's end
 
 
 def test_cli_timeout_flag(mock: mock_server.MockServer) -> None:
