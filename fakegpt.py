@@ -60,7 +60,7 @@ from typing import (
     Union,
 )
 
-__version__ = "1.3.1"
+__version__ = "1.3.2"
 __all__ = [
     "AsyncResult",
     "AuthenticationError",
