@@ -286,8 +286,24 @@ class RecordedRequest:
         return None
 
     def json(self) -> Any:
-        """The body as JSON (ValueError if it is not)."""
-        return json.loads(self.body)
+        """The body as JSON (ValueError if it is not). A lone surrogate escape in a string
+        reads as U+FFFD, as the JSON decoders of Go and JavaScript servers make it."""
+        value = json.loads(self.body)
+        return _well_formed(value) if _SURROGATE_ESCAPE.search(self.body) else value
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # (or an escaped backslash and "ud8..": a walk for nothing)
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads joins the pairs: what is left is alone
+
+
+def _well_formed(value: Any) -> Any:
+    if isinstance(value, str):
+        return _LONE_SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [_well_formed(item) for item in value]
+    if isinstance(value, dict):
+        return {_well_formed(key): _well_formed(item) for key, item in value.items()}
+    return value
 
 
 class _BadRequest(Exception):
