@@ -3409,12 +3409,24 @@ def format_prompt(messages: Messages, add_special_tokens: bool = False) -> str:
     return f"{formatted}\nAssistant:"
 
 
+def _unicode(text: str, what: str) -> str:
+    """`text`, if it is Unicode text: a lone surrogate (what Python makes of bytes that
+    were not text in the locale's encoding, say) is a `UsageError` before any request."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise UsageError(
+            f"{what} is not Unicode text: a lone surrogate (U+{ord(text[exc.start]):04X}) at character {exc.start}"
+        ) from None
+    return text
+
+
 def _upstream_model(model: Optional[str]) -> str:
     if model is not None and not isinstance(model, str):
         raise UsageError(f"model must be a string, not {type(model).__name__}")
     if model is None or model in _DEFAULT_MODEL_ALIASES:
         return DEFAULT_MODEL
-    return model
+    return _unicode(model, "the model")
 
 
 # The keywords a call understands, and those gpt4free passes to every provider, which are
@@ -3545,7 +3557,7 @@ class ChatStream:
         self, provider: "type[FakeGpt]", model: Optional[str], messages: Messages,
         proxy: Optional[str] = None, *, sessions: Dict[Any, _Session], pools: _Pools, **kwargs: Any,
     ) -> None:
-        self.prompt = format_prompt(messages)
+        self.prompt = _unicode(format_prompt(messages), "the prompt")
         self._provider = provider
         self._sessions = sessions
         self._pools = pools
@@ -4256,13 +4268,19 @@ def _run(args: argparse.Namespace, url: str, token: Optional[str], *, trust_env:
     if args.prompt is None and sys.stdin.isatty():
         return _Chat(args, options).run()
     if args.prompt in (None, "-"):
-        prompt = sys.stdin.read()
+        try:
+            prompt = sys.stdin.read()
+        except UnicodeDecodeError as exc:
+            return _fail(_undecodable(exc), EXIT_USAGE, json_too=args.json)
         prompt = prompt[:-1] if prompt.endswith("\n") else prompt  # a piped line's own newline
         prompt = prompt[:-1] if prompt.endswith("\r") else prompt
     else:
         prompt = args.prompt
     if not prompt.strip():
         return _fail("the prompt is empty", EXIT_USAGE, json_too=args.json)
+    problem = _not_text(prompt, sys.getfilesystemencoding() if args.prompt not in (None, "-") else sys.stdin.encoding)
+    if problem is not None:
+        return _fail(problem, EXIT_USAGE, json_too=args.json)
     try:
         reply = asyncio.run(_print_reply(prompt, args, options))
     except UsageError as exc:
@@ -4404,6 +4422,19 @@ class _Chat:
     # -- input ---------------------------------------------------------------------------
 
     def _read(self) -> Optional[str]:
+        """The next message, or None if there is none to send."""
+        try:
+            prompt = self._read_lines()
+        except UnicodeDecodeError as exc:
+            problem: Optional[str] = _undecodable(exc)
+        else:
+            problem = _not_text(prompt, sys.stdin.encoding)
+        if problem is not None:
+            print(f"fakegpt: error: {problem}", file=sys.stderr)
+            return None
+        return prompt
+
+    def _read_lines(self) -> str:
         line = input("you> ")
         lines: List[str] = []
         if line.strip() == '"""':
@@ -4606,6 +4637,20 @@ def _state_directory() -> str:
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\x80-\x9f]")
+_UNDECODED = re.compile("[\udc80-\udcff]")  # the surrogateescape error handler's bytes
+
+
+def _not_text(prompt: str, encoding: str) -> Optional[str]:
+    """Why `prompt` is not text: bytes that were not `encoding` (Python keeps them as
+    surrogates); None if it is text."""
+    undecoded = _UNDECODED.search(prompt)
+    if undecoded is None:
+        return None
+    return f"the prompt is not {encoding} text (it holds the byte 0x{ord(undecoded.group()) - 0xDC00:02X})"
+
+
+def _undecodable(error: UnicodeDecodeError) -> str:
+    return f"the prompt is not {error.encoding} text (it holds the byte 0x{error.object[error.start]:02X})"
 
 
 def _printable(text: str) -> str:

@@ -1651,13 +1651,14 @@ def failure(provider: "type[FakeGpt]", content: str = "Hello", **kwargs: Any) ->
     return caught.value, pieces
 
 
-def run_cli(*args: str, input: Optional[str] = None, env: Optional[Dict[str, str]] = None, timeout: float = 30) -> subprocess.CompletedProcess:
+def run_cli(*args: str, input: Optional[str] = None, env: Optional[Dict[str, str]] = None, timeout: float = 30,
+            encoding_errors: str = "strict") -> subprocess.CompletedProcess:
     full_env = {**os.environ, "PYTHONPATH": str(HERE), "NO_COLOR": "1", **(env or {})}
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "FAKEGPT_URL"):
         if env is None or name not in env:
             full_env.pop(name, None)
     return subprocess.run([sys.executable, "-m", "fakegpt", *args], input=input, capture_output=True,
-                          text=True, encoding="utf-8", env=full_env, cwd=HERE, timeout=timeout)
+                          text=True, encoding="utf-8", errors=encoding_errors, env=full_env, cwd=HERE, timeout=timeout)
 
 
 SEED_EXAMPLE = '''\
@@ -3687,6 +3688,21 @@ def test_chat_turns_share_a_connection_and_a_stopped_turn_closes_its_own(mock_pr
         term.kill()
 
 
+@pytest.mark.parametrize("errors", ["strict", "surrogateescape"])
+def test_a_chat_line_that_is_not_text_is_refused_and_the_chat_goes_on(mock_process: str, errors: str) -> None:
+    term = Terminal(mock_process, "--no-history", env={"PYTHONIOENCODING": f"utf-8:{errors}"})
+    try:
+        term.until("you> ")
+        os.write(term.fd, b"bad \xff\xfe bytes\n")
+        assert "the prompt is not utf-8 text (it holds the byte 0xFF)" in term.until("you> ")
+        term.type("Hello\n")
+        assert FULL_REPLY in term.until("you> ")
+        assert "Traceback" not in term.screen
+        assert term.close() == 0
+    finally:
+        term.kill()
+
+
 def test_a_chat_turn_leaves_no_task_behind_for_the_next(caplog: pytest.LogCaptureFixture) -> None:
     turns = fakegpt._Turns()
     finished: List[str] = []
@@ -3910,6 +3926,26 @@ def test_the_cli_writes_the_text_once_for_each_read_not_for_each_event(mock: moc
         else:
             assert out.getvalue() == mock_server.default_reply(prompt) + "\n"
             assert out.writes <= 20  # one for each read of the socket, and the last line's end
+
+
+def test_a_prompt_that_is_not_text_is_a_usage_error_before_any_request(mock: mock_server.MockServer) -> None:
+    # Bytes that are not UTF-8, from the command line (Python keeps them as surrogates) or
+    # from standard input (read strictly, or with surrogates kept), and a library call
+    # with a lone surrogate: each is refused, saying why, and nothing is sent.
+    runs = [run_cli("--url", mock.url, "bad \udcff\udcfe bytes")]
+    for errors in ("strict", "surrogateescape"):
+        for json_out in ([], ["--json"]):
+            runs.append(run_cli("--url", mock.url, *json_out, input="bad \udcff bytes",
+                                env={"PYTHONIOENCODING": f"utf-8:{errors}"}, encoding_errors="surrogateescape"))
+    for result in runs:
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert "the prompt is not utf-8 text (it holds the byte 0xFF)" in result.stderr
+    assert json.loads(runs[-1].stdout)["type"] == "UsageError"
+    raised, _ = failure(provider_for(mock.url), "a \ud800 b")
+    assert isinstance(raised, fakegpt.UsageError) and "U+D800" in str(raised)
+    with pytest.raises(fakegpt.UsageError, match="the model is not Unicode text"):
+        asyncio.run(provider_for(mock.url).create_async_generator("gpt-\udcff", [{"role": "user", "content": "Hi"}]).__anext__())
+    assert mock.count("POST", "/api/conversation") == 0 and mock.count("GET", "/api/loads") == 0
 
 
 def test_cli_timeout_flag(mock: mock_server.MockServer) -> None:
@@ -4180,6 +4216,16 @@ def test_mock_reply_is_deterministic_non_ascii_and_scriptable() -> None:
                 return [event.delta async for event in stream]
 
         assert asyncio.run(deltas()) == ["AB", "C!", ""]
+
+
+def test_mock_reads_a_lone_surrogate_escape_as_a_replacement_character(mock: mock_server.MockServer) -> None:
+    # As the JSON decoders of Go and JavaScript servers do; the stream must not break off.
+    status, _, raw = independent_conversation(mock, "a \ud800 b \ud83d\ude00")
+    snapshots = [json.loads(data) for kind, data in split_events(raw) if data.startswith("{")]
+    last = [s["message"]["content"]["parts"][0] for s in snapshots
+            if s.get("message") and s["message"]["author"]["role"] == "assistant"][-1]
+    assert status == 200 and split_events(raw)[-1][1] == "[DONE]"
+    assert last == mock_server.default_reply("a \ufffd b \U0001F600")
 
 
 def test_mock_serves_1000_concurrent_streams() -> None:
