@@ -4193,7 +4193,7 @@ def _cli_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The command line; returns the exit code."""
     args = _cli_parser().parse_args(argv)
-    if args.timeout is not None and not args.timeout > 0:
+    if args.timeout is not None and not _positive_seconds(args.timeout):
         return _fail("--timeout must be a positive number of seconds", EXIT_USAGE)
     if args.mock and args.url is not None:
         return _fail("--mock and --url exclude each other: the mock is the upstream", EXIT_USAGE)

@@ -3413,7 +3413,9 @@ def test_cli_output_is_flushed_per_piece(mock: mock_server.MockServer) -> None:
 
 @pytest.mark.parametrize("args, code, words", [
     (["--url", "ftp://x", "Hi"], 2, "http:// or https://"),
-    (["--timeout", "0", "Hi"], 2, "--timeout"),
+    (["--timeout", "0", "Hi"], 2, "--timeout must be a positive number of seconds"),
+    (["--timeout", "inf", "Hi"], 2, "--timeout must be a positive number of seconds"),
+    (["--timeout", "nan", "Hi"], 2, "--timeout must be a positive number of seconds"),
     (["--proxy", "socks5://127.0.0.1:9", "--mock", "Hi"], 2, "socks5"),
     (["--mock", ""], 2, "empty"),
     (["--no-such-flag"], 2, "unrecognized"),
