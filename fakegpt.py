@@ -292,6 +292,18 @@ class Limits(NamedTuple):
 _DEFAULT_LIMITS = Limits()
 
 
+def _checked_limits(limits: Any) -> Limits:
+    """`limits`, if it is a `Limits` of positive whole numbers; else a `UsageError`."""
+    if limits is _DEFAULT_LIMITS:
+        return limits
+    if not isinstance(limits, Limits):
+        raise UsageError("limits must be a fakegpt.Limits")
+    for name, value in zip(Limits.__annotations__, limits):  # the fields, in order
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise UsageError(f"Limits.{name} must be a positive whole number, not {value!r}")
+    return limits
+
+
 class Response(NamedTuple):
     """The head of a response. Header names are lower case, in the order received."""
 
@@ -358,7 +370,7 @@ class ResponseReader:
         self._buf = bytearray()
         self._eof = False
         self._method = method.upper()
-        self._limits = limits
+        self._limits = _checked_limits(limits)
         self._decode_content = decode_content
         self._status: Optional[Tuple[bool, int, str]] = None  # (HTTP/1.0?, status, reason)
         self._persistent = False  # the response lets the connection carry another
@@ -781,6 +793,7 @@ class SSEDecoder:
     """
 
     def __init__(self, *, limits: Limits = _DEFAULT_LIMITS) -> None:
+        limits = _checked_limits(limits)
         self._max_line = limits.max_sse_line_size
         self._max_event = limits.max_event_size
         self._partial = bytearray()  # an unterminated line
@@ -3478,9 +3491,7 @@ def _options(
     context = kwargs.get("ssl")
     if context is not None and not isinstance(context, ssl.SSLContext):
         raise UsageError("ssl must be an ssl.SSLContext")
-    limits = kwargs.get("limits") or Limits()
-    if not isinstance(limits, Limits):
-        raise UsageError("limits must be a fakegpt.Limits")
+    limits = _checked_limits(kwargs.get("limits") or _DEFAULT_LIMITS)
     continued = _conversation_keyword(kwargs.get("conversation"))
     for name in ("conversation_id", "parent_message_id", "chatgpt_account_id"):
         if kwargs.get(name) is not None and not isinstance(kwargs[name], str):

@@ -2178,6 +2178,19 @@ def test_bad_arguments_give_usage_errors(kwargs: Dict[str, Any], message: str) -
     assert isinstance(raised, fakegpt.UsageError) and message in str(raised)
 
 
+@pytest.mark.parametrize("limits", [
+    Limits(max_event_size=0), Limits(max_line_size=-5), Limits(max_header_count=True),
+    Limits(max_sse_line_size="big"), Limits(max_error_body_size=1.5), (1, 2, 3, 4, 5),  # type: ignore[arg-type]
+])
+def test_limits_that_are_not_positive_whole_numbers_are_a_usage_error(mock: mock_server.MockServer, limits: Any) -> None:
+    raised, _ = failure(provider_for(mock.url), limits=limits)
+    assert isinstance(raised, fakegpt.UsageError) and "imits" in str(raised)
+    assert mock.count("GET", "/api/loads") == 0  # before any request
+    for reader in (lambda: ResponseReader(limits=limits), lambda: SSEDecoder(limits=limits)):
+        with pytest.raises(fakegpt.UsageError):
+            reader()
+
+
 def test_unknown_keywords_are_accepted(provider: "type[FakeGpt]") -> None:
     assert "".join(pieces_of(provider, stream=True, temperature=0.5, web_search=False)) == FULL_REPLY
 
