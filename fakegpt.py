@@ -3202,6 +3202,7 @@ class _Session:
         self.cookie_jar = http.cookiejar.CookieJar()
         self.access_token = access_token
         self.given = access_token is not None
+        self.kept_token: Optional[str] = None  # the token last read from or written to the session file
         self._login: Optional["asyncio.Task[str]"] = None
 
     def secrets(self) -> List[str]:
@@ -3587,7 +3588,6 @@ class ChatStream:
         # TLS context of the caller's: it cannot be told apart in another process).
         kept = self._options.session_cache and self._options.ssl_context is None
         self._kept = _SessionFile.default() if kept else None
-        self._kept_token: Optional[str] = None
 
     @property
     def text(self) -> str:
@@ -3685,7 +3685,7 @@ class ChatStream:
             if self._kept is not None:
                 if not session.access_token:
                     self._kept.load(self._kept_key(client), session)
-                self._kept_token = session.access_token  # written again only when it changes
+                    session.kept_token = session.access_token  # written again only when it changes
         continues: Optional[ConversationDecoder] = None
         for _ in range(1 + (_MAX_CONTINUATIONS if options.auto_continue else 0)):
             async with _Closing(self._retrying(client, session, text_only, continues)) as batches:
@@ -3735,9 +3735,10 @@ class ChatStream:
             token = await session.token(client)
             if not session.given:
                 provider._access_token, provider._cookie_jar = token, session.cookie_jar
-                if self._kept is not None and token != self._kept_token:
+                if self._kept is not None and token != session.kept_token:
+                    # Once for the session's calls: concurrent ones share its login.
                     self._kept.save(self._kept_key(client), session)
-                    self._kept_token = token
+                    session.kept_token = token
             try:
                 async with _Closing(self._converse(client, session, token, text_only, continues)) as batches:
                     async for batch in batches:

@@ -3963,6 +3963,22 @@ def test_a_prompt_that_is_not_text_is_a_usage_error_before_any_request(mock: moc
     assert mock.count("POST", "/api/conversation") == 0 and mock.count("GET", "/api/loads") == 0
 
 
+def test_concurrent_calls_of_a_session_write_its_file_once(mock: mock_server.MockServer, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    saved: List[str] = []
+    save = fakegpt._SessionFile.save
+    monkeypatch.setattr(fakegpt._SessionFile, "save", lambda self, key, session: saved.append(key) or save(self, key, session))
+    provider = provider_for(mock.url)
+
+    async def calls() -> List[str]:
+        replies = await asyncio.gather(*(gather_pieces(provider, "Hello", session_cache=True) for _ in range(20)))
+        return ["".join(pieces) for pieces in replies]
+
+    assert asyncio.run(calls()) == [FULL_REPLY] * 20
+    assert len(saved) == 1 and mock.count("GET", "/api/loads") == 1  # one login, kept once
+    assert asyncio.run(calls()) == [FULL_REPLY] * 20 and len(saved) == 1
+
+
 def test_cli_timeout_flag(mock: mock_server.MockServer) -> None:
     started = time.monotonic()
     result = run_cli("--url", mock.url, "--timeout", "1", "[[fault hang_after:4]] Hi")
