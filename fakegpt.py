@@ -3374,7 +3374,6 @@ class _SessionFile:
             _log.info("the session was not kept in %s: %s", self.path, exc.strerror or exc)
 
 
-
 def _xdg_directory(variable: str, default: str) -> str:
     """The base directory an XDG variable names, or `default` under the home directory
     when it is unset or relative (the specification says to ignore relative paths)."""
@@ -3400,6 +3399,7 @@ def _kept_cookie(fields: Any) -> Optional[http.cookiejar.Cookie]:
         0, name, value, None, False, domain, specified, domain.startswith("."), path, True,
         secure, expires, expires is None, None, None, {},
     )
+
 
 # ---------------------------------------------------------------------------------------
 # Provider API: gpt4free's FakeGpt, the event stream, sync wrappers
