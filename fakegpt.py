@@ -34,6 +34,7 @@ import secrets
 import signal
 import socket
 import ssl
+import stat
 import string
 import sys
 import threading
@@ -3343,9 +3344,12 @@ class _SessionFile:
 
     def _read(self) -> Dict[str, Any]:
         try:
-            with open(self.path, encoding="utf-8") as file:
+            # Not blocking: a FIFO (or a device) in the file's place must not hang the command.
+            with open(os.open(self.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), encoding="utf-8") as file:
+                info = os.fstat(file.fileno())
+                if not stat.S_ISREG(info.st_mode):
+                    return {}
                 if hasattr(os, "getuid"):  # POSIX: the owner's alone, as `_write` makes it
-                    info = os.fstat(file.fileno())
                     if info.st_uid != os.getuid():
                         return {}  # someone else's: not a session of this user's
                     if info.st_mode & 0o077:
@@ -4469,6 +4473,8 @@ class _Chat:
         if self.args.no_history:
             return
         path = os.path.join(_state_directory(), "history")
+        if os.path.exists(path) and not os.path.isfile(path):
+            return  # a FIFO or a directory there: reading or writing it could hang, so no history
         try:
             if os.path.exists(path):
                 readline.read_history_file(path)

@@ -3703,6 +3703,20 @@ def test_chat_turns_share_a_connection_and_a_stopped_turn_closes_its_own(mock_pr
         term.kill()
 
 
+def test_a_fifo_in_place_of_the_chat_history_does_not_hang_the_chat(mock_process: str, tmp_path: pathlib.Path) -> None:
+    history = tmp_path / "state" / "fakegpt" / "history"
+    history.parent.mkdir(parents=True)
+    os.mkfifo(history)
+    term = Terminal(mock_process, env={"XDG_STATE_HOME": str(tmp_path / "state")})
+    try:
+        term.until("you> ", timeout=5)
+        term.type("Hello\n")
+        assert FULL_REPLY in term.until("you> ", timeout=5)
+        assert term.close() == 0 and stat.S_ISFIFO(history.stat().st_mode)  # left as it was
+    finally:
+        term.kill()
+
+
 @pytest.mark.parametrize("errors", ["strict", "surrogateescape"])
 def test_a_chat_line_that_is_not_text_is_refused_and_the_chat_goes_on(mock_process: str, errors: str) -> None:
     term = Terminal(mock_process, "--no-history", env={"PYTHONIOENCODING": f"utf-8:{errors}"})
@@ -3888,6 +3902,16 @@ def test_a_session_file_someone_else_owns_is_not_used(mock: mock_server.MockServ
     os.chown(kept, 65534, 65534)
     assert run_cli("--url", mock.url, "Hello", env=env).stdout == FULL_REPLY + "\n"
     assert mock.count("GET", "/api/loads") == 2 and kept.stat().st_uid == 0  # a new login, kept in a file of its own
+
+
+def test_a_fifo_in_place_of_the_session_file_does_not_hang_the_command(mock: mock_server.MockServer, tmp_path: pathlib.Path) -> None:
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache"), "FAKEGPT_NO_SESSION_CACHE": ""}
+    path = tmp_path / "cache" / "fakegpt" / "sessions.json"
+    path.parent.mkdir(parents=True)
+    os.mkfifo(path)
+    result = run_cli("--url", mock.url, "Hello", env=env, timeout=15)
+    assert (result.returncode, result.stdout) == (0, FULL_REPLY + "\n")
+    assert stat.S_ISREG(path.stat().st_mode) and mock.count("GET", "/api/loads") == 1  # replaced by a kept login
 
 
 def test_a_relative_xdg_directory_is_ignored(mock: mock_server.MockServer, tmp_path: pathlib.Path) -> None:
