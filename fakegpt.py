@@ -3313,12 +3313,13 @@ class _SessionFile:
         if not isinstance(token, str) or _TOKEN_TEXT.fullmatch(token) is None:
             return
         listed = entry.get("cookies", [])
-        cookies = [_kept_cookie(fields) for fields in listed] if isinstance(listed, list) else [None]
-        if None in cookies:
+        if not isinstance(listed, list):
             return  # not a file this code wrote (or edited since): ignore the entry
+        cookies = [cookie for cookie in map(_kept_cookie, listed) if cookie is not None]
+        if len(cookies) != len(listed):
+            return  # likewise
         now = time.time()
         for cookie in cookies:
-            assert cookie is not None
             if cookie.expires is None or cookie.expires > now:
                 session.cookie_jar.set_cookie(cookie)
         session.access_token = token
