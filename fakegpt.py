@@ -2340,21 +2340,24 @@ async def _open_tunnel(proxy: _Proxy, endpoint: _Endpoint, limits: Limits) -> so
             lines.append(f"Proxy-Authorization: {proxy.authorization}")
         await loop.sock_sendall(sock, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
         reader = ResponseReader(method="CONNECT", limits=limits, decode_content=False)
-        while True:
-            data = await loop.sock_recv(sock, 65536)
-            reader.feed(data)
-            event = reader.next_event()
-            if isinstance(event, Response):
-                break
+        where = f"the proxy {proxy.endpoint.authority}"
+        try:
+            while True:
+                data = await loop.sock_recv(sock, 65536)
+                reader.feed(data)
+                event = reader.next_event()
+                if isinstance(event, Response):
+                    break
+        except TruncatedStreamError:
+            raise ConnectError(f"{where} closed the connection instead of answering the tunnel request") from None
+        except ProtocolError as exc:
+            raise ConnectError(f"{where} did not answer the tunnel request in HTTP: {exc}") from None
         if event.status == 407:
-            raise ConnectError(f"the proxy {proxy.endpoint.authority} refused our credentials (407)")
+            raise ConnectError(f"{where} refused our credentials (407)")
         if not 200 <= event.status < 300:
-            raise ConnectError(
-                f"the proxy {proxy.endpoint.authority} refused the tunnel to "
-                f"{endpoint.authority}: {event.status} {event.reason}".rstrip()
-            )
+            raise ConnectError(f"{where} refused the tunnel to {endpoint.authority}: {event.status} {event.reason}".rstrip())
         if reader.unconsumed:
-            raise ProtocolError("the proxy sent data before the TLS handshake")
+            raise ConnectError(f"{where} sent data before the TLS handshake")
         return sock
     except BaseException:
         sock.close()
@@ -2407,7 +2410,12 @@ class _Connection(asyncio.BufferedProtocol):
         clock: _Clock, parser: ResponseReader, limits: Limits,
     ) -> "_Connection":
         """A new connection, its first exchange begun: what arrives goes to `parser`."""
-        where = endpoint.authority if proxy is None else f"the proxy {proxy.endpoint.authority}"
+        if proxy is None:
+            where = endpoint.authority
+        elif endpoint.tls:  # a tunnel: the proxy's TCP, then TLS with the endpoint through it
+            where = f"{endpoint.authority} through the proxy {proxy.endpoint.authority}"
+        else:  # plain HTTP: requests go to the proxy
+            where = f"the proxy {proxy.endpoint.authority}"
         started = time.monotonic()
 
         def factory() -> "_Connection":

@@ -3167,6 +3167,26 @@ def test_proxy_refusing_credentials_is_a_clear_error(mock: mock_server.MockServe
     assert isinstance(raised, fakegpt.ConnectError) and "407" in str(raised) and "wrong" not in str(raised)
 
 
+@pytest.mark.parametrize("answer, words", [
+    (b"garbage\r\n\r\n", "did not answer the tunnel request in HTTP"),
+    (b"", "closed the connection instead of answering the tunnel request"),
+    (b"HTTP/1.1 200 Connection established\r\n\r\nearly bytes", "sent data before the TLS handshake"),
+    (b"HTTP/1.1 200 Connection established\r\n\r\n", "example.invalid through the proxy"),  # then it hangs up
+])
+def test_a_proxy_that_does_not_tunnel_properly_is_a_connect_error_that_names_it(answer: bytes, words: str) -> None:
+    async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    with thread_server(proxy) as (host, port):
+        raised, _ = failure(provider_for("https://example.invalid"), proxy=f"http://user:pa55@{host}:{port}",
+                            access_token="token-1", retries=0)
+    assert isinstance(raised, fakegpt.ConnectError) and words in str(raised)
+    assert f"{host}:{port}" in str(raised) and "pa55" not in str(raised)
+
+
 def test_environment_proxies_are_used_behind_trust_env_and_no_proxy_excludes(monkeypatch: pytest.MonkeyPatch, mock: mock_server.MockServer) -> None:
     proxy = LoopbackProxy()
     with thread_server(proxy.handle) as (host, port):
