@@ -448,6 +448,8 @@ class MockServer:
         log: Optional[Callable[[str], None]] = None, **overrides: Any,
     ) -> None:
         self.options = dataclasses.replace(options or MockOptions(), **overrides)
+        if not (isinstance(port, int) and not isinstance(port, bool) and 0 <= port <= 65535):
+            raise ValueError(f"port must be a whole number from 0 to 65535, not {port!r}")
         self.host = host
         self.port = port
         self.url = ""
@@ -475,7 +477,11 @@ class MockServer:
         context = None
         if self.options.certfile:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            context.load_cert_chain(self.options.certfile, self.options.keyfile)
+            try:
+                context.load_cert_chain(self.options.certfile, self.options.keyfile)
+            except OSError as exc:  # ssl.SSLError too
+                reason = exc.strerror or getattr(exc, "reason", None) or exc
+                raise ValueError(f"cannot load the certificate {self.options.certfile}: {reason}") from None
         self._server = await asyncio.start_server(
             self._serve_connection, self.host, self.port, ssl=context, backlog=4096,
             limit=256 * 1024,
@@ -1384,8 +1390,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         asyncio.run(serve())
     except KeyboardInterrupt:
         pass
+    except ValueError as exc:  # the port, or the certificate
+        print(f"mock_server: error: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
-        print(f"mock_server: error: {exc.strerror or exc}", file=sys.stderr)
+        print(f"mock_server: error: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     return 0
 

@@ -4156,6 +4156,24 @@ def test_mock_options_and_faults_are_checked_where_given(options: Dict[str, Any]
             mock_server.MockServer().fail_next(options["fault"])
 
 
+def test_mock_command_line_says_what_is_wrong_with_its_port_or_certificate(mock: mock_server.MockServer) -> None:
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "mock_server", "--quiet", *args], capture_output=True, text=True,
+                              cwd=HERE, timeout=20)
+
+    for args, code, words in [
+        (["--port", "70000"], 2, "port must be a whole number from 0 to 65535, not 70000"),
+        (["--port", "-1"], 2, "port must be a whole number from 0 to 65535"),
+        (["--certfile", str(HERE / "no-such.pem")], 2, f"cannot load the certificate {HERE / 'no-such.pem'}: No such file"),
+        (["--certfile", str(HERE / "README.md")], 2, "cannot load the certificate"),
+        (["--port", str(mock.port)], 1, f"cannot listen on 127.0.0.1:{mock.port}"),  # in use
+    ]:
+        result = run(*args)
+        assert result.returncode == code and words in result.stderr and "Traceback" not in result.stderr, args
+    with pytest.raises(ValueError, match="port must be"):
+        mock_server.MockServer(port=65536)
+
+
 def test_mock_answers_a_deeply_nested_json_body_with_a_400_and_stays_up(mock: mock_server.MockServer) -> None:
     parts = urllib.parse.urlsplit(mock.url)
     connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
