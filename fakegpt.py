@@ -56,6 +56,7 @@ from typing import (
     NamedTuple,
     Optional,
     Sequence,
+    TextIO,
     Tuple,
     TypeVar,
     Union,
@@ -4217,7 +4218,11 @@ def _cli_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The command line; returns the exit code."""
+    if sys.stderr is None:  # closed (`2>&-`): errors go nowhere, the exit code still says
+        sys.stderr = open(os.devnull, "w")
     args = _cli_parser().parse_args(argv)
+    if sys.stdout is None:  # closed (`>&-`): nowhere for the reply
+        return _fail("standard output is closed: there is nowhere to write the reply", EXIT_USAGE)
     if args.timeout is not None and not _positive_seconds(args.timeout):
         return _fail("--timeout must be a positive number of seconds", EXIT_USAGE)
     if args.mock and args.url is not None:
@@ -4245,8 +4250,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(file=sys.stderr)
         return EXIT_INTERRUPTED
     except BrokenPipeError:
-        sys.stdout = open(os.devnull, "w")  # the reader left: say nothing more
+        _silence_stdout()  # the reader left: say nothing more
         return EXIT_ERROR
+    except _OutputError as exc:
+        _silence_stdout()
+        return _fail(f"cannot write the reply to standard output: {exc}", EXIT_ERROR)
 
 
 def _read_token_file(path: str) -> str:
@@ -4341,14 +4349,12 @@ async def _print_reply(
                     first = time.monotonic() - started
                     if waiting is not None:
                         waiting.stop()
-                out.write(_printable(piece) if terminal and not args.json else piece)
-                out.flush()
+                _put(out, _printable(piece) if terminal and not args.json else piece)
         finally:
             if waiting is not None:
                 waiting.stop()
             if reply.text and not args.json:
-                out.write("\n")
-                out.flush()
+                _put(out, "\n")
     if args.verbose:
         first_text = "no text" if first is None else f"first piece after {first * 1000:.0f} ms"
         _log.info(
@@ -4357,6 +4363,33 @@ async def _print_reply(
             reply.finish_reason, reply.conversation_id,
         )
     return reply
+
+
+class _OutputError(Exception):
+    """Standard output refused the reply (a full disk, say): not the upstream's doing."""
+
+
+def _put(out: TextIO, text: str) -> None:
+    """Write `text` to `out` now; a failure other than a reader that left is an `_OutputError`."""
+    try:
+        out.write(text)
+        out.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise _OutputError(exc.strerror or str(exc)) from None
+
+
+def _silence_stdout() -> None:
+    """Point standard output at the null device, so that what is still buffered for it
+    goes nowhere instead of failing again at exit."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    finally:
+        os.close(null)
 
 
 async def _json_lines(reply: ChatStream) -> AsyncGenerator[str, None]:
@@ -4708,8 +4741,10 @@ def _fail(message: str, code: int, *, json_too: bool = False, kind: str = "Usage
     shown = _printable(message) if sys.stderr.isatty() else message
     print(f"fakegpt: error: {shown}", file=sys.stderr)
     if json_too:
-        sys.stdout.write(json.dumps({"error": message, "type": kind}, ensure_ascii=False) + "\n")
-        sys.stdout.flush()
+        try:
+            _put(sys.stdout, json.dumps({"error": message, "type": kind}, ensure_ascii=False) + "\n")
+        except (OSError, _OutputError):
+            pass  # said on stderr already
     return code
 
 

@@ -4037,6 +4037,24 @@ def test_concurrent_calls_of_a_session_write_its_file_once(mock: mock_server.Moc
     assert asyncio.run(calls()) == [FULL_REPLY] * 20 and len(saved) == 1
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_cli_says_when_standard_output_is_closed_or_refuses_the_reply(mock: mock_server.MockServer) -> None:
+    env = {**os.environ, "PYTHONPATH": str(HERE)}
+    command = [sys.executable, "-m", "fakegpt", "--url", mock.url, "--no-session-cache"]
+    closed = subprocess.run(["sh", "-c", '"$@" >&-', "sh", *command, "Hello"], capture_output=False, stderr=subprocess.PIPE,
+                            text=True, env=env, cwd=HERE, timeout=30)
+    assert closed.returncode == 2 and "standard output is closed" in closed.stderr and "Traceback" not in closed.stderr
+    for json_out in ([], ["--json"]):
+        with open("/dev/full", "w") as full:
+            refused = subprocess.run([*command, *json_out, "Hello"], stdout=full, stderr=subprocess.PIPE, text=True,
+                                     env=env, cwd=HERE, timeout=30)
+        assert refused.returncode == 1 and "Traceback" not in refused.stderr and "Exception ignored" not in refused.stderr
+        assert refused.stderr == "fakegpt: error: cannot write the reply to standard output: No space left on device\n"
+    quiet = subprocess.run(["sh", "-c", '"$@" 2>&-', "sh", *command, "--timeout", "0", "Hello"], capture_output=True,
+                           text=True, env=env, cwd=HERE, timeout=30)
+    assert quiet.returncode == 2 and quiet.stdout == ""  # errors go nowhere; the exit code says it
+
+
 def test_cli_timeout_flag(mock: mock_server.MockServer) -> None:
     started = time.monotonic()
     result = run_cli("--url", mock.url, "--timeout", "1", "[[fault hang_after:4]] Hi")
