@@ -4307,11 +4307,12 @@ def _run(args: argparse.Namespace, url: str, token: Optional[str], *, trust_env:
             return _fail(_undecodable(exc), EXIT_USAGE, json_too=args.json)
         prompt = prompt[:-1] if prompt.endswith("\n") else prompt  # a piped line's own newline
         prompt = prompt[:-1] if prompt.endswith("\r") else prompt
+        encoding = sys.stdin.encoding
     else:
-        prompt = args.prompt
+        prompt, encoding = args.prompt, sys.getfilesystemencoding()
     if not prompt.strip():
         return _fail("the prompt is empty", EXIT_USAGE, json_too=args.json)
-    problem = _not_text(prompt, sys.getfilesystemencoding() if args.prompt not in (None, "-") else sys.stdin.encoding)
+    problem = _not_text(prompt, encoding)
     if problem is not None:
         return _fail(problem, EXIT_USAGE, json_too=args.json)
     try:
@@ -4704,13 +4705,16 @@ def _not_text(prompt: str, encoding: str) -> Optional[str]:
     """Why `prompt` is not text: bytes that were not `encoding` (Python keeps them as
     surrogates); None if it is text."""
     undecoded = _UNDECODED.search(prompt)
-    if undecoded is None:
-        return None
-    return f"the prompt is not {encoding} text (it holds the byte 0x{ord(undecoded.group()) - 0xDC00:02X})"
+    return None if undecoded is None else _not_text_because(encoding, ord(undecoded.group()) - 0xDC00)
 
 
 def _undecodable(error: UnicodeDecodeError) -> str:
-    return f"the prompt is not {error.encoding} text (it holds the byte 0x{error.object[error.start]:02X})"
+    """Why a prompt that could not be decoded is not text."""
+    return _not_text_because(error.encoding, error.object[error.start])
+
+
+def _not_text_because(encoding: str, byte: int) -> str:
+    return f"the prompt is not {encoding} text (it holds the byte 0x{byte:02X})"
 
 
 def _printable(text: str) -> str:
