@@ -1076,6 +1076,11 @@ _VISIBLE_TEXT_PATH = "/message/content/parts/0"
 
 
 _PARTS_MARKERS = (b'"parts": ["', b'"parts":["')
+# Learning an event's shape costs a second parse of its envelope (a probe), and taking
+# in an event whose envelope changed costs two: worth it for events this large, or
+# (learning) while the reply goes on. A smaller event whose envelope changed (the last)
+# is decoded in full, which costs less than the probes.
+_PROBE_WORTH_BYTES = 4096
 # A JSON string's bytes that are its text as they stand: no escapes, no control characters.
 _NEEDS_JSON = re.compile(rb"[\x00-\x1f\\]")
 # JSON string content whose escapes are whole and stand for characters by themselves (no
@@ -1191,8 +1196,10 @@ class ConversationDecoder:
 
     def feed(self, event: ServerSentEvent) -> Optional[ChatEvent]:
         """The `ChatEvent` this event makes, or None if it carries no reply."""
-        kind = event.event
-        raw = event.raw
+        return self.feed_data(event.raw, event.event)
+
+    def feed_data(self, raw: bytes, kind: str = "message") -> Optional[ChatEvent]:
+        """`feed` for an event given as its data and type."""
         if kind == "message" and len(raw) < 16 and raw.strip() == b"[DONE]":
             self.done = True
             return None
@@ -1288,7 +1295,7 @@ class ConversationDecoder:
             )
         self._deliver(delta)
         self._take_status(reply)
-        if self._fast_path:
+        if self._fast_path and (len(raw) >= _PROBE_WORTH_BYTES or not self.complete):
             self._learn_shape(raw, text)
         return self.event(delta)
 
@@ -1441,6 +1448,8 @@ class ConversationDecoder:
         tail = self._tail
         if _text_ends_at(buffer, resume, end, tail):
             text_end = end - len(tail)
+        elif end - start < _PROBE_WORTH_BYTES:
+            return None  # decoding it in full costs less than proving where its text is
         else:
             reframed = self._reframe(buffer, resume, end)
             if reframed is None:
@@ -1729,10 +1738,24 @@ class _ReplyDecoder:
         conversation, sse, text_only = self.conversation, self.sse, self.text_only
         pos, size = 0, len(chunk)
         while pos < size and not conversation.done:
-            if sse.at_event_boundary and conversation.known_prefix_size is not None:
-                pos = self._shortcut(chunk, pos, events)
-                if pos == size:
-                    break
+            if sse.at_event_boundary:
+                if conversation.known_prefix_size is not None:
+                    pos = self._shortcut(chunk, pos, events)
+                    if pos == size:
+                        break
+                # The usual event of another shape, one ``data:`` line and a blank line:
+                # its data is where it lies, and the event stream decoder has nothing to do.
+                last = self._data_end(chunk, pos + 6, 0) if chunk.startswith(b"data: ", pos) else -1
+                if last >= 0 and chunk.find(b"\r", pos, last) < 0:
+                    event = conversation.feed_data(chunk[pos + 6:last])
+                    pos = last + 2
+                    if event is None:
+                        continue
+                    if not text_only:
+                        events.append(event)
+                    elif event.delta:
+                        events.append(event.delta)
+                    continue
             stop = _blank_line_end(chunk, pos)  # where the shortcut may apply again
             sse_events: List[ServerSentEvent] = []
             error: Optional[LimitExceeded] = None
