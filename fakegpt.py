@@ -54,6 +54,7 @@ from typing import (
     Iterator,
     List,
     NamedTuple,
+    NoReturn,
     Optional,
     Sequence,
     TextIO,
@@ -2767,6 +2768,11 @@ class _HTTPResponse:
         self._connection: Optional[_Connection] = connection
         self._keep = keep
 
+    @property
+    def is_event_stream(self) -> bool:
+        """A success whose body is an event stream."""
+        return self.status < 300 and _media_type(self.head) == "text/event-stream"
+
     async def chunks(self) -> AsyncGenerator[bytes, None]:
         parser = self._parser
         while True:
@@ -2839,6 +2845,11 @@ class _HTTPResponse:
         return False
 
 
+def _media_type(head: Response) -> str:
+    """The Content-Type without its parameters, in lower case ("" if none)."""
+    return (head.get("content-type") or "").split(";")[0].strip().lower()
+
+
 class _CookieRequest:
     """The parts of a request that `http.cookiejar` reads and writes."""
 
@@ -2879,6 +2890,8 @@ _cookie_headers: "weakref.WeakKeyDictionary[http.cookiejar.CookieJar, Tuple[Any,
 def _add_cookie_header(jar: http.cookiejar.CookieJar, request: _CookieRequest) -> None:
     """``jar.add_cookie_header(request)``, remembered while the jar's cookies stay the same."""
     cookies = list(iter(jar))  # list(jar) would walk the cookies twice: once for its len()
+    if not cookies:
+        return  # an empty jar adds no header (a call with an access token has one)
     key = (request.full_url, [
         (id(c), c.name, c.value, c.domain, c.path, c.secure, c.expires, c.version) for c in cookies
     ])
@@ -3067,18 +3080,25 @@ class _Client:
 
 
 def _serialize_head(method: str, target: str, fields: Sequence[Tuple[str, str]]) -> bytes:
-    lines = [f"{method} {target} HTTP/1.1"]
-    for name, value in fields:
-        if _FIELD_NAME.fullmatch(name) is None or _FORBIDDEN_IN_VALUE.search(value) is not None:
-            raise UsageError(f"invalid request header {name!r}")
-        lines.append(f"{name}: {value}")
+    # All names, then all values, checked at once: a dozen fields each call. The names
+    # are tokens joined by spaces, so as many spaces as joins: none was in a name.
+    names = " ".join([name for name, _ in fields])
+    if (
+        _FIELD_NAMES.fullmatch(names) is None or names.count(" ") != len(fields) - 1
+        or _FORBIDDEN_IN_VALUE.search("".join([value for _, value in fields])) is not None
+    ):
+        for name, value in fields:
+            if _FIELD_NAME.fullmatch(name) is None or _FORBIDDEN_IN_VALUE.search(value) is not None:
+                raise UsageError(f"invalid request header {name!r}")
+    lines = [f"{method} {target} HTTP/1.1", *[f"{name}: {value}" for name, value in fields], "", ""]
     try:
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        return "\r\n".join(lines).encode("latin-1")
     except UnicodeEncodeError:
         raise UsageError("request headers must be Latin-1 text") from None
 
 
 _FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_FIELD_NAMES = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+(?: [!#$%&'*+\-.^_`|~0-9A-Za-z]+)*")  # joined by spaces
 _TOKEN_TEXT = re.compile(r"[\x21-\x7e]+")  # what a token (or account id) may be: sent as is
 _FORBIDDEN_IN_VALUE = re.compile(r"[\r\n\x00]")
 _USER_AGENT = (
@@ -3808,7 +3828,8 @@ class ChatStream:
             headers.append(("ChatGPT-Account-ID", options.account_id))
         response = await client.request("POST", path, body=body, cookie_jar=session.cookie_jar, headers=headers)
         try:
-            await self._expect_event_stream(response, [*session.secrets(), *client.secrets], f"POST {path}")
+            if not response.is_event_stream:
+                await self._not_an_event_stream(response, [*session.secrets(), *client.secrets], f"POST {path}")
             decoder = self._decoder = ConversationDecoder(continues=continues)
             reply = _ReplyDecoder(decoder, options.limits, text_only=text_only)
             async with _Closing(response.chunks()) as chunks:
@@ -3840,11 +3861,10 @@ class ChatStream:
         if not decoder.has_text:
             raise NoResponseError("No valid response: the reply finished without any text")
 
-    async def _expect_event_stream(self, response: _HTTPResponse, redact: Sequence[str], what: str) -> None:
+    async def _not_an_event_stream(self, response: _HTTPResponse, redact: Sequence[str], what: str) -> NoReturn:
+        """Raise what a response that is not an event stream says: its error, or that."""
         head = response.head
-        content_type = (head.get("content-type") or "").split(";")[0].strip().lower()
-        if head.status < 300 and content_type == "text/event-stream":
-            return
+        content_type = _media_type(head)
         raw = await response.read(self._options.limits.max_error_body_size)
         if head.status >= 300 or _is_challenge(head, raw):
             raise _status_error(head, raw, what=what, redact=redact)
