@@ -50,7 +50,6 @@ from typing import (
     Callable,
     Dict,
     Final,
-    Iterable,
     Iterator,
     List,
     NamedTuple,
@@ -1084,6 +1083,7 @@ _PARTS_MARKERS = (b'"parts": ["', b'"parts":["')
 _PROBE_WORTH_BYTES = 4096
 # A JSON string's bytes that are its text as they stand: no escapes, no control characters.
 _NEEDS_JSON = re.compile(rb"[\x00-\x1f\\]")
+_PLAIN_STRING_CONTENT = re.compile(rb'[^"\\\x00-\x1f]*')  # JSON string content that is its own text
 # JSON string content whose escapes are whole and stand for characters by themselves (no
 # half of a surrogate pair). One character or escape per repetition, the alternatives
 # told apart by their first bytes: a failed match backtracks in linear time.
@@ -1117,7 +1117,7 @@ class ConversationDecoder:
     ``fast_path=False``) serves the usual snapshot, which repeats the whole text so far:
     once an event has been decoded in full, the next one whose bytes around ``parts[0]``
     are the same and whose ``parts[0]`` starts with the previous one as sent only needs
-    its new suffix decoded. `extend` is its entry point, event by event; `extend_texts`
+    its new suffix decoded. `extend` is its entry point, event by event; `extend_run`
     takes a run of such events at once when only their text is wanted. Both paths give
     the same events and errors.
     """
@@ -1126,7 +1126,7 @@ class ConversationDecoder:
         "done", "conversation_id", "message_id", "status", "finish_reason", "end_turn", "title",
         "model", "_fast_path", "_pieces", "_length", "_reasoning", "_event_finish_reason",
         "_documents", "_cursor", "_visible", "_visible_text", "_base", "_doc_reasoning", "_append_to",
-        "_head", "_tail", "_one_line", "_escaped_text", "_buffer", "_buffer_view",
+        "_head", "_tail", "_one_line", "_escaped_text", "_buffer", "_buffer_view", "_run_framing",
     )
 
     def __init__(
@@ -1170,6 +1170,8 @@ class ConversationDecoder:
         self._escaped_text: Union[bytes, memoryview] = b""
         self._buffer: Optional[bytes] = None  # the last buffer given to `extend`,
         self._buffer_view: Optional[memoryview] = None  # and a view of it
+        # `extend_run`'s pattern for the end of an event, with what it was made from.
+        self._run_framing: Optional[Tuple[bytes, bytes, bytes, bytes]] = None
 
     @property
     def text(self) -> str:
@@ -1474,42 +1476,56 @@ class ConversationDecoder:
             self._length += len(text)
         return text
 
-    def extend_texts(self, buffer: bytes, spans: Iterable[Tuple[int, int]]) -> Tuple[int, str]:
+    def extend_run(
+        self, buffer: bytes, pos: int, before: bytes, after: bytes, max_data: int
+    ) -> Tuple[int, str]:
         """`extend` for a run of events, when only their text is wanted: takes in the
-        events ``buffer[start:end]`` of `spans`, in order, while each is a snapshot of the
-        known shape whose text extends the last one's and whose envelope is unchanged (no
-        span is asked for after the first it does not take); returns the `end` of the last
-        it took (-1 if none) and their new text, decoded once for all of them. That is
-        the text `extend` gives taking them one by one: each new text is checked to be
-        whole (no escape, surrogate pair or UTF-8 sequence cut off), else the run stops
-        before it; if the text does not decode, none is taken."""
+        events from `pos` on that are each `before`, data of at most `max_data` bytes and
+        `after` (``data: `` and LF LF, say), while their data is a snapshot of the known
+        shape on one line whose text extends the last one's and whose envelope is
+        unchanged; returns where the last it took ends (-1 if none) and their new text,
+        decoded once for all of them. That is the text `extend` gives taking them one by
+        one: each new text is checked to be whole (no escape, surrogate pair or UTF-8
+        sequence cut off), else the run stops before it; if the text does not decode, none
+        is taken."""
         head = self._head
-        if head is None:
+        if head is None or not self._one_line:
             return -1, ""
-        tail, before = self._tail, self._escaped_text
+        tail = self._tail
+        framing = self._run_framing
+        if framing is None or framing[0] != tail or framing[1] != before or framing[2] != after:
+            framing = self._run_framing = (tail, before, after, tail + after)
+        ending = framing[3]
         if buffer is not self._buffer:
             self._buffer, self._buffer_view = buffer, memoryview(buffer)
         view = self._buffer_view
         assert view is not None
-        escaped, taken_to = before, -1
-        for start, end in spans:
-            text_start = start + len(head)
+        lead = before + head
+        text_offset = len(lead)
+        escaped = before_run = self._escaped_text
+        taken_to = -1
+        plain = _PLAIN_STRING_CONTENT.match
+        while buffer.startswith(lead, pos) and buffer.startswith(escaped, pos + text_offset):
+            text_start = pos + text_offset
             resume = text_start + len(escaped)
-            if not (
-                buffer.startswith(head, start, end) and buffer.startswith(escaped, text_start, end)
-                and _text_ends_at(buffer, resume, end, tail)
-            ):
-                break
-            text_end = end - len(tail)
-            if resume < text_end and not _whole(buffer, resume, text_end):
+            text_end = plain(buffer, resume).end()  # type: ignore[union-attr]  # it matches "" at least
+            if buffer.startswith(ending, text_end):
+                if resume < text_end and buffer[resume] & 0xC0 == 0x80:
+                    break  # it starts inside a UTF-8 sequence
+            else:  # an escape in the new text, or not this shape
+                text_end = _string_end(buffer, resume)
+                if text_end < 0 or not buffer.startswith(ending, text_end) or not _whole(buffer, resume, text_end):
+                    break
+            end = text_end + len(ending)
+            if end - len(after) - pos - len(before) > max_data:
                 break
             escaped = view[text_start:text_end]
-            taken_to = end
+            pos = taken_to = end
         if taken_to < 0:
             return -1, ""
-        text = _string_content(bytes(escaped[len(before):]))
+        text = _string_content(bytes(escaped[len(before_run):]))
         if text is None:
-            return -1, ""
+            return -1, ""  # decoding them in full says what they hold
         self._escaped_text = escaped
         if text:
             self._pieces.append(text)
@@ -1722,6 +1738,7 @@ class _ReplyDecoder:
         self.sse = SSEDecoder(limits=limits)
         self._max_line = limits.max_sse_line_size
         self._max_data = limits.max_event_size - 1  # SSE counts the LF that joins lines
+        self._max_run_data = min(self._max_line - 6, self._max_data)  # a "data: " line's value
 
     @property
     def done(self) -> bool:
@@ -1790,14 +1807,18 @@ class _ReplyDecoder:
         (`ConversationDecoder.known_prefix_size`), so the search for the line's end
         starts after them. Each event taken only makes them longer, so the size read once
         holds for the whole run. When only text is wanted, a run of snapshots goes to
-        `ConversationDecoder.extend_texts` first, which decodes their new text once.
+        `ConversationDecoder.extend_run` first, which decodes their new text once.
         """
         conversation = self.conversation
         known = conversation.known_prefix_size
         if known is None:
             return pos
         if self.text_only:
-            pos = self._snapshot_run(chunk, pos, known, events)
+            run_end, run_text = conversation.extend_run(chunk, pos, b"data: ", b"\n\n", self._max_run_data)
+            if run_text:
+                events.append(run_text)
+            if run_end >= 0:
+                pos = run_end
         extend, text_only = conversation.extend, self.text_only
         while True:
             if chunk.startswith(b"data: ", pos):
@@ -1818,25 +1839,6 @@ class _ReplyDecoder:
                 events.append(text)
             pos = last + 2
         return pos
-
-    def _snapshot_run(self, chunk: bytes, pos: int, known: int, events: List[Any]) -> int:
-        """The ``data:`` events from `pos` on that `ConversationDecoder.extend_texts` takes
-        at once, their text appended; returns where the first one it did not take starts."""
-        last, text = self.conversation.extend_texts(chunk, self._data_spans(chunk, pos, known))
-        if text:
-            events.append(text)
-        return pos if last < 0 else last + 2
-
-    def _data_spans(self, chunk: bytes, pos: int, known: int) -> Iterator[Tuple[int, int]]:
-        """Where the data of each ``data:`` event from `pos` on starts and ends, found as
-        they are asked for: a run ends at the first event not taken, and framing the rest
-        of the chunk each time would cost the square of its events."""
-        while chunk.startswith(b"data: ", pos):
-            last = self._data_end(chunk, pos + 6, known)
-            if last < 0:
-                return
-            yield pos + 6, last
-            pos = last + 2
 
     def _data_end(self, chunk: bytes, first: int, known: int) -> int:
         """Where the data of the event whose ``data:`` line's value starts at `first` ends

@@ -1086,20 +1086,23 @@ def snapshot_run_body(text: str, cuts: Sequence[int], ascii_only: bool, end: str
 
 
 @settings(PROPERTY, max_examples=300)
-@example("Hi 😀", [3, 9], True, "finish", [], [])  # between a surrogate pair's halves
-@example("Hi 😀", [5], True, "finish", [], [])  # inside an escape
-@example("Привет", [1, 3, 5], False, "finish", [], [])  # inside a UTF-8 sequence
+@example("Hi 😀", [3, 9], True, "finish", [], [], None)  # between a surrogate pair's halves
+@example("Hi 😀", [5], True, "finish", [], [], None)  # inside an escape
+@example("Привет", [1, 3, 5], False, "finish", [], [], None)  # inside a UTF-8 sequence
+@example("Hello there", [1, 2, 3, 4, 5, 6, 7, 8], True, "done", [], [], 403)  # a line over the limit mid-run
 @given(st.text(st.characters(blacklist_categories=["Cs"]), max_size=12), st.lists(st.integers(0, 80), max_size=10),
        st.booleans(), st.sampled_from(["finish", "done"]),
        st.lists(st.tuples(st.sampled_from(["flip", "insert", "delete"]), st.integers(0, 10**6), st.integers(0, 255)), max_size=2),
-       st.lists(st.integers(0, 3000), max_size=4))
+       st.lists(st.integers(0, 3000), max_size=4), st.one_of(st.none(), st.integers(380, 440)))
 def test_property_snapshot_runs_give_the_text_and_error_of_decoding_every_event(
         text: str, cuts: List[int], ascii_only: bool, end: str, edits: List[Tuple[str, int, int]],
-        chunk_cuts: List[int]) -> None:
+        chunk_cuts: List[int], line_limit: Optional[int]) -> None:
+    # `line_limit`: a longest line about the size of these events, so that a run meets it.
+    limits = Limits() if line_limit is None else Limits(max_sse_line_size=line_limit)
     body = corrupted(snapshot_run_body(text, cuts, ascii_only, end), edits)
     chunks = split_at(bytes(body), chunk_cuts)
-    reference, error = layered_outcome(chunks, Limits(), ConversationDecoder(fast_path=False))
-    assert text_only_outcome(chunks, Limits()) == ("".join(e[0] for e in reference), error)
+    reference, error = layered_outcome(chunks, limits, ConversationDecoder(fast_path=False))
+    assert text_only_outcome(chunks, limits) == ("".join(e[0] for e in reference), error)
 
 
 def test_snapshot_runs_check_long_or_hostile_new_text_in_linear_time() -> None:
