@@ -1126,7 +1126,7 @@ class ConversationDecoder:
         "done", "conversation_id", "message_id", "status", "finish_reason", "end_turn", "title",
         "model", "_fast_path", "_pieces", "_length", "_reasoning", "_event_finish_reason",
         "_documents", "_cursor", "_visible", "_visible_text", "_base", "_doc_reasoning", "_append_to",
-        "_head", "_tail", "_one_line", "_escaped_text", "_buffer", "_buffer_view", "_run_framing",
+        "_head", "_tail", "_one_line", "_escaped_text", "_buffer", "_buffer_view",
     )
 
     def __init__(
@@ -1170,8 +1170,6 @@ class ConversationDecoder:
         self._escaped_text: Union[bytes, memoryview] = b""
         self._buffer: Optional[bytes] = None  # the last buffer given to `extend`,
         self._buffer_view: Optional[memoryview] = None  # and a view of it
-        # `extend_run`'s pattern for the end of an event, with what it was made from.
-        self._run_framing: Optional[Tuple[bytes, bytes, bytes, bytes]] = None
 
     @property
     def text(self) -> str:
@@ -1491,11 +1489,7 @@ class ConversationDecoder:
         head = self._head
         if head is None or not self._one_line:
             return -1, ""
-        tail = self._tail
-        framing = self._run_framing
-        if framing is None or framing[0] != tail or framing[1] != before or framing[2] != after:
-            framing = self._run_framing = (tail, before, after, tail + after)
-        ending = framing[3]
+        ending = self._tail + after  # what follows each text
         if buffer is not self._buffer:
             self._buffer, self._buffer_view = buffer, memoryview(buffer)
         view = self._buffer_view
