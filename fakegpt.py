@@ -62,7 +62,7 @@ from typing import (
     Union,
 )
 
-__version__ = "1.3.2"
+__version__ = "1.4.0"
 __all__ = [
     "AsyncResult",
     "AuthenticationError",
