@@ -2769,7 +2769,8 @@ class _HTTPResponse:
         """A success whose body is an event stream."""
         return self.status < 300 and _media_type(self.head) == "text/event-stream"
 
-    async def chunks(self) -> AsyncGenerator[bytes, None]:
+    async def next_chunk(self) -> Optional[bytes]:
+        """The next piece of the body, or None at its end."""
         parser = self._parser
         while True:
             event = parser.next_event()
@@ -2779,18 +2780,18 @@ class _HTTPResponse:
                     raise UsageError("the response was closed before its body was read")
                 await connection.receive()
             elif isinstance(event, Data):
-                yield event.data
+                return event.data
             else:
-                return
+                return None
 
     async def read(self, limit: int) -> bytes:
         """At most `limit` bytes of the body; the rest is left unread."""
         body = bytearray()
-        async with _Closing(self.chunks()) as chunks:
-            async for chunk in chunks:
-                body += chunk
-                if len(body) >= limit:
-                    break
+        while len(body) < limit:
+            chunk = await self.next_chunk()
+            if chunk is None:
+                break
+            body += chunk
         return bytes(body[:limit])
 
     async def finish(self, seconds: float) -> None:
@@ -3032,7 +3033,7 @@ class _Client:
                 connection.close()
                 raise
         _log.debug("%s %s -> %d %s", method, url.split("?")[0], event.status, event.reason)
-        if cookie_jar is not None and (event.get("set-cookie") or event.get("set-cookie2")):
+        if cookie_jar is not None and any(name in ("set-cookie", "set-cookie2") for name, _ in event.headers):
             cookie_jar.extract_cookies(_CookieResponse(event), cookie_request)  # type: ignore[arg-type]
         return _HTTPResponse(event, parser, connection, self._keep)
 
@@ -3828,20 +3829,20 @@ class ChatStream:
                 await self._not_an_event_stream(response, [*session.secrets(), *client.secrets], f"POST {path}")
             decoder = self._decoder = ConversationDecoder(continues=continues)
             reply = _ReplyDecoder(decoder, options.limits, text_only=text_only)
-            async with _Closing(response.chunks()) as chunks:
-                async for chunk in chunks:
-                    batch: List[Any] = []
-                    try:
-                        reply.feed(chunk, batch)
-                    except FakeGptError as exc:
-                        _scrub(exc, [*session.secrets(), *client.secrets])
-                        if batch:  # what arrived before the error is delivered first
-                            yield batch
-                        raise
-                    if batch:
+            while not decoder.done:
+                chunk = await response.next_chunk()
+                if chunk is None:
+                    break
+                batch: List[Any] = []
+                try:
+                    reply.feed(chunk, batch)
+                except FakeGptError as exc:
+                    _scrub(exc, [*session.secrets(), *client.secrets])
+                    if batch:  # what arrived before the error is delivered first
                         yield batch
-                    if decoder.done:
-                        break
+                    raise
+                if batch:
+                    yield batch
             if not decoder.done:
                 reply.close()
             elif decoder.complete and decoder.has_text:  # the body's last bytes, and the connection is kept
