@@ -1747,7 +1747,7 @@ class _ReplyDecoder:
             self.conversation.detach()  # the chunk can go
 
     def _feed(self, chunk: bytes, events: List[Any]) -> None:
-        conversation, sse, text_only = self.conversation, self.sse, self.text_only
+        conversation, sse = self.conversation, self.sse
         pos, size = 0, len(chunk)
         while pos < size and not conversation.done:
             if sse.at_event_boundary:
@@ -1759,14 +1759,8 @@ class _ReplyDecoder:
                 # its data is where it lies, and the event stream decoder has nothing to do.
                 last = self._data_end(chunk, pos + 6, 0) if chunk.startswith(b"data: ", pos) else -1
                 if last >= 0 and chunk.find(b"\r", pos, last) < 0:
-                    event = conversation.feed_data(chunk[pos + 6:last])
+                    self._take(conversation.feed_data(chunk[pos + 6:last]), events)
                     pos = last + 2
-                    if event is None:
-                        continue
-                    if not text_only:
-                        events.append(event)
-                    elif event.delta:
-                        events.append(event.delta)
                     continue
             stop = _blank_line_end(chunk, pos)  # where the shortcut may apply again
             sse_events: List[ServerSentEvent] = []
@@ -1779,12 +1773,7 @@ class _ReplyDecoder:
                 event = conversation.feed(sse_event)
                 if conversation.done:
                     return
-                if event is None:
-                    continue
-                if not text_only:
-                    events.append(event)
-                elif event.delta:
-                    events.append(event.delta)
+                self._take(event, events)
             if error is not None:
                 raise error
             pos = stop
@@ -1792,6 +1781,14 @@ class _ReplyDecoder:
     def close(self) -> None:
         """The body ended; raises what the event stream still holds."""
         self.sse.close()
+
+    def _take(self, event: Optional[ChatEvent], events: List[Any]) -> None:
+        """Append `event` as the caller wants it: itself, or (text only) its new text."""
+        if event is not None:
+            if not self.text_only:
+                events.append(event)
+            elif event.delta:
+                events.append(event.delta)
 
     def _shortcut(self, chunk: bytes, pos: int, events: List[Any]) -> int:
         """Events of the known shape from `pos` on; returns where the first other one starts.
