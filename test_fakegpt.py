@@ -1169,6 +1169,20 @@ def test_reply_decoder_shortcut_never_reads_a_line_break_as_part_of_an_event() -
     assert layered_outcome(chunks, Limits())[1] is not None  # the second event is not JSON
 
 
+@pytest.mark.parametrize("before, after", [(b"data: ", b"\n\n"), (b"", b"\r\n"), (b"<", b">")])
+def test_extend_run_takes_a_run_however_its_events_are_framed(before: bytes, after: bytes) -> None:
+    texts = ["Hel", "Hello", 'Hello "w', 'Hello "world"']
+    events = [assistant_event(text) for text in texts]
+    framed = [before + event + after for event in events[1:]]
+    for max_data, taken in ((10**6, 3), (len(events[-1]) - 1, 2)):  # the limit stops the run before the last
+        decoder = ConversationDecoder()
+        decoder.feed(E(raw=events[0]))  # decoded in full: the shape is learned
+        buffer = b"".join(framed) + b"rest"
+        end, text = decoder.extend_run(buffer, 0, before, after, max_data)
+        assert end == sum(map(len, framed[:taken]))
+        assert (text, decoder.text) == (texts[taken][len(texts[0]):], texts[taken])
+
+
 def test_reply_decoder_raises_in_the_call_that_meets_the_error() -> None:
     # The events before it first, and then at once: the next bytes may never come.
     reply, events = fakegpt._ReplyDecoder(ConversationDecoder(), Limits(max_sse_line_size=1000)), []
