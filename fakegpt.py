@@ -1083,12 +1083,16 @@ _PARTS_MARKERS = (b'"parts": ["', b'"parts":["')
 _PROBE_WORTH_BYTES = 4096
 # A JSON string's bytes that are its text as they stand: no escapes, no control characters.
 _NEEDS_JSON = re.compile(rb"[\x00-\x1f\\]")
-_PLAIN_STRING_CONTENT = re.compile(rb'[^"\\\x00-\x1f]*')  # JSON string content that is its own text
 # JSON string content whose escapes are whole and stand for characters by themselves (no
 # half of a surrogate pair). One character or escape per repetition, the alternatives
 # told apart by their first bytes: a failed match backtracks in linear time.
 _WHOLE_ESCAPES = re.compile(rb'(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u(?![dD][89a-fA-F])[0-9a-fA-F]{4})*')
 _WHOLE_ESCAPES_MAX = 4096  # longer content with escapes is decoded by itself instead
+# The same, unrolled (runs without escapes taken at once), for a match from a token
+# boundary: where it stops, the string ends, or something needs a closer look.
+_WHOLE_CONTENT = re.compile(
+    rb'[^"\\\x00-\x1f]*(?:(?:\\["\\/bfnrt]|\\u(?![dD][89a-fA-F])[0-9a-fA-F]{4})[^"\\\x00-\x1f]*)*'
+)
 _scan_json_string: Callable[[str, int], Tuple[str, int]] = json.decoder.scanstring  # type: ignore[attr-defined]
 
 
@@ -1498,15 +1502,15 @@ class ConversationDecoder:
         text_offset = len(lead)
         escaped = before_run = self._escaped_text
         taken_to = -1
-        plain = _PLAIN_STRING_CONTENT.match
+        whole = _WHOLE_CONTENT.match
         while buffer.startswith(lead, pos) and buffer.startswith(escaped, pos + text_offset):
             text_start = pos + text_offset
             resume = text_start + len(escaped)
-            text_end = plain(buffer, resume).end()  # type: ignore[union-attr]  # it matches "" at least
+            text_end = whole(buffer, resume).end()  # type: ignore[union-attr]  # it matches "" at least
             if buffer.startswith(ending, text_end):
                 if resume < text_end and buffer[resume] & 0xC0 == 0x80:
                     break  # it starts inside a UTF-8 sequence
-            else:  # an escape in the new text, or not this shape
+            else:  # a surrogate escape or a control character in the new text, or not this shape
                 text_end = _string_end(buffer, resume)
                 if text_end < 0 or not buffer.startswith(ending, text_end) or not _whole(buffer, resume, text_end):
                     break

@@ -1070,6 +1070,34 @@ def test_snapshot_runs_frame_each_event_a_bounded_number_of_times() -> None:
     assert framed <= 3 * 600
 
 
+def test_snapshot_runs_take_new_text_with_escapes_in_their_one_pass() -> None:
+    # Replies are full of quotes, backslashes, line breaks and tabs: new text with their
+    # escapes (\u escapes of whole characters too) is checked in the run's one pass, not
+    # scanned again for the end of its string (text with a surrogate pair's escapes still is).
+    pieces = ['say "hi"', " C:\\dir", "\nnext\tline", " \u00e9t\u00e9 \u0001", " and more"]
+    text, body = "", bytearray()
+    for piece in pieces * 20:
+        text += piece
+        content = json.dumps(text)[1:-1].encode()  # ensure_ascii: é as \u00e9
+        body += b"data: " + assistant_event("@@").replace(b'"@@"', b'"' + content + b'"') + b"\n\n"
+    body += b"data: [DONE]\n\n"
+    reply = fakegpt._ReplyDecoder(ConversationDecoder(), Limits(), text_only=True)
+    scans = 0
+    string_end = fakegpt._string_end
+
+    def counted(raw: bytes, pos: int) -> int:
+        nonlocal scans
+        scans += 1
+        return string_end(raw, pos)
+
+    out: List[str] = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fakegpt, "_string_end", counted)
+        reply.feed(bytes(body), out)
+    assert reply.done and "".join(out) == text
+    assert scans <= 2  # where the first event's text is, when its shape is learnt
+
+
 def snapshot_run_body(text: str, cuts: Sequence[int], ascii_only: bool, end: str) -> bytes:
     """Events whose parts[0] is the JSON string of `text` cut at each of `cuts` (bytes of
     its content as sent: inside a UTF-8 sequence, an escape or a surrogate pair too), then
