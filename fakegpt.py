@@ -2039,6 +2039,7 @@ _PAUSE_READING_AT = 1024 * 1024  # bytes in the parser not yet parsed: more paus
 # servers close theirs after 5 s: Node, uvicorn, Apache), the most it is kept when it does
 # (``Keep-Alive: timeout=N``, less a second for the trip), and how many are kept per loop.
 _IDLE_SECONDS, _IDLE_MAX_SECONDS, _IDLE_CONNECTIONS = 4.0, 60.0, 16
+_IDLE_EARLY_SECONDS = 0.05  # closed up to this early: connections kept in a burst close at one wake
 _END_WAIT_SECONDS = 0.25  # after a stream's last event, how long the end of its body is awaited
 _DRAIN_BYTES = 64 * 1024  # after the last wanted byte, how much more is read to reuse a connection
 _T = TypeVar("_T")
@@ -2629,12 +2630,16 @@ def _keep_alive_seconds(head: Response) -> float:
 class _Pool:
     """The idle keep-alive connections of one event loop, by what they lead to (origin,
     proxy, TLS settings); the most recently used is taken first. Each closes after its
-    idle time, the oldest when there are too many, and all of them with `close`."""
+    idle time, the oldest when there are too many, and all of them with `close`.
+
+    One timer a pool, not one a connection: it wakes at the earliest end of an idle time
+    and closes what is due then (a timer each cost more than the rest of keeping one)."""
 
     def __init__(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._idle: Dict[Any, List[_Connection]] = {}  # by key, the most recent last
-        self._timers: Dict[_Connection, Tuple[Any, asyncio.TimerHandle]] = {}  # the oldest first
+        self._due: Dict[_Connection, Tuple[Any, float]] = {}  # key and end of idle time, the oldest first
+        self._sweep: Optional[asyncio.TimerHandle] = None
         self.closed = False
 
     def take(self, key: Any) -> Optional[_Connection]:
@@ -2642,10 +2647,9 @@ class _Pool:
         connections = self._idle.get(key)
         while connections:
             connection = connections.pop()
-            timer = self._timers.pop(connection)[1]
-            timer.cancel()
+            due = self._due.pop(connection)[1]
             # Past its time, even if the loop did not run to close it (a chat between turns).
-            if connection.usable and timer.when() > self._loop.time():
+            if connection.usable and due > self._loop.time():
                 return connection
             connection.close()
         return None
@@ -2656,27 +2660,43 @@ class _Pool:
             connection.close()
             return
         connection.rest()
-        if len(self._timers) >= _IDLE_CONNECTIONS:
-            oldest = next(iter(self._timers))
-            self._forget(self._timers[oldest][0], oldest)
+        if len(self._due) >= _IDLE_CONNECTIONS:
+            self._forget(next(iter(self._due)))
+        due = self._loop.time() + seconds
         self._idle.setdefault(key, []).append(connection)
-        self._timers[connection] = (key, self._loop.call_later(seconds, self._forget, key, connection))
+        self._due[connection] = (key, due)
+        sweep = self._sweep
+        if sweep is None or due < sweep.when():
+            if sweep is not None:
+                sweep.cancel()
+            self._sweep = self._loop.call_at(due, self._close_due, due)
 
     def close(self) -> None:
         """Close every idle connection; a connection put afterwards is closed at once."""
         self.closed = True
-        for connection, (_, timer) in self._timers.items():
-            timer.cancel()
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+        for connection in self._due:
             connection.close()
         self._idle.clear()
-        self._timers.clear()
+        self._due.clear()
 
-    def _forget(self, key: Any, connection: _Connection) -> None:
-        found = self._timers.pop(connection, None)
-        if found is not None:
-            found[1].cancel()
-            self._idle[key].remove(connection)
-            connection.close()
+    def _close_due(self, now: float) -> None:
+        """The timer, set for `now`: close the connections due by then (or by the loop's
+        time, if it ran late, and a little after), and wake again at the next one's time."""
+        self._sweep = None
+        now = max(now, self._loop.time()) + _IDLE_EARLY_SECONDS
+        for connection in [c for c, (_, due) in self._due.items() if due <= now]:
+            self._forget(connection)
+        if self._due:
+            due = min(due for _, due in self._due.values())
+            self._sweep = self._loop.call_at(due, self._close_due, due)
+
+    def _forget(self, connection: _Connection) -> None:
+        key = self._due.pop(connection)[0]
+        self._idle[key].remove(connection)
+        connection.close()
 
 
 class _Pools:

@@ -2954,6 +2954,40 @@ def test_an_idle_connection_is_closed_before_the_server_would(monkeypatch: pytes
     assert 0.2 < untold.closed_after[1] < 0.9
 
 
+def test_idle_connections_of_different_idle_times_each_close_at_theirs_by_one_timer(monkeypatch: pytest.MonkeyPatch) -> None:
+    # In one loop's pool: five connections kept 1 s (the server said 2), then three kept
+    # 0.3 s (another server). The pool's one timer is moved earlier for the short ones,
+    # then set again for the long ones once the short ones are closed.
+    told = KeepAliveServer(lambda connection, request: "answer", extra=b"Keep-Alive: timeout=2\r\n")
+    untold = KeepAliveServer(lambda connection, request: "answer")
+    monkeypatch.setattr(fakegpt, "_IDLE_SECONDS", 0.3)
+    timers: List[float] = []
+    with thread_server(told.handle) as (host, port), thread_server(untold.handle) as (host2, port2):
+        provider, long_kept, short_kept = provider_for(f"http://{host}:{port}"), f"http://{host}:{port}", f"http://{host2}:{port2}"
+
+        async def run() -> None:
+            loop = asyncio.get_running_loop()
+            call_at = loop.call_at
+
+            def counted(when: float, callback: Any, *args: Any, **kwargs: Any) -> asyncio.TimerHandle:
+                if isinstance(getattr(callback, "__self__", None), fakegpt._Pool):
+                    timers.append(when)
+                return call_at(when, callback, *args, **kwargs)
+
+            monkeypatch.setattr(loop, "call_at", counted)
+            await asyncio.gather(*(provider.create_async("", USER, url=long_kept, access_token="t") for _ in range(5)))
+            await asyncio.gather(*(provider.create_async("", USER, url=short_kept, access_token="t") for _ in range(3)))
+            await asyncio.sleep(1.6)  # within the loop: only the pool's timer can close them
+
+        asyncio.run(run())
+    assert told.connections == 5 and untold.connections == 3
+    assert all(0.8 < told.closed_after[n] < 1.5 for n in range(1, 6)), told.closed_after
+    assert all(0.2 < untold.closed_after[n] < 0.9 for n in range(1, 4)), untold.closed_after
+    # Set for the first kept, moved for the first of the short ones, set again for the long
+    # ones (once more if a slow machine spread their ends over more than the pool's margin).
+    assert 3 <= len(timers) <= 4, timers
+
+
 def test_a_connection_past_its_idle_time_is_not_taken_even_if_the_loop_was_busy(monkeypatch: pytest.MonkeyPatch) -> None:
     server = KeepAliveServer(lambda connection, request: "answer")  # it would keep them for ever
     monkeypatch.setattr(fakegpt, "_IDLE_SECONDS", 0.3)
