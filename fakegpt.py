@@ -1499,7 +1499,7 @@ class ConversationDecoder:
         view = self._buffer_view
         assert view is not None
         lead = before + head
-        text_offset = len(lead)
+        text_offset, ending_size, framing_size = len(lead), len(ending), len(before) + len(after)
         escaped = before_run = self._escaped_text
         taken_to = -1
         whole = _WHOLE_CONTENT.match
@@ -1514,8 +1514,8 @@ class ConversationDecoder:
                 text_end = _string_end(buffer, resume)
                 if text_end < 0 or not buffer.startswith(ending, text_end) or not _whole(buffer, resume, text_end):
                     break
-            end = text_end + len(ending)
-            if end - len(after) - pos - len(before) > max_data:
+            end = text_end + ending_size
+            if end - pos - framing_size > max_data:
                 break
             escaped = view[text_start:text_end]
             pos = taken_to = end
