@@ -1083,13 +1083,9 @@ _PARTS_MARKERS = (b'"parts": ["', b'"parts":["')
 _PROBE_WORTH_BYTES = 4096
 # A JSON string's bytes that are its text as they stand: no escapes, no control characters.
 _NEEDS_JSON = re.compile(rb"[\x00-\x1f\\]")
-# JSON string content whose escapes are whole and stand for characters by themselves (no
-# half of a surrogate pair). One character or escape per repetition, the alternatives
-# told apart by their first bytes: a failed match backtracks in linear time.
-_WHOLE_ESCAPES = re.compile(rb'(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u(?![dD][89a-fA-F])[0-9a-fA-F]{4})*')
-_WHOLE_ESCAPES_MAX = 4096  # longer content with escapes is decoded by itself instead
-# The same, unrolled (runs without escapes taken at once), for a match from a token
-# boundary: where it stops, the string ends, or something needs a closer look.
+# JSON string content of plain bytes and escapes of whole characters (none of half a
+# surrogate pair). Matched from a token boundary, it stops where the string ends, or at
+# what needs a closer look: a surrogate's escape, a control character, a bad escape.
 _WHOLE_CONTENT = re.compile(
     rb'[^"\\\x00-\x1f]*(?:(?:\\["\\/bfnrt]|\\u(?![dD][89a-fA-F])[0-9a-fA-F]{4})[^"\\\x00-\x1f]*)*'
 )
@@ -1487,9 +1483,10 @@ class ConversationDecoder:
         shape on one line whose text extends the last one's and whose envelope is
         unchanged; returns where the last it took ends (-1 if none) and their new text,
         decoded once for all of them. That is the text `extend` gives taking them one by
-        one: each new text is checked to be whole (no escape, surrogate pair or UTF-8
-        sequence cut off), else the run stops before it; if the text does not decode, none
-        is taken."""
+        one: each new text is checked to be whole (characters and escapes of whole
+        characters, not cut off, no half of a surrogate pair), else the run stops before it
+        (at a surrogate pair's escapes or a control character too); if the text does not
+        decode, none is taken."""
         head = self._head
         if head is None or not self._one_line:
             return -1, ""
@@ -1507,13 +1504,10 @@ class ConversationDecoder:
             text_start = pos + text_offset
             resume = text_start + len(escaped)
             text_end = whole(buffer, resume).end()  # type: ignore[union-attr]  # it matches "" at least
-            if buffer.startswith(ending, text_end):
-                if resume < text_end and buffer[resume] & 0xC0 == 0x80:
-                    break  # it starts inside a UTF-8 sequence
-            else:  # a surrogate escape or a control character in the new text, or not this shape
-                text_end = _string_end(buffer, resume)
-                if text_end < 0 or not buffer.startswith(ending, text_end) or not _whole(buffer, resume, text_end):
-                    break
+            if not buffer.startswith(ending, text_end):
+                break  # not this shape, or a surrogate pair's escapes or a control character
+            if resume < text_end and buffer[resume] & 0xC0 == 0x80:
+                break  # it starts inside a UTF-8 sequence
             end = text_end + ending_size
             if end - pos - framing_size > max_data:
                 break
@@ -1624,18 +1618,6 @@ class ConversationDecoder:
         self._escaped_text = raw[start:end]
         self._head, self._tail = head, tail
         self._one_line = b"\n" not in head and b"\n" not in tail
-
-
-def _whole(buf: bytes, start: int, end: int) -> bool:
-    """Whether the JSON string content ``buf[start:end]``, which follows other content,
-    decodes the same on its own as after it: it does not start inside a UTF-8 sequence,
-    and its escapes are whole and none is half of a surrogate pair. (Long content with
-    escapes is not looked into: False.)"""
-    if buf[start] & 0xC0 == 0x80:
-        return False
-    if _NEEDS_JSON.search(buf, start, end) is None:
-        return True
-    return end - start <= _WHOLE_ESCAPES_MAX and _WHOLE_ESCAPES.fullmatch(buf, start, end) is not None
 
 
 def _string_content(content: bytes) -> Optional[str]:

@@ -1073,7 +1073,8 @@ def test_snapshot_runs_frame_each_event_a_bounded_number_of_times() -> None:
 def test_snapshot_runs_take_new_text_with_escapes_in_their_one_pass() -> None:
     # Replies are full of quotes, backslashes, line breaks and tabs: new text with their
     # escapes (\u escapes of whole characters too) is checked in the run's one pass, not
-    # scanned again for the end of its string (text with a surrogate pair's escapes still is).
+    # scanned again for the end of its string. (A surrogate pair's escapes end the run: the
+    # events with them are taken one by one.)
     pieces = ['say "hi"', " C:\\dir", "\nnext\tline", " \u00e9t\u00e9 \u0001", " and more"]
     text, body = "", bytearray()
     for piece in pieces * 20:
@@ -1137,7 +1138,7 @@ def test_snapshot_runs_check_long_or_hostile_new_text_in_linear_time() -> None:
     # New text that looks whole for a long way and then is not (a raw control character):
     # a check that backtracks exponentially would never return. Each body goes through
     # text-only decoding in a child process with a deadline, and must give the reference's
-    # text and error; the second also has escaped text longer than the run checks.
+    # text and error; the second has thousands of escapes in a row.
     script = """if True:
         from test_fakegpt import *
         for text, cuts in (("a" * 60 + "\\x01" + "b", [1]), ("x\\n" + "\\"" * 6000 + "\\u0001", [1])):
