@@ -4329,7 +4329,7 @@ def _with_mock(args: argparse.Namespace, token: Optional[str]) -> int:
 def _run(args: argparse.Namespace, url: str, token: Optional[str], *, trust_env: bool) -> int:
     options: Dict[str, Any] = {"url": url, "trust_env": trust_env, "profile": args.profile,
                                "auto_continue": True, "retries": args.retries}
-    if trust_env and not args.no_session_cache and not os.environ.get("FAKEGPT_NO_SESSION_CACHE"):
+    if trust_env and not args.no_session_cache and not _env_flag("FAKEGPT_NO_SESSION_CACHE"):
         options["session_cache"] = True  # not for --mock: each of its runs is a new upstream
     if token is not None:
         options["access_token"] = token
@@ -4733,6 +4733,12 @@ class _Turns:
             loop.run_until_complete(loop.shutdown_default_executor())
         finally:
             loop.close()
+
+
+def _env_flag(name: str) -> bool:
+    """Whether the environment variable `name` is set to something other than an empty
+    string, 0, false, no or off (``FAKEGPT_NO_SESSION_CACHE=0`` leaves the cache on)."""
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 def _state_directory() -> str:

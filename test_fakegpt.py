@@ -3971,10 +3971,13 @@ def test_the_cli_keeps_its_session_between_commands(mock: mock_server.MockServer
     [(key, old)], [(_, new)] = first.items(), second.items()
     assert mock.url in key and old["access_token"] != new["access_token"]
     assert any(c["name"] == "credential" for c in new["cookies"])
-    for off in ({"FAKEGPT_NO_SESSION_CACHE": "1"}, {}):
+    for off in ({"FAKEGPT_NO_SESSION_CACHE": "1"}, {"FAKEGPT_NO_SESSION_CACHE": "yes"}, {}):
         args = ["--url", mock.url, "Hello"] + ([] if off else ["--no-session-cache"])
         run_cli(*args, env={**env, **off})
-    assert mock.count("GET", "/api/loads") == 4  # each of these logged in
+    assert mock.count("GET", "/api/loads") == 5  # each of these logged in
+    for on in ("0", "false", " No ", "off"):  # what a variable set to "no" says
+        run_cli("--url", mock.url, "Hello", env={**env, "FAKEGPT_NO_SESSION_CACHE": on})
+    assert mock.count("GET", "/api/loads") == 5  # each used the kept session
 
 
 KEY = "shared {url} via direct"
