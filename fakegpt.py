@@ -3020,7 +3020,6 @@ class _Client:
                 connection.begin(parser, self.clock)
             try:
                 event = await self._exchange(connection, parser, message)
-                break
             except (TransportError, TruncatedStreamError) as exc:
                 connection.close()
                 if not reused or connection.answered or isinstance(exc, RequestTimeout):
@@ -3029,12 +3028,20 @@ class _Client:
                     raise
                 # The server had closed the idle connection as we sent: nothing of the
                 # request was processed, so it goes again, on a new connection.
-                _log.debug("%s %s: a kept connection failed before any answer (%s): once more on a new one",
-                           method, url.split("?")[0], exc)
-                connection = None
+                why = f"failed before any answer ({exc})"
             except BaseException:
                 connection.close()
                 raise
+            else:
+                if event.status != 408 or not reused:
+                    break
+                # 408 Request Timeout on a kept connection: the server gave up waiting on
+                # it before the request came, and says so; RFC 9110 (15.5.9) lets the
+                # request be repeated, on a new connection.
+                connection.close()
+                why = "was timed out by the server (408)"
+            _log.debug("%s %s: a kept connection %s: once more on a new one", method, url.split("?")[0], why)
+            connection = None
         _log.debug("%s %s -> %d %s", method, url.split("?")[0], event.status, event.reason)
         if cookie_jar is not None and any(name in ("set-cookie", "set-cookie2") for name, _ in event.headers):
             cookie_jar.extract_cookies(_CookieResponse(event), cookie_request)  # type: ignore[arg-type]

@@ -2902,6 +2902,41 @@ def test_a_kept_connection_the_server_closed_is_replaced_once_and_the_reply_arri
     assert server.requests == [(1, 1), (1, 2), (2, 1), (2, 2)]
 
 
+REQUEST_TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+
+
+def test_a_408_on_a_kept_connection_means_once_more_on_a_new_one() -> None:
+    # A server that timed the idle connection out says so with a 408 as the request
+    # arrives: it processed nothing, and RFC 9110 lets the client repeat the request.
+    server = KeepAliveServer(lambda connection, request: REQUEST_TIMEOUT if (connection, request) == (1, 2) else "answer")
+    with thread_server(server.handle) as (host, port):
+        replies = replies_of(f"http://{host}:{port}", ["one", "two", "three"])
+    assert replies == ["Reply 1.1", "Reply 2.1", "Reply 2.2"]
+    assert server.requests == [(1, 1), (1, 2), (2, 1), (2, 2)]
+
+
+@pytest.mark.parametrize("plan", [
+    lambda connection, request: REQUEST_TIMEOUT,  # on a new connection: the server's answer
+    lambda connection, request: "answer" if (connection, request) == (1, 1) else REQUEST_TIMEOUT,  # once only
+], ids=["first", "after-the-repeat"])
+def test_a_408_on_a_new_connection_is_the_answer(plan: Callable[[int, int], Union[str, bytes]]) -> None:
+    server = KeepAliveServer(plan)
+    with thread_server(server.handle) as (host, port):
+        provider = provider_for(f"http://{host}:{port}")
+
+        async def run() -> BaseException:
+            if server.plan(1, 1) == "answer":
+                await provider.create_async("", USER, access_token="t", retries=0)
+            with pytest.raises(fakegpt.FakeGptError) as raised:
+                await provider.create_async("", USER, access_token="t", retries=0)
+            return raised.value
+
+        error = asyncio.run(run())
+    assert isinstance(error, fakegpt.HTTPStatusError) and error.status == 408
+    assert server.requests[-1] == (server.connections, 1)  # the last request went on a new connection
+    assert len(server.requests) == (1 if server.plan(1, 1) != "answer" else 3)
+
+
 def test_a_new_connection_that_fails_before_any_answer_is_not_tried_again() -> None:
     server = KeepAliveServer(lambda connection, request: "close")
     with thread_server(server.handle) as (host, port):
