@@ -62,7 +62,7 @@ from typing import (
     Union,
 )
 
-__version__ = "1.4.1"
+__version__ = "1.4.2"
 __all__ = [
     "AsyncResult",
     "AuthenticationError",
