@@ -66,7 +66,7 @@ from typing import (
     Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Set, Tuple, Union,
 )
 
-__version__ = "1.3.0"
+__version__ = "1.3.1"
 __all__ = [
     "FAULTS",
     "MockOptions",
@@ -277,6 +277,8 @@ class RecordedRequest:
     body: bytes
     connection: int = 0
     """Which connection it came on: the server's accepted connections, counted from 1."""
+    version: str = "HTTP/1.1"
+    """The request line's HTTP version."""
 
     def header(self, name: str) -> Optional[str]:
         name = name.lower()
@@ -561,7 +563,7 @@ class MockServer:
                 self.requests.append(request)
                 if len(self.requests) > self.options.max_recorded:
                     del self.requests[: len(self.requests) - self.options.max_recorded]
-                keep_alive = (request.header("connection") or "").lower() != "close"
+                keep_alive = _wants_keep_alive(request)
                 _status.set(0)
                 try:
                     keep_alive = await self._route(request, reader, writer, keep_alive)
@@ -1048,6 +1050,8 @@ class MockServer:
     ) -> bool:
         options = self.options
         framing = options.framing
+        if framing == "chunked" and request.version == "HTTP/1.0":
+            framing = "close"  # an HTTP/1.0 client cannot read chunks: servers end the body by closing
         keep_alive = keep_alive and framing != "close"
         compressor = zlib.compressobj(wbits=31) if self._compress(request) else None
         wire = self._wire(events)
@@ -1201,7 +1205,7 @@ async def _read_request(reader: asyncio.StreamReader) -> Optional[RecordedReques
     request_line = lines[0].split(" ")
     if len(request_line) != 3 or not request_line[2].startswith("HTTP/1."):
         raise _BadRequest(400, "Malformed request line.")
-    method, target, _ = request_line
+    method, target, version = request_line
     headers = []
     for line in lines[1:]:
         name, colon, value = line.partition(":")
@@ -1224,7 +1228,14 @@ async def _read_request(reader: asyncio.StreamReader) -> Optional[RecordedReques
         parts = urllib.parse.urlsplit(target)
         target = urllib.parse.urlunsplit(("", "", parts.path, parts.query, parts.fragment))
     path, _, query = target.partition("?")
-    return RecordedRequest(method, path, query, tuple(headers), body)
+    return RecordedRequest(method, path, query, tuple(headers), body, version=version)
+
+
+def _wants_keep_alive(request: RecordedRequest) -> bool:
+    """Whether the connection stays open after the answer: in HTTP/1.1 unless the client
+    says ``Connection: close``, in HTTP/1.0 only if it says ``Connection: keep-alive``."""
+    tokens = {token.strip().lower() for token in (request.header("connection") or "").split(",")}
+    return "keep-alive" in tokens if request.version == "HTTP/1.0" else "close" not in tokens
 
 
 async def _read_chunked_body(reader: asyncio.StreamReader) -> bytes:

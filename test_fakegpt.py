@@ -4401,6 +4401,40 @@ def test_mock_accepts_a_chunked_request_body(mock: mock_server.MockServer) -> No
     assert json.dumps(mock_server.default_reply("chunked"), ensure_ascii=False)[1:-1].encode() in received
 
 
+def test_mock_speaks_http_1_0_to_an_http_1_0_client(mock: mock_server.MockServer) -> None:
+    # An HTTP/1.0 client reads no chunks and expects the close unless it asked for
+    # keep-alive; an HTTP/1.1 client's "Connection: close" may come in a list.
+    body = json.dumps({"action": "next", "messages": [{"id": "u", "content": {"parts": ["old"]}}],
+                       "parent_message_id": "p", "model": "m"}).encode()
+    conversation = (f"POST /api/conversation HTTP/1.0\r\nAuthorization: Bearer {mock.access_token}\r\n"
+                    f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    loads = b"GET /api/loads HTTP/1.0\r\n\r\n"
+    listed = b"GET /api/loads HTTP/1.1\r\nConnection: TE, Close\r\n\r\n"
+    bodies = []
+    for request in (conversation, loads, listed):
+        with socket.create_connection((mock.host, mock.port), timeout=2) as sock:
+            sock.sendall(request)
+            received = b""
+            while data := sock.recv(65536):  # a kept connection would time out here
+                received += data
+        head, _, rest = received.partition(b"\r\n\r\n")
+        assert b"\r\nConnection: close" in head and b"chunked" not in head.lower()
+        bodies.append(rest)
+    reply = json.dumps(mock_server.default_reply("old"), ensure_ascii=False)[1:-1].encode()
+    assert reply in bodies[0] and bodies[0].rstrip().endswith(b"data: [DONE]")  # whole, unchunked
+    with socket.create_connection((mock.host, mock.port), timeout=2) as sock:
+        for _ in range(2):  # HTTP/1.0 with keep-alive: the connection carries both
+            sock.sendall(b"GET /api/loads HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += sock.recv(1)
+            assert head.startswith(b"HTTP/1.1 200") and b"\r\nConnection: keep-alive" in head
+            length = int(re.search(rb"(?i)content-length: *([0-9]+)", head)[1])  # type: ignore[index]
+            while length:
+                length -= len(sock.recv(length))
+    assert [request.version for request in mock.requests[-2:]] == ["HTTP/1.0", "HTTP/1.0"]
+
+
 def raw_exchange(url: str, request: bytes) -> Tuple[int, Any]:
     host, port = url[7:].rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=5) as sock:
