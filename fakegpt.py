@@ -3360,8 +3360,13 @@ class _SessionFile:
         self.path = path
 
     @classmethod
-    def default(cls) -> "_SessionFile":
-        return cls(os.path.join(_xdg_directory("XDG_CACHE_HOME", ".cache"), "fakegpt", "sessions.json"))
+    def default(cls) -> Optional["_SessionFile"]:
+        """The user's session file; None where there is no home directory to keep it in."""
+        base = _xdg_directory("XDG_CACHE_HOME", ".cache")
+        if base is None:
+            _log.info("no session is kept: there is no home directory, nor $XDG_CACHE_HOME")
+            return None
+        return cls(os.path.join(base, "fakegpt", "sessions.json"))
 
     def load(self, key: str, session: _Session) -> None:
         """Give `session` what the file keeps for `key`, if it is still good."""
@@ -3438,11 +3443,16 @@ class _SessionFile:
             _log.info("the session was not kept in %s: %s", self.path, exc.strerror or exc)
 
 
-def _xdg_directory(variable: str, default: str) -> str:
+def _xdg_directory(variable: str, default: str) -> Optional[str]:
     """The base directory an XDG variable names, or `default` under the home directory
-    when it is unset or relative (the specification says to ignore relative paths)."""
+    when it is unset or relative (the specification says to ignore relative paths); None
+    without a home directory (no $HOME, no account entry), rather than a path relative to
+    wherever the command runs."""
     base = os.environ.get(variable, "")
-    return base if os.path.isabs(base) else os.path.join(os.path.expanduser("~"), default)
+    if os.path.isabs(base):
+        return base
+    home = os.path.expanduser("~")
+    return os.path.join(home, default) if os.path.isabs(home) else None
 
 
 def _kept_cookie(fields: Any) -> Optional[http.cookiejar.Cookie]:
@@ -4563,9 +4573,10 @@ class _Chat:
             import readline  # importing it gives input() line editing
         except ImportError:  # pragma: no cover - a platform without readline
             return
-        if self.args.no_history:
+        directory = _state_directory()
+        if self.args.no_history or directory is None:
             return
-        path = os.path.join(_state_directory(), "history")
+        path = os.path.join(directory, "history")
         if os.path.exists(path) and not os.path.isfile(path):
             return  # a FIFO or a directory there: reading or writing it could hang, so no history
         try:
@@ -4748,9 +4759,11 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
-def _state_directory() -> str:
-    """Where fakegpt keeps what it remembers between commands (XDG's state directory)."""
-    return os.path.join(_xdg_directory("XDG_STATE_HOME", os.path.join(".local", "state")), "fakegpt")
+def _state_directory() -> Optional[str]:
+    """Where fakegpt keeps what it remembers between commands (XDG's state directory);
+    None without a home directory."""
+    base = _xdg_directory("XDG_STATE_HOME", os.path.join(".local", "state"))
+    return None if base is None else os.path.join(base, "fakegpt")
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\x80-\x9f]")

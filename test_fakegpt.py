@@ -4076,6 +4076,24 @@ def test_a_relative_xdg_directory_is_ignored(mock: mock_server.MockServer, tmp_p
     assert (home / ".cache" / "fakegpt" / "sessions.json").is_file()
 
 
+def test_without_a_home_directory_nothing_is_kept_where_the_command_runs(
+    mock: mock_server.MockServer, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # No home (here a relative $HOME, as "~" is when the account has no entry) and no XDG
+    # variables: the session and the chat's history are not kept, rather than written
+    # under the working directory, where a token could end up in a repository.
+    env = {name: value for name, value in os.environ.items() if not name.startswith("XDG_")}
+    env.update({"PYTHONPATH": str(HERE), "HOME": "relative-home", "FAKEGPT_NO_SESSION_CACHE": ""})
+    result = subprocess.run([sys.executable, "-m", "fakegpt", "--url", mock.url, "Hello"], capture_output=True,
+                            text=True, encoding="utf-8", env=env, cwd=tmp_path, timeout=30)
+    assert (result.returncode, result.stdout) == (0, FULL_REPLY + "\n")
+    assert list(tmp_path.iterdir()) == []
+    for name in ("XDG_STATE_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("HOME", "relative-home")
+    assert fakegpt._state_directory() is None and fakegpt._SessionFile.default() is None
+
+
 def test_a_kept_session_never_holds_a_proxy_password(mock: mock_server.MockServer, tmp_path: pathlib.Path) -> None:
     proxy = LoopbackProxy("user:pr0xy-secret")
     env = {"XDG_CACHE_HOME": str(tmp_path / "cache"), "FAKEGPT_NO_SESSION_CACHE": ""}
