@@ -31,6 +31,7 @@ import math
 import os
 import re
 import secrets
+import select
 import signal
 import socket
 import ssl
@@ -2400,6 +2401,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._parser: Optional[ResponseReader] = None  # None while idle
         self._loop = asyncio.get_running_loop()
         self._transport: Optional[asyncio.Transport] = None
+        self._fileno = -1  # the socket's, to look for input the loop has not read yet
         self._view = _read_buffer()
         self._fresh = False  # bytes fed to the parser since the last receive()
         self._reading_paused = False
@@ -2488,9 +2490,15 @@ class _Connection(asyncio.BufferedProtocol):
 
     @property
     def usable(self) -> bool:
-        """Open, and the peer has not closed it: it can carry a request."""
+        """Open, and the peer has not closed it: it can carry a request. Asked between
+        exchanges, when nothing should arrive, it also looks at the socket itself: a
+        close (or bytes) that the event loop has not read yet, because it has not run
+        since, makes it unusable too, as urllib3 and httpcore check a kept connection.
+        Some servers and proxies close right after a response without saying so."""
         transport = self._transport
-        return not self._ended and transport is not None and not transport.is_closing()
+        if self._ended or transport is None or transport.is_closing():
+            return False
+        return self._fileno < 0 or not _input_pending(self._fileno)
 
     def begin(self, parser: ResponseReader, clock: _Clock) -> None:
         """Start an exchange: what arrives goes to `parser`, waits go by `clock`."""
@@ -2553,6 +2561,9 @@ class _Connection(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            self._fileno = sock.fileno()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._view
@@ -2594,6 +2605,19 @@ class _Connection(asyncio.BufferedProtocol):
     def _wake(waiter: Optional["asyncio.Future[None]"]) -> None:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+
+def _input_pending(fileno: int) -> bool:
+    """Whether the socket `fileno` has input (bytes, an end of stream, an error) waiting,
+    asked without waiting."""
+    try:
+        if hasattr(select, "poll"):  # no limit on descriptor numbers, unlike select()
+            poller = select.poll()
+            poller.register(fileno, select.POLLIN)
+            return bool(poller.poll(0))
+        return bool(select.select([fileno], [], [], 0)[0])
+    except (OSError, ValueError):
+        return True  # a socket that cannot be asked cannot be trusted with a request
 
 
 def _keep_alive_seconds(head: Response) -> float:
