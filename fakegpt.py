@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import collections
 import functools
 import gc
 import http.cookiejar
@@ -275,7 +276,8 @@ class UpstreamError(FakeGptError):
 
 
 class Limits(NamedTuple):
-    """Size limits on what the upstream may send; going over raises `LimitExceeded`.
+    """Size limits on what the upstream may send (going over raises `LimitExceeded`), and
+    how many connections to it are in use at once.
 
     Memory stays bounded by them: an endless line is refused once it passes its limit.
     """
@@ -290,6 +292,10 @@ class Limits(NamedTuple):
     """Largest event (all its ``data`` lines), in bytes."""
     max_error_body_size: int = 64 * 1024
     """Most bytes of a non-stream body (JSON or an error page) that are read."""
+    max_connections: int = 100
+    """Most connections in use at once to one upstream (origin, proxy, TLS settings) in
+    one event loop, as aiohttp's and httpx's default: a request beyond them waits its
+    turn (within the connect timeout), then takes the connection one of them leaves."""
 
 
 _DEFAULT_LIMITS = Limits()
@@ -2634,9 +2640,15 @@ def _keep_alive_seconds(head: Response) -> float:
 
 
 class _Pool:
-    """The idle keep-alive connections of one event loop, by what they lead to (origin,
-    proxy, TLS settings); the most recently used is taken first. Each closes after its
-    idle time, the oldest when there are too many, and all of them with `close`.
+    """The connections of one event loop, by what they lead to (origin, proxy, TLS
+    settings).
+
+    At most ``Limits.max_connections`` to a key are in use at once: a request first takes
+    a place (`reserve`, or `wait_for_place` in turn), and gives it back when its
+    connection is kept (`put`) or closed (`release`); a place given back goes to the
+    request that has waited longest. Idle keep-alive connections are kept apart, the most recently used
+    taken first. Each closes after its idle time, the oldest when there are too many, and
+    all of them with `close`.
 
     One timer a pool, not one a connection: it wakes at the earliest end of an idle time
     and closes what is due then (a timer each cost more than the rest of keeping one)."""
@@ -2646,7 +2658,43 @@ class _Pool:
         self._idle: Dict[Any, List[_Connection]] = {}  # by key, the most recent last
         self._due: Dict[_Connection, Tuple[Any, float]] = {}  # key and end of idle time, the oldest first
         self._sweep: Optional[asyncio.TimerHandle] = None
+        self._in_use: Dict[Any, int] = {}  # places taken, by key
+        self._waiting: Dict[Any, "collections.deque[asyncio.Future[None]]"] = {}  # for a place, by key
         self.closed = False
+
+    def reserve(self, key: Any, most: int) -> bool:
+        """Take a place among the connections to `key` in use, if fewer than `most` are
+        and no request waits for one."""
+        taken = self._in_use.get(key, 0)
+        if taken >= most or self._waiting.get(key):
+            return False
+        self._in_use[key] = taken + 1
+        return True
+
+    async def wait_for_place(self, key: Any) -> None:
+        """Wait for a place among the connections to `key` in use, after those who wait
+        already; it is taken when this returns."""
+        waiter: "asyncio.Future[None]" = self._loop.create_future()
+        queue = self._waiting.setdefault(key, collections.deque())
+        queue.append(waiter)
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self.release(key)  # given a place as it was cancelled: the next one gets it
+            elif waiter in queue:
+                queue.remove(waiter)
+            raise
+
+    def release(self, key: Any) -> None:
+        """Give back a place: to the request that has waited longest, if any."""
+        queue = self._waiting.get(key)
+        while queue:
+            waiter = queue.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the place passes to it as it is
+                return
+        self._in_use[key] -= 1
 
     def take(self, key: Any) -> Optional[_Connection]:
         """An idle connection to `key` that can carry a request, or None."""
@@ -2661,7 +2709,12 @@ class _Pool:
         return None
 
     def put(self, key: Any, connection: _Connection, seconds: float) -> None:
-        """Keep `connection` (its response read to the end) for at most `seconds`."""
+        """Keep `connection` (its response read to the end) for at most `seconds`, and
+        give back its place: a request waiting for one takes it next."""
+        self._keep(key, connection, seconds)
+        self.release(key)
+
+    def _keep(self, key: Any, connection: _Connection, seconds: float) -> None:
         if self.closed or seconds <= 0 or not connection.usable:
             connection.close()
             return
@@ -2783,13 +2836,13 @@ class _HTTPResponse:
 
     def __init__(
         self, head: Response, parser: ResponseReader, connection: _Connection,
-        keep: Callable[[_Connection, Response], None],
+        keep: Callable[[_Connection, Response], None], lose: Callable[[_Connection], None],
     ) -> None:
         self.head = head
         self.status = head.status
         self._parser = parser
         self._connection: Optional[_Connection] = connection
-        self._keep = keep
+        self._keep, self._lose = keep, lose  # what becomes of the connection: kept, or closed
 
     @property
     def is_event_stream(self) -> bool:
@@ -2844,13 +2897,13 @@ class _HTTPResponse:
         if self._read_arrived() and self._parser.keep_alive:
             self._keep(connection, self.head)
         else:
-            connection.close()
+            self._lose(connection)
 
     def close(self) -> None:
         """Done with the response: close its connection at once (unless released)."""
         connection, self._connection = self._connection, None
         if connection is not None:
-            connection.close()
+            self._lose(connection)
 
     def _read_arrived(self) -> bool:
         """Whether the body has ended, reading through what has already arrived (a little
@@ -3015,7 +3068,7 @@ class _Client:
         self, method: str, path: str, *, headers: Sequence[Tuple[str, str]] = (),
         body: Optional[bytes] = None, cookie_jar: Optional[http.cookiejar.CookieJar] = None,
     ) -> _HTTPResponse:
-        endpoint, proxy, limits = self.endpoint, self.proxy, self.options.limits
+        endpoint, proxy = self.endpoint, self.proxy
         url = f"{self.base_url}{path}"
         target = url if proxy is not None and not endpoint.tls else f"{self.base_path}{path}"
         fields = [("Host", endpoint.authority), *_browser_headers(self.base_url), *headers]
@@ -3030,7 +3083,36 @@ class _Client:
         via = f" via {proxy.endpoint.authority}" if proxy is not None else ""
         _log.debug("%s %s%s", method, url.split("?")[0], via)
         message = head + body if body else head
-        key = self.connection_key
+        key, pool = self.connection_key, self.pool
+        if not pool.reserve(key, self.options.limits.max_connections):
+            await self._wait_for_place(key)
+        try:
+            event, parser, connection = await self._send(method, path, url, message, key)
+        except BaseException:
+            pool.release(key)
+            raise
+        _log.debug("%s %s -> %d %s", method, url.split("?")[0], event.status, event.reason)
+        if cookie_jar is not None and any(name in ("set-cookie", "set-cookie2") for name, _ in event.headers):
+            cookie_jar.extract_cookies(_CookieResponse(event), cookie_request)  # type: ignore[arg-type]
+        return _HTTPResponse(event, parser, connection, self._keep, self._lose)
+
+    async def _wait_for_place(self, key: Any) -> None:
+        """Wait (within the connect timeout) until one of the connections in use to `key`
+        is done."""
+        try:
+            await self.clock.within(self.pool.wait_for_place(key), "connect")
+        except RequestTimeout as exc:
+            raise RequestTimeout(
+                f"{exc}: all {self.options.limits.max_connections} connections to {self.endpoint.authority} were in use",
+                phase=exc.phase,
+            ) from None
+
+    async def _send(
+        self, method: str, path: str, url: str, message: bytes, key: Any,
+    ) -> Tuple[Response, ResponseReader, _Connection]:
+        """Send `message` on a kept connection to `key` or a new one, and wait for the
+        head of the response: (the head, its reader, the connection)."""
+        endpoint, proxy, limits = self.endpoint, self.proxy, self.options.limits
         connection = self.pool.take(key)
         while True:
             parser = ResponseReader(method=method, limits=limits)
@@ -3066,10 +3148,7 @@ class _Client:
                 why = "was timed out by the server (408)"
             _log.debug("%s %s: a kept connection %s: once more on a new one", method, url.split("?")[0], why)
             connection = None
-        _log.debug("%s %s -> %d %s", method, url.split("?")[0], event.status, event.reason)
-        if cookie_jar is not None and any(name in ("set-cookie", "set-cookie2") for name, _ in event.headers):
-            cookie_jar.extract_cookies(_CookieResponse(event), cookie_request)  # type: ignore[arg-type]
-        return _HTTPResponse(event, parser, connection, self._keep)
+        return event, parser, connection
 
     @staticmethod
     async def _exchange(connection: _Connection, parser: ResponseReader, message: bytes) -> Response:
@@ -3085,6 +3164,10 @@ class _Client:
 
     def _keep(self, connection: _Connection, head: Response) -> None:
         self.pool.put(self.connection_key, connection, _keep_alive_seconds(head))
+
+    def _lose(self, connection: _Connection) -> None:
+        connection.close()
+        self.pool.release(self.connection_key)
 
     async def json(
         self, method: str, path: str, *, what: str, body: Optional[bytes] = None,

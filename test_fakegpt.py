@@ -8,9 +8,11 @@ from __future__ import annotations
 import ast
 import asyncio
 import base64
+import collections
 import contextlib
 import copy
 import dataclasses
+import functools
 import gc
 import http.client
 import importlib.metadata
@@ -2226,7 +2228,8 @@ def test_bad_arguments_give_usage_errors(kwargs: Dict[str, Any], message: str) -
 
 @pytest.mark.parametrize("limits", [
     Limits(max_event_size=0), Limits(max_line_size=-5), Limits(max_header_count=True),
-    Limits(max_sse_line_size="big"), Limits(max_error_body_size=1.5), (1, 2, 3, 4, 5),  # type: ignore[arg-type]
+    Limits(max_sse_line_size="big"), Limits(max_error_body_size=1.5), Limits(max_connections=0),  # type: ignore[arg-type]
+    (1, 2, 3, 4, 5),
 ])
 def test_limits_that_are_not_positive_whole_numbers_are_a_usage_error(mock: mock_server.MockServer, limits: Any) -> None:
     raised, _ = failure(provider_for(mock.url), limits=limits)
@@ -3117,6 +3120,62 @@ def test_concurrent_calls_each_take_a_kept_connection_of_their_own(provider: "ty
     used = conversation_connections(mock)
     for round_ in range(3):  # no connection carried two requests at once
         assert sorted(used[f"{round_}.{n}"] for n in range(3)) == [1, 2, 3]
+
+
+def test_at_most_max_connections_are_in_use_and_later_calls_wait_to_take_theirs(
+    provider: "type[FakeGpt]", mock: mock_server.MockServer,
+) -> None:
+    ask = functools.partial(provider.create_async, "", access_token=mock.access_token, limits=Limits(max_connections=3))
+
+    async def run() -> List[str]:
+        return await asyncio.gather(*(ask(prompted(f"c{n}")) for n in range(12)))
+
+    assert asyncio.run(run()) == [mock_server.default_reply(f"c{n}") for n in range(12)]
+    assert mock.accepted_connections == 3  # the other nine calls took one of these in turn
+    assert sorted(collections.Counter(conversation_connections(mock).values()).values()) == [4, 4, 4]
+
+
+def test_a_call_waits_for_a_connection_in_use_within_the_connect_timeout(
+    provider: "type[FakeGpt]", mock: mock_server.MockServer,
+) -> None:
+    limits = Limits(max_connections=1)
+    ask = functools.partial(provider.create_async, "", access_token=mock.access_token, limits=limits)
+
+    async def run() -> Tuple[BaseException, str, str]:
+        async with provider.stream("", prompted("held"), access_token=mock.access_token, limits=limits) as held:
+            await held.__anext__()  # the stream holds the one connection
+            with pytest.raises(fakegpt.RequestTimeout) as raised:
+                await ask(prompted("waits"), timeout=fakegpt.Timeouts(connect=0.2))
+            waiting = asyncio.ensure_future(ask(prompted("next")))
+            await asyncio.sleep(0.1)
+            assert not waiting.done()
+        return raised.value, await waiting, await ask(prompted("after"))
+
+    error, after_held, after = asyncio.run(run())
+    assert error.phase == "connect" and "all 1 connections to" in str(error) and "in use" in str(error)
+    assert (after_held, after) == (mock_server.default_reply("next"), mock_server.default_reply("after"))
+
+
+def test_a_call_cancelled_while_it_waits_for_a_connection_takes_no_place_with_it(
+    provider: "type[FakeGpt]", mock: mock_server.MockServer,
+) -> None:
+    limits = Limits(max_connections=1)
+    ask = functools.partial(provider.create_async, "", access_token=mock.access_token, limits=limits)
+
+    async def run() -> List[str]:
+        held = provider.stream("", prompted("held"), access_token=mock.access_token, limits=limits)
+        await held.__anext__()
+        calls = [asyncio.ensure_future(ask(prompted(p))) for p in "abc"]
+        await asyncio.sleep(0.05)
+        calls[0].cancel()  # cancelled while it waits: no place goes with it
+        await asyncio.sleep(0.05)
+        await held.aclose()  # the place goes to "b"...
+        calls[1].cancel()  # ...which is cancelled before it runs: the place goes on to "c"
+        done = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 5)
+        assert [isinstance(result, asyncio.CancelledError) for result in done] == [True, True, False]
+        return [done[2], await asyncio.wait_for(ask(prompted("d")), 5)]
+
+    assert asyncio.run(run()) == [mock_server.default_reply("c"), mock_server.default_reply("d")]
 
 
 def test_a_connection_the_mock_closed_while_idle_is_replaced() -> None:
