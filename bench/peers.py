@@ -139,8 +139,8 @@ class HttpxClient:
         import httpx_sse
 
         self.httpx_sse = httpx_sse
-        self.client = httpx.AsyncClient(base_url=url, headers=HEADERS, timeout=600, verify=verify,
-                                        limits=httpx.Limits(max_connections=None, max_keepalive_connections=100))
+        # httpx's default limits, as its users have them: 100 connections in use, 20 kept.
+        self.client = httpx.AsyncClient(base_url=url, headers=HEADERS, timeout=600, verify=verify)
         self.token: Optional[str] = None
 
     async def login(self) -> None:
