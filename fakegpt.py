@@ -2719,8 +2719,8 @@ class _Pool:
             connection.close()
             return
         connection.rest()
-        if len(self._due) >= _IDLE_CONNECTIONS:
-            self._forget(next(iter(self._due)))
+        if len(self._due) >= _IDLE_CONNECTIONS and not self._waiting.get(key):
+            self._forget(next(iter(self._due)))  # (a request waiting for a place takes this one next)
         due = self._loop.time() + seconds
         self._idle.setdefault(key, []).append(connection)
         self._due[connection] = (key, due)

@@ -3135,6 +3135,21 @@ def test_at_most_max_connections_are_in_use_and_later_calls_wait_to_take_theirs(
     assert sorted(collections.Counter(conversation_connections(mock).values()).values()) == [4, 4, 4]
 
 
+def test_a_connection_given_back_while_calls_wait_goes_to_them_past_the_idle_bound(
+    provider: "type[FakeGpt]", mock: mock_server.MockServer, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # More connections in use (6) than are kept idle (2): those that finish together are
+    # all kept for the calls waiting their turn, not closed beyond the idle bound.
+    monkeypatch.setattr(fakegpt, "_IDLE_CONNECTIONS", 2)
+    ask = functools.partial(provider.create_async, "", access_token=mock.access_token, limits=Limits(max_connections=6))
+
+    async def run() -> List[str]:
+        return await asyncio.gather(*(ask(prompted(f"w{n}")) for n in range(60)))
+
+    assert asyncio.run(run()) == [mock_server.default_reply(f"w{n}") for n in range(60)]
+    assert mock.accepted_connections == 6
+
+
 def test_a_call_waits_for_a_connection_in_use_within_the_connect_timeout(
     provider: "type[FakeGpt]", mock: mock_server.MockServer,
 ) -> None:
