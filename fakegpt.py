@@ -2646,9 +2646,9 @@ class _Pool:
     At most ``Limits.max_connections`` to a key are in use at once: a request first takes
     a place (`reserve`, or `wait_for_place` in turn), and gives it back when its
     connection is kept (`put`) or closed (`release`); a place given back goes to the
-    request that has waited longest. Idle keep-alive connections are kept apart, the most recently used
-    taken first. Each closes after its idle time, the oldest when there are too many, and
-    all of them with `close`.
+    request that has waited longest. Idle keep-alive connections are kept apart, the most
+    recently used taken first. Each closes after its idle time, the oldest when there are
+    too many (unless a request waits to take it), and all of them with `close`.
 
     One timer a pool, not one a connection: it wakes at the earliest end of an idle time
     and closes what is due then (a timer each cost more than the rest of keeping one)."""
@@ -3092,9 +3092,14 @@ class _Client:
             pool.release(key)
             raise
         _log.debug("%s %s -> %d %s", method, url.split("?")[0], event.status, event.reason)
+        response = _HTTPResponse(event, parser, connection, self._keep, self._lose)
         if cookie_jar is not None and any(name in ("set-cookie", "set-cookie2") for name, _ in event.headers):
-            cookie_jar.extract_cookies(_CookieResponse(event), cookie_request)  # type: ignore[arg-type]
-        return _HTTPResponse(event, parser, connection, self._keep, self._lose)
+            try:
+                cookie_jar.extract_cookies(_CookieResponse(event), cookie_request)  # type: ignore[arg-type]
+            except BaseException:
+                response.close()  # its connection, and its place
+                raise
+        return response
 
     async def _wait_for_place(self, key: Any) -> None:
         """Wait (within the connect timeout) until one of the connections in use to `key`
@@ -3102,8 +3107,11 @@ class _Client:
         try:
             await self.clock.within(self.pool.wait_for_place(key), "connect")
         except RequestTimeout as exc:
+            most = self.options.limits.max_connections
+            busy = "the one connection" if most == 1 else f"all {most} connections"
             raise RequestTimeout(
-                f"{exc}: all {self.options.limits.max_connections} connections to {self.endpoint.authority} were in use",
+                f"{exc}: {busy} to {self.endpoint.authority} (Limits.max_connections) "
+                + ("was" if most == 1 else "were") + " in use",
                 phase=exc.phase,
             ) from None
 
