@@ -3765,14 +3765,13 @@ class ChatStream:
         self._options = _options(provider, model, proxy, kwargs)
         self._decoder = ConversationDecoder()
         # Events travel in batches, one per read of the socket: a long reply has
-        # thousands of events, and a hop through each async generator per event would
+        # thousands of events, and a hop through an async generator per event would
         # cost more than decoding them. The batches start with the first read, which
-        # chooses what they hold: ChatEvents, or (for `texts`) only their new text.
-        self._batches: Optional[AsyncGenerator[List[Any], None]] = None
+        # chooses what they are: lists of ChatEvents, or (for `texts`) the new text.
+        self._batches: Optional[AsyncGenerator[Any, None]] = None
         self._batch: List[Any] = []
         self._taken = 0
         self._text_only = False
-        self._text_pieces: Optional[AsyncGenerator[str, None]] = None
         # The session file, if this call keeps its login between processes (never for a
         # TLS context of the caller's: it cannot be told apart in another process).
         kept = self._options.session_cache and self._options.ssl_context is None
@@ -3825,18 +3824,15 @@ class ChatStream:
     def texts(self) -> AsyncGenerator[str, None]:
         """The reply as text pieces instead of events: each piece is all the new text
         that arrived in one read. A stream is read one way: events or texts."""
-        self._text_pieces = self._texts(self._start(text_only=True))
-        return self._text_pieces
+        return self._start(text_only=True)
 
     async def aclose(self) -> None:
         """Close the reply and its connection now, read to the end or not (the text
         pieces of `texts` too, even if a loop over them stopped early)."""
-        if self._text_pieces is not None:
-            await self._text_pieces.aclose()
         if self._batches is not None:
             await self._batches.aclose()
 
-    def _start(self, *, text_only: bool) -> AsyncGenerator[List[Any], None]:
+    def _start(self, *, text_only: bool) -> AsyncGenerator[Any, None]:
         if self._batches is None:
             self._batches = self._run(text_only=text_only)
             self._text_only = text_only
@@ -3848,21 +3844,18 @@ class ChatStream:
             )
         return self._batches
 
-    @staticmethod
-    async def _texts(batches: AsyncGenerator[List[Any], None]) -> AsyncGenerator[str, None]:
-        async with _Closing(batches):
-            async for batch in batches:
-                text = "".join(batch)
-                if text:
-                    yield text
-
     async def __aenter__(self) -> "ChatStream":
         return self
 
     async def __aexit__(self, *exc_info: Any) -> None:
         await self.aclose()
 
-    async def _run(self, *, text_only: bool) -> AsyncGenerator[List[Any], None]:
+    async def _run(self, *, text_only: bool) -> AsyncGenerator[Any, None]:
+        """The reply, as batches of events or (`text_only`) text pieces: one request, or
+        more when a try fails before any text or the reply is continued.
+
+        One generator for all of it, not one per concern: each level of async generators
+        costs every batch a hop, and every call making and closing one."""
         options = self._options
         client = _Client(options, pool=await self._pools.get())
         if options.access_token is not None:
@@ -3877,9 +3870,27 @@ class ChatStream:
                     session.kept_token = session.access_token  # written again only when it changes
         continues: Optional[ConversationDecoder] = None
         for _ in range(1 + (_MAX_CONTINUATIONS if options.auto_continue else 0)):
-            async with _Closing(self._retrying(client, session, text_only, continues)) as batches:
-                async for batch in batches:
-                    yield batch
+            attempt = 0
+            logged_in_again = False
+            while True:
+                token = await session.token(client)
+                self._note_token(client, session, token)
+                try:
+                    async with _Closing(self._converse(client, session, token, text_only, continues)) as batches:
+                        async for batch in batches:
+                            yield batch
+                    break
+                except FakeGptError as exc:
+                    if isinstance(exc, TokenExpiredError) and not logged_in_again and self._log_in_again(client, session, token):
+                        logged_in_again = True
+                        continue
+                    delay = self._retry_delay(client, exc, attempt)
+                    if delay is None:
+                        raise
+                    _log.info("%s: trying again in %.1f s (retry %d of %d)", exc, delay, attempt + 1, options.retries)
+                await asyncio.sleep(delay)
+                attempt += 1
+                logged_in_again = False
             decoder = self._decoder
             if decoder.finish_reason != "max_tokens" or not (decoder.conversation_id and decoder.message_id):
                 return
@@ -3890,63 +3901,45 @@ class ChatStream:
         proxy = client.proxy
         return f"{self._options.profile} {client.base_url} via {proxy.endpoint.origin if proxy else 'direct'}"
 
-    async def _retrying(
-        self, client: _Client, session: _Session, text_only: bool,
-        continues: Optional[ConversationDecoder],
-    ) -> AsyncGenerator[List[Any], None]:
-        """A round, tried again (``retries`` times at most) after a 429, a 5xx or a failed
-        connection, while no text has arrived; never once text has."""
-        retries = self._options.retries
-        for attempt in range(retries + 1):
-            try:
-                async with _Closing(self._round(client, session, text_only, continues)) as batches:
-                    async for batch in batches:
-                        yield batch
-                return
-            except FakeGptError as exc:
-                delay = _retry_delay(exc, attempt)
-                if delay is None or attempt == retries or self._decoder.has_text:
-                    raise
-                left = client.clock.time_left()
-                if left is not None and delay >= left:
-                    raise  # the total timeout would run out while waiting
-                _log.info("%s: trying again in %.1f s (retry %d of %d)", exc, delay, attempt + 1, retries)
-                await asyncio.sleep(delay)
+    def _note_token(self, client: _Client, session: _Session, token: str) -> None:
+        """The provider class, and the session file if kept, learn a login's token."""
+        if not session.given:
+            self._provider._access_token, self._provider._cookie_jar = token, session.cookie_jar
+            if self._kept is not None and token != session.kept_token:
+                # Once for the session's calls: concurrent ones share its login.
+                self._kept.save(self._kept_key(client), session)
+                session.kept_token = token
 
-    async def _round(
-        self, client: _Client, session: _Session, text_only: bool,
-        continues: Optional[ConversationDecoder],
-    ) -> AsyncGenerator[List[Any], None]:
-        """One request and its reply; a token refused before any text means one more
-        login (for a shared-token session) and one more try."""
-        provider = self._provider
-        for attempt in (1, 2):
-            token = await session.token(client)
-            if not session.given:
-                provider._access_token, provider._cookie_jar = token, session.cookie_jar
-                if self._kept is not None and token != session.kept_token:
-                    # Once for the session's calls: concurrent ones share its login.
-                    self._kept.save(self._kept_key(client), session)
-                    session.kept_token = token
-            try:
-                async with _Closing(self._converse(client, session, token, text_only, continues)) as batches:
-                    async for batch in batches:
-                        yield batch
-                return
-            except TokenExpiredError:
-                if session.given or self._decoder.has_text or attempt == 2:
-                    raise
-                _log.debug("the access token was refused: logging in again")
-                session.invalidate(token)
-                if self._kept is not None:
-                    self._kept.drop(self._kept_key(client), token)
-                if provider._access_token == token:
-                    provider._access_token = None
+    def _log_in_again(self, client: _Client, session: _Session, token: str) -> bool:
+        """After the upstream refused `token` before any text: whether to log in again
+        and try once more (a shared-token session, not a token the caller gave)."""
+        if session.given or self._decoder.has_text:
+            return False
+        _log.debug("the access token was refused: logging in again")
+        session.invalidate(token)
+        if self._kept is not None:
+            self._kept.drop(self._kept_key(client), token)
+        if self._provider._access_token == token:
+            self._provider._access_token = None
+        return True
+
+    def _retry_delay(self, client: _Client, error: FakeGptError, attempt: int) -> Optional[float]:
+        """How long to wait before trying again after `error` (``retries`` times at most,
+        after a 429, a 5xx or a failed connection, while no text has arrived; never once
+        text has), or None to give up."""
+        if attempt == self._options.retries or self._decoder.has_text:
+            return None
+        delay = _retry_delay(error, attempt)
+        left = client.clock.time_left()
+        if delay is None or (left is not None and delay >= left):
+            return None  # not worth it, or the total timeout would run out while waiting
+        return delay
 
     async def _converse(
         self, client: _Client, session: _Session, token: str, text_only: bool,
         continues: Optional[ConversationDecoder],
-    ) -> AsyncGenerator[List[Any], None]:
+    ) -> AsyncGenerator[Any, None]:
+        """One request and its reply, as `_run` gives it."""
         options = self._options
         path = "/backend-api/conversation" if options.profile == "backend-api" else "/api/conversation"
         body = json.dumps(_conversation_body(self.prompt, options, continues)).encode("ascii")
@@ -3974,10 +3967,10 @@ class ChatStream:
                 except FakeGptError as exc:
                     _scrub(exc, [*session.secrets(), *client.secrets])
                     if batch:  # what arrived before the error is delivered first
-                        yield batch
+                        yield "".join(batch) if text_only else batch
                     raise
                 if batch:
-                    yield batch
+                    yield "".join(batch) if text_only else batch
             if not decoder.done:
                 reply.close()
             elif decoder.complete and decoder.has_text:  # the body's last bytes, and the connection is kept
@@ -4183,17 +4176,17 @@ class FakeGpt:
         ``return_conversation=True``, then a ``JsonConversation`` (pass it back as
         ``conversation=`` to continue) and a ``FinishReason``, gpt4free's own classes when
         g4f is installed."""
-        async with cls.stream(model, messages, proxy, **kwargs) as events:
-            async with _Closing(events.texts()) as pieces:
-                async for piece in pieces:
-                    yield piece
-            if kwargs.get("return_conversation"):
-                conversation_class, finish_class = _gpt4free_responses()
-                yield conversation_class(
-                    conversation_id=events.conversation_id, message_id=events.message_id,
-                    parent_message_id=events.message_id,
-                )
-                yield finish_class(events.finish_reason or "stop")
+        events = cls.stream(model, messages, proxy, **kwargs)
+        async with _Closing(events.texts()) as pieces:  # closing them closes the stream
+            async for piece in pieces:
+                yield piece
+        if kwargs.get("return_conversation"):
+            conversation_class, finish_class = _gpt4free_responses()
+            yield conversation_class(
+                conversation_id=events.conversation_id, message_id=events.message_id,
+                parent_message_id=events.message_id,
+            )
+            yield finish_class(events.finish_reason or "stop")
 
     @classmethod
     async def create_async(cls, model: str, messages: Messages, **kwargs: Any) -> str:

@@ -2338,6 +2338,25 @@ def test_retries_try_again_after_a_transient_failure_before_text(provider: "type
     assert mock.count("POST", "/api/conversation") == 5  # two more, then the error
 
 
+def test_each_retry_may_log_in_again_once(provider: "type[FakeGpt]", mock: mock_server.MockServer,
+                                          quick_retries: None) -> None:
+    pieces_of(provider)  # logged in
+    before = mock.count("POST", "/api/conversation")
+    # A 503, then a refused token (one more login, the same try), then a 503 and a
+    # refused token again (the next try's own login), then the reply.
+    for fault in ("status:503", "status:401", "status:503", "status:401"):
+        mock.fail_next(fault)
+    assert "".join(pieces_of(provider, retries=2)) == FULL_REPLY
+    assert mock.count("POST", "/api/conversation") - before == 5
+    assert mock.count("POST", "/auth/login") == 3
+    # Two refusals in one try are the answer, whatever the retries left.
+    for fault in ("status:401", "status:401"):
+        mock.fail_next(fault)
+    raised, pieces = failure(provider, retries=3)
+    assert isinstance(raised, fakegpt.TokenExpiredError) and pieces == []
+    assert mock.count("POST", "/auth/login") == 4
+
+
 @pytest.mark.parametrize("fault", ["cut:5", "reset:5", "error_event:3", "status:400", "status:401", "challenge"])
 def test_retries_never_repeat_text_or_a_request_that_cannot_succeed(provider: "type[FakeGpt]", mock: mock_server.MockServer,
                                                                     fault: str, quick_retries: None) -> None:
