@@ -355,6 +355,9 @@ ReaderEvent = Union[Response, Data, EndOfMessage]
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-5][0-9][0-9])(?: ([\t \x21-\x7e\x80-\xff]*))?")
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _BAD_FIELD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# Each field line after a CRLF, up to the next CRLF, as `_parse_field_line` takes it (the
+# value's trailing spaces and tabs still to strip), in a head decoded as Latin-1.
+_FIELD_LINES = re.compile(r"\r\n([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*)(?=\r\n)")
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[^\x00-\x08\x0a-\x1f\x7f]*)?")
 _HEX_DIGITS = b"0123456789abcdefABCDEF"
 _NEXT_CHUNK = re.compile(rb"\r\n([0-9A-Fa-f]{1,16})\r\n")  # a chunk's end and the next one's size
@@ -457,6 +460,11 @@ class ResponseReader:
             if self._status is None:
                 if self._eof and not self._buf:
                     raise TruncatedStreamError("connection closed before a response arrived")
+                if self._take_whole_head():
+                    response = self._head_read()
+                    if response is not None:
+                        return response
+                    continue
                 line = self._take_line("status line")
                 if line is None:
                     return NEED_DATA
@@ -470,20 +478,52 @@ class ResponseReader:
                 if len(self._fields) > self._limits.max_header_count:
                     raise LimitExceeded(f"more than {self._limits.max_header_count} header fields")
                 continue
-            http10, status, reason = self._status
-            headers, self._status, self._fields = tuple(self._fields), None, []
-            if status == 101:
-                raise ProtocolError("unexpected 101 Switching Protocols")
-            if status < 200:
-                continue  # an interim response: the real one follows
-            self.response = Response(status, reason, headers)
-            self._choose_framing(self.response)
-            connection = (self.response.get("connection") or "").lower()
-            self._persistent = (
-                not http10 and self._step != self._read_until_close and self._method != "CONNECT"
-                and "close" not in (token.strip() for token in connection.split(","))
-            )
-            return self.response
+            response = self._head_read()
+            if response is not None:
+                return response
+
+    def _head_read(self) -> Optional[Response]:
+        """The head taken (status and fields) as a response; None for an interim one."""
+        assert self._status is not None
+        http10, status, reason = self._status
+        headers, self._status, self._fields = tuple(self._fields), None, []
+        if status == 101:
+            raise ProtocolError("unexpected 101 Switching Protocols")
+        if status < 200:
+            return None  # an interim response: the real one follows
+        self.response = Response(status, reason, headers)
+        self._choose_framing(self.response)
+        connection = (self.response.get("connection") or "").lower()
+        self._persistent = (
+            not http10 and self._step != self._read_until_close and self._method != "CONNECT"
+            and "close" not in (token.strip() for token in connection.split(","))
+        )
+        return self.response
+
+    def _take_whole_head(self) -> bool:
+        """The usual head, all of it here, in one go: the status line and fields it
+        takes are what taking it line by line gives. Anything else (a line ending in a
+        bare LF, a line or field it would refuse, more fields than the limit) is left to
+        that, which says what is wrong; then this returns False."""
+        buf = self._buf
+        end = buf.find(b"\r\n\r\n", 0, self._limits.max_line_size)  # (so no line is too long)
+        if end < 0:
+            return False
+        head = bytes(buf[:end + 2])
+        status_end = head.find(b"\r\n")
+        match = _STATUS_LINE.fullmatch(head, 0, status_end)
+        fields = _FIELD_LINES.findall(head.decode("latin-1"), status_end)
+        # A field line matches from the CRLF before it up to the CRLF after it, so as
+        # many matches as LFs after the status line means every line is a valid field
+        # line and none ends in a bare LF.
+        if match is None or len(fields) != head.count(b"\n") - 1:
+            return False
+        if len(fields) > self._limits.max_header_count:
+            return False
+        del buf[:end + 4]
+        self._status = _status_of(match)
+        self._fields = [(name.lower(), value.rstrip(" \t")) for name, value in fields]
+        return True
 
     def _choose_framing(self, response: Response) -> None:
         transfer_coding = response.get("transfer-encoding")
@@ -702,6 +742,10 @@ def _parse_status_line(line: bytes) -> Tuple[bool, int, str]:
     match = _STATUS_LINE.fullmatch(line)
     if match is None:
         raise ProtocolError(f"malformed status line {_excerpt(line)!r}")
+    return _status_of(match)
+
+
+def _status_of(match: "re.Match[bytes]") -> Tuple[bool, int, str]:
     return match.group(1) == b"0", int(match.group(2)), (match.group(3) or b"").decode("latin-1")
 
 

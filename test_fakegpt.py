@@ -600,6 +600,48 @@ def test_property_http_reader_any_split_gives_the_same_body(name: str, cuts: Lis
     assert read_response(split_at(data, cuts)) == read_response([data])
 
 
+HEAD_FIELDS = st.sampled_from([
+    b"Content-Length: 0", b"X-A:  spaced \t", b"Set-Cookie: a=1", b"Connection: close", b"Transfer-Encoding: chunked",
+    b"X-Latin: caf\xe9", b"X-Empty:", b"X-Tab:\tv\t", b"x-MIXED-case: V", b"X-Long: " + b"v" * 40,
+])
+ODD_HEAD_LINES = st.sampled_from([
+    b" folded", b"No colon", b"Bad Name: 1", b"X-A: a\x00b", b"X-A: a\rb", b"X-A: a\nb", b"X-A\n: 1",
+    b"HTTP/1.1 100 Continue", b"", b":", b"X-\x80: 1", b"X-A: 1\n",
+])
+
+
+def head_outcome(chunks: Sequence[bytes], limits: Limits) -> Any:
+    """What a reader makes of `chunks` (then EOF): its first event, or its error."""
+    reader = ResponseReader(limits=limits)
+    try:
+        for chunk in [*chunks, b""]:
+            reader.feed(chunk)
+            event = reader.next_event()
+            if event is not NEED_DATA:
+                return event, reader.keep_alive
+    except fakegpt.FakeGptError as exc:
+        return type(exc), str(exc)
+    raise AssertionError("nothing after EOF")
+
+
+@PROPERTY
+@given(st.sampled_from([b"HTTP/1.1 200 OK", b"HTTP/1.0 204 No", b"HTTP/1.1 100 Continue", b"HTTP/1.1 2000", b"HTTP/1.1 200 \xff"]),
+       st.lists(HEAD_FIELDS, max_size=8), st.one_of(st.none(), st.none(), ODD_HEAD_LINES, st.binary(max_size=12)),
+       st.integers(0, 8),
+       st.sampled_from([b"\r\n", b"\r\n", b"\n"]), st.integers(1, 9), st.sampled_from([30, 100, 64 * 1024]))
+@example(b"HTTP/1.1 200 OK", [b"X-Long: " + b"v" * 40], None, 0, b"\r\n", 9, 30)  # a line over the limit
+@example(b"HTTP/1.1 200 OK", [b"X-A:  spaced \t"] * 3, None, 0, b"\r\n", 2, 100)  # more fields than the limit
+def test_property_a_head_read_whole_is_what_reading_it_line_by_line_gives(
+        status: bytes, lines: List[bytes], odd: Optional[bytes], where: int, ending: bytes,
+        max_header_count: int, max_line_size: int) -> None:
+    if odd is not None:
+        lines.insert(where, odd)
+    head = b"\r\n".join([status, *lines]) + b"\r\n" + ending + b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+    limits = Limits(max_header_count=max_header_count, max_line_size=max_line_size)
+    whole = head_outcome([head], limits)
+    assert whole == head_outcome([head[i:i + 1] for i in range(len(head))], limits)
+
+
 def test_http_reader_returns_chunks_before_a_malformed_one_then_raises() -> None:
     reader = ResponseReader()
     reader.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\nzz\r\n")
