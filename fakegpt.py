@@ -2122,9 +2122,10 @@ def _positive_seconds(value: Any) -> bool:
 class _Clock:
     """The timeouts of one call, with its deadline.
 
-    Reads, thousands in a long reply, share one watchdog timer instead of a timeout
-    context each: a read only notes when it started waiting, and the timer, when it
-    fires, cancels the read if that wait has gone on too long, or sets itself again.
+    Waits, thousands of reads in a long reply, share one watchdog timer instead of a
+    timeout context each: a wait only notes when it started and how long it may last,
+    and the timer, when it fires, cancels the wait if it has gone on too long, or sets
+    itself again.
     """
 
     def __init__(self, timeouts: Timeouts) -> None:
@@ -2133,28 +2134,36 @@ class _Clock:
         self._loop = loop
         self._deadline = None if timeouts.total is None else loop.time() + timeouts.total
         self._watchdog: Optional[asyncio.TimerHandle] = None
-        self._reading: Optional["asyncio.Task[Any]"] = None  # the task waiting in a read
+        self._waiting: Optional["asyncio.Task[Any]"] = None  # the task in a wait
         self._waiting_since = 0.0
+        self._phase = "read"  # the wait's: "read" or "connect"
+        self._limit: Optional[float] = None  # its timeout
         self._expired: Optional[str] = None
 
-    async def wait(self, awaitable: Awaitable[_T]) -> _T:
-        """`awaitable` (a read) under the read and total timeouts."""
-        if self.timeouts.read is None and self._deadline is None:
+    async def wait(self, awaitable: Awaitable[_T], phase: str = "read") -> _T:
+        """`awaitable` (a read, or a wait for a connection) under the `phase` ("read"
+        or "connect") timeout and the total one."""
+        limit = self.timeouts.read if phase == "read" else self.timeouts.connect
+        if limit is None and self._deadline is None:
             return await awaitable
         self._waiting_since = self._loop.time()
-        self._reading = task = asyncio.current_task()
-        if self._watchdog is None:
+        self._phase, self._limit = phase, limit
+        self._waiting = task = asyncio.current_task()
+        watchdog = self._watchdog
+        if watchdog is None or (limit is not None and self._waiting_since + limit < watchdog.when()):
+            if watchdog is not None:
+                watchdog.cancel()
             self._arm()
         try:
             return await awaitable
         except asyncio.CancelledError:
-            phase, self._expired = self._expired, None
+            expired, self._expired = self._expired, None
             uncancel = getattr(task, "uncancel", None)  # 3.11+: was it only our cancel?
-            if phase is None or (uncancel is not None and uncancel() > 0):
+            if expired is None or (uncancel is not None and uncancel() > 0):
                 raise
-            raise RequestTimeout(self._timeout_message(phase), phase=phase) from None
+            raise RequestTimeout(self._timeout_message(expired), phase=expired) from None
         finally:
-            self._reading = None
+            self._waiting = None
 
     def time_left(self) -> Optional[float]:
         """Seconds until the total timeout, None without one."""
@@ -2167,25 +2176,25 @@ class _Clock:
 
     def _arm(self) -> None:
         when = self._deadline
-        if self.timeouts.read is not None:
-            idle_end = self._waiting_since + self.timeouts.read
-            when = idle_end if when is None else min(when, idle_end)
+        if self._limit is not None:
+            wait_end = self._waiting_since + self._limit
+            when = wait_end if when is None else min(when, wait_end)
         assert when is not None
         self._watchdog = self._loop.call_at(when, self._check)
 
     def _check(self) -> None:
         self._watchdog = None
-        if self._reading is None:
-            return  # not waiting: the next read sets the watchdog again
+        if self._waiting is None:
+            return  # not waiting: the next wait sets the watchdog again
         now = self._loop.time()
         if self._deadline is not None and now >= self._deadline:
             self._expired = "total"
-        elif self.timeouts.read is not None and now - self._waiting_since >= self.timeouts.read:
-            self._expired = "read"
+        elif self._limit is not None and now - self._waiting_since >= self._limit:
+            self._expired = self._phase
         else:
             self._arm()
             return
-        self._reading.cancel()
+        self._waiting.cancel()
 
     def _timeout_message(self, phase: str) -> str:
         timeouts = self.timeouts
@@ -2570,7 +2579,7 @@ class _Connection(asyncio.BufferedProtocol):
         transport.write(data)
         if self._drain_waiter is not None:  # the socket's buffer is full: wait for room
             assert self._clock is not None, "send() outside an exchange"
-            await self._clock.within(self._drain_waiter, "read")
+            await self._clock.wait(self._drain_waiter)
         if self._lost is not None:
             raise TransportError(f"connection lost while sending: {self._reason()}")
 
@@ -2856,22 +2865,6 @@ class _Pools:
                     self._last = None
 
 
-class _Closing:
-    """``async with _Closing(generator) as items``: the generator is closed when the block
-    ends, for any reason, before control returns (``contextlib.aclosing`` is 3.10+). An
-    ``async for`` that stops early leaves its generator, and the connection inside it, to
-    the garbage collector: open until a later turn of the event loop, or past its end."""
-
-    def __init__(self, generator: AsyncGenerator[Any, None]) -> None:
-        self.generator = generator
-
-    async def __aenter__(self) -> AsyncGenerator[Any, None]:
-        return self.generator
-
-    async def __aexit__(self, *exc_info: Any) -> None:
-        await self.generator.aclose()
-
-
 class _HTTPResponse:
     """A response whose head has arrived; the body is read on demand. When the caller is
     done with it, `release` keeps the connection for another request (if the body was read
@@ -3149,7 +3142,7 @@ class _Client:
         """Wait (within the connect timeout) until one of the connections in use to `key`
         is done."""
         try:
-            await self.clock.within(self.pool.wait_for_place(key), "connect")
+            await self.clock.wait(self.pool.wait_for_place(key), "connect")
         except RequestTimeout as exc:
             most = self.options.limits.max_connections
             busy = "the one connection" if most == 1 else f"all {most} connections"
@@ -3919,10 +3912,13 @@ class ChatStream:
             while True:
                 token = await session.token(client)
                 self._note_token(client, session, token)
+                batches = self._converse(client, session, token, text_only, continues)
                 try:
-                    async with _Closing(self._converse(client, session, token, text_only, continues)) as batches:
+                    try:
                         async for batch in batches:
                             yield batch
+                    finally:
+                        await batches.aclose()  # at once, not left to the garbage collector with its connection
                     break
                 except FakeGptError as exc:
                     if isinstance(exc, TokenExpiredError) and not logged_in_again and self._log_in_again(client, session, token):
@@ -4221,9 +4217,15 @@ class FakeGpt:
         ``conversation=`` to continue) and a ``FinishReason``, gpt4free's own classes when
         g4f is installed."""
         events = cls.stream(model, messages, proxy, **kwargs)
-        async with _Closing(events.texts()) as pieces:  # closing them closes the stream
+        pieces = events.texts()
+        try:
             async for piece in pieces:
                 yield piece
+        finally:
+            # Closed at once, whatever ended the loop: an `async for` that stops early
+            # leaves its generator, and the connection inside it, to the garbage
+            # collector, open until a later turn of the event loop or past its end.
+            await pieces.aclose()
         if kwargs.get("return_conversation"):
             conversation_class, finish_class = _gpt4free_responses()
             yield conversation_class(
