@@ -303,14 +303,20 @@ _DEFAULT_LIMITS = Limits()
 
 def _checked_limits(limits: Any) -> Limits:
     """`limits`, if it is a `Limits` of positive whole numbers; else a `UsageError`."""
-    if limits is _DEFAULT_LIMITS:
-        return limits
+    if _checked.get(id(limits)) is limits:  # (kept alive there, so its id is its own)
+        return limits  # checked before: a call checks its limits three times, for each layer
     if not isinstance(limits, Limits):
         raise UsageError("limits must be a fakegpt.Limits")
     for name, value in zip(Limits.__annotations__, limits):  # the fields, in order
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise UsageError(f"Limits.{name} must be a positive whole number, not {value!r}")
+    if len(_checked) >= 64:
+        _checked.clear()
+    _checked[id(limits)] = limits
     return limits
+
+
+_checked: Dict[int, Limits] = {id(_DEFAULT_LIMITS): _DEFAULT_LIMITS}  # the last `Limits` found good
 
 
 class Response(NamedTuple):
@@ -2103,13 +2109,19 @@ class Timeouts(NamedTuple):
             return value
         if _positive_seconds(value):
             assert isinstance(value, (int, float))
-            default = cls()
-            return cls(
-                connect=min(value, default.connect or value),
-                read=min(value, default.read or value),
-                total=float(value),
-            )
+            return _timeouts_within(value)
         raise UsageError(f"timeout must be a positive number of seconds or Timeouts, not {value!r}")
+
+
+@functools.lru_cache(maxsize=64, typed=True)  # most calls pass the same number
+def _timeouts_within(seconds: float) -> Timeouts:
+    """The default timeouts, capped by a total of `seconds`."""
+    default = Timeouts()
+    return Timeouts(
+        connect=min(seconds, default.connect or seconds),
+        read=min(seconds, default.read or seconds),
+        total=float(seconds),
+    )
 
 
 def _positive_seconds(value: Any) -> bool:
@@ -3982,7 +3994,7 @@ class ChatStream:
         """One request and its reply, as `_run` gives it."""
         options = self._options
         path = "/backend-api/conversation" if options.profile == "backend-api" else "/api/conversation"
-        body = json.dumps(_conversation_body(self.prompt, options, continues)).encode("ascii")
+        body = _BODY_ENCODER.encode(_conversation_body(self.prompt, options, continues)).encode("ascii")
         headers = [
             ("Content-Type", "application/json"),
             ("Accept", "text/event-stream"),
@@ -4090,11 +4102,12 @@ def _scrub(error: FakeGptError, secrets: Sequence[str]) -> None:
 
 def _uuid4() -> str:
     """``str(uuid.uuid4())``, without importing uuid (and platform with it) at start-up."""
-    value = int.from_bytes(os.urandom(16), "big")
-    value = value & ~(0xC000 << 48) | 0x8000 << 48  # the RFC 4122 variant
-    value = value & ~(0xF000 << 64) | 4 << 76  # version 4
-    digits = f"{value:032x}"
-    return f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"
+    digits = os.urandom(16).hex()
+    variant = "89ab"[int(digits[16], 16) & 3]  # RFC 4122: the variant's two bits, 10
+    return f"{digits[:8]}-{digits[8:12]}-4{digits[13:16]}-{variant}{digits[17:20]}-{digits[20:]}"
+
+
+_BODY_ENCODER = json.JSONEncoder(check_circular=False)  # json.dumps, less its check for loops in what it is given
 
 
 def _conversation_body(
