@@ -303,8 +303,9 @@ _DEFAULT_LIMITS = Limits()
 
 def _checked_limits(limits: Any) -> Limits:
     """`limits`, if it is a `Limits` of positive whole numbers; else a `UsageError`."""
-    if _checked.get(id(limits)) is limits:  # (kept alive there, so its id is its own)
-        return limits  # checked before: a call checks its limits three times, for each layer
+    checked = _checked.get(id(limits))  # (kept alive there, so that its id stays its own)
+    if checked is not None and checked is limits:
+        return checked  # checked before: a call checks its limits three times, for each layer
     if not isinstance(limits, Limits):
         raise UsageError("limits must be a fakegpt.Limits")
     for name, value in zip(Limits.__annotations__, limits):  # the fields, in order
