@@ -2561,16 +2561,19 @@ class _Connection(asyncio.BufferedProtocol):
         return connection
 
     @property
+    def alive(self) -> bool:
+        """Neither side has closed it, as far as the event loop has seen."""
+        transport = self._transport
+        return not (self._ended or transport is None or transport.is_closing())
+
+    @property
     def usable(self) -> bool:
         """Open, and the peer has not closed it: it can carry a request. Asked between
         exchanges, when nothing should arrive, it also looks at the socket itself: a
         close (or bytes) that the event loop has not read yet, because it has not run
         since, makes it unusable too, as urllib3 and httpcore check a kept connection.
         Some servers and proxies close right after a response without saying so."""
-        transport = self._transport
-        if self._ended or transport is None or transport.is_closing():
-            return False
-        return self._fileno < 0 or not _input_pending(self._fileno)
+        return self.alive and (self._fileno < 0 or not _input_pending(self._fileno))
 
     def begin(self, parser: ResponseReader, clock: _Clock) -> None:
         """Start an exchange: what arrives goes to `parser`, waits go by `clock`."""
@@ -2781,7 +2784,7 @@ class _Pool:
         self.release(key)
 
     def _keep(self, key: Any, connection: _Connection, seconds: float) -> None:
-        if self.closed or seconds <= 0 or not connection.usable:
+        if self.closed or seconds <= 0 or not connection.alive:  # (`take` looks at its socket)
             connection.close()
             return
         connection.rest()
