@@ -329,8 +329,12 @@ class Response(NamedTuple):
 
     def get(self, name: str) -> Optional[str]:
         """The field's value, several fields joined with ", ", or None."""
-        values = self.get_all(name)
-        return ", ".join(values) if values else None
+        name = name.lower()
+        found = None
+        for key, value in self.headers:  # a loop: a reader asks for five fields a response
+            if key == name:
+                found = value if found is None else f"{found}, {value}"
+        return found
 
     def get_all(self, name: str, default: Optional[List[str]] = None) -> List[str]:
         """Every value of the field (`http.cookiejar` reads ``Set-Cookie`` this way)."""
@@ -2984,13 +2988,23 @@ class _CookieRequest:
     """The parts of a request that `http.cookiejar` reads and writes."""
 
     def __init__(self, url: str, fields: Sequence[Tuple[str, str]]) -> None:
-        parts = urllib.parse.urlsplit(url)
         self.full_url = url
-        self.host = parts.netloc
-        self.type = parts.scheme
-        self.origin_req_host = parts.hostname or ""
         self.unverifiable = False
         self.fields = list(fields)
+
+    # The URL's parts are read only when the jar asks for them: an empty jar never does.
+
+    @property
+    def host(self) -> str:
+        return urllib.parse.urlsplit(self.full_url).netloc
+
+    @property
+    def type(self) -> str:
+        return urllib.parse.urlsplit(self.full_url).scheme
+
+    @property
+    def origin_req_host(self) -> str:
+        return urllib.parse.urlsplit(self.full_url).hostname or ""
 
     def get_full_url(self) -> str:
         return self.full_url
