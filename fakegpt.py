@@ -2145,9 +2145,9 @@ class _Clock:
     itself again.
     """
 
-    def __init__(self, timeouts: Timeouts) -> None:
+    def __init__(self, timeouts: Timeouts, loop: asyncio.AbstractEventLoop) -> None:
+        """`loop`: the running one (passed in: asking for it is a system call in 3.11)."""
         self.timeouts = timeouts
-        loop = asyncio.get_running_loop()
         self._loop = loop
         self._deadline = None if timeouts.total is None else loop.time() + timeouts.total
         self._watchdog: Optional[asyncio.TimerHandle] = None
@@ -2165,7 +2165,7 @@ class _Clock:
             return await awaitable
         self._waiting_since = self._loop.time()
         self._phase, self._limit = phase, limit
-        self._waiting = task = asyncio.current_task()
+        self._waiting = task = asyncio.current_task(self._loop)
         watchdog = self._watchdog
         if watchdog is None or (limit is not None and self._waiting_since + limit < watchdog.when()):
             if watchdog is not None:
@@ -2727,7 +2727,7 @@ class _Pool:
     and closes what is due then (a timer each cost more than the rest of keeping one)."""
 
     def __init__(self) -> None:
-        self._loop = asyncio.get_running_loop()
+        self.loop = asyncio.get_running_loop()  # its connections', and its calls' (`_Clock`)
         self._idle: Dict[Any, List[_Connection]] = {}  # by key, the most recent last
         self._due: Dict[_Connection, Tuple[Any, float]] = {}  # key and end of idle time, the oldest first
         self._sweep: Optional[asyncio.TimerHandle] = None
@@ -2747,7 +2747,7 @@ class _Pool:
     async def wait_for_place(self, key: Any) -> None:
         """Wait for a place among the connections to `key` in use, after those who wait
         already; it is taken when this returns."""
-        waiter: "asyncio.Future[None]" = self._loop.create_future()
+        waiter: "asyncio.Future[None]" = self.loop.create_future()
         queue = self._waiting.setdefault(key, collections.deque())
         queue.append(waiter)
         try:
@@ -2776,7 +2776,7 @@ class _Pool:
             connection = connections.pop()
             due = self._due.pop(connection)[1]
             # Past its time, even if the loop did not run to close it (a chat between turns).
-            if connection.usable and due > self._loop.time():
+            if connection.usable and due > self.loop.time():
                 return connection
             connection.close()
         return None
@@ -2794,14 +2794,14 @@ class _Pool:
         connection.rest()
         if len(self._due) >= _IDLE_CONNECTIONS and not self._waiting.get(key):
             self._forget(next(iter(self._due)))  # (a request waiting for a place takes this one next)
-        due = self._loop.time() + seconds
+        due = self.loop.time() + seconds
         self._idle.setdefault(key, []).append(connection)
         self._due[connection] = (key, due)
         sweep = self._sweep
         if sweep is None or due < sweep.when():
             if sweep is not None:
                 sweep.cancel()
-            self._sweep = self._loop.call_at(due, self._close_due, due)
+            self._sweep = self.loop.call_at(due, self._close_due, due)
 
     def close(self) -> None:
         """Close every idle connection; a connection put afterwards is closed at once."""
@@ -2818,12 +2818,12 @@ class _Pool:
         """The timer, set for `now`: close the connections due by then (or by the loop's
         time, if it ran late, and a little after), and wake again at the next one's time."""
         self._sweep = None
-        now = max(now, self._loop.time()) + _IDLE_EARLY_SECONDS
+        now = max(now, self.loop.time()) + _IDLE_EARLY_SECONDS
         for connection in [c for c, (_, due) in self._due.items() if due <= now]:
             self._forget(connection)
         if self._due:
             due = min(due for _, due in self._due.values())
-            self._sweep = self._loop.call_at(due, self._close_due, due)
+            self._sweep = self.loop.call_at(due, self._close_due, due)
 
     def _forget(self, connection: _Connection) -> None:
         key = self._due.pop(connection)[0]
@@ -3100,7 +3100,7 @@ class _Client:
         self.proxy = options.proxy
         if self.proxy is None and options.trust_env:
             self.proxy = _proxy_from_environment(self.endpoint)
-        self.clock = _Clock(timeouts or options.timeouts)
+        self.clock = _Clock(timeouts or options.timeouts, pool.loop)
         self.pool = pool
 
     @property
@@ -4118,9 +4118,36 @@ def _scrub(error: FakeGptError, secrets: Sequence[str]) -> None:
             setattr(error, name, _redact(value, secrets))
 
 
+class _RandomDigits:
+    """Random hex digits from the system's generator, fetched for many ids at once: a
+    system call for each id costs more than making it. A process forked from this one
+    fetches its own."""
+
+    def __init__(self) -> None:
+        self._ids: Iterator[str] = iter(())
+        if hasattr(os, "register_at_fork"):  # (POSIX)
+            os.register_at_fork(after_in_child=self._forget)
+
+    def take(self) -> str:
+        """32 random hex digits, never given before (threads may take at once)."""
+        digits = next(self._ids, None)  # one step of a list's iterator: no two threads get one id
+        if digits is None:
+            fetched = os.urandom(16 * 32).hex()
+            ids = [fetched[start:start + 32] for start in range(0, len(fetched), 32)]
+            digits = ids.pop()
+            self._ids = iter(ids)
+        return digits
+
+    def _forget(self) -> None:
+        self._ids = iter(())
+
+
+_random_digits = _RandomDigits()
+
+
 def _uuid4() -> str:
     """``str(uuid.uuid4())``, without importing uuid (and platform with it) at start-up."""
-    digits = os.urandom(16).hex()
+    digits = _random_digits.take()
     variant = "89ab"[int(digits[16], 16) & 3]  # RFC 4122: the variant's two bits, 10
     return f"{digits[:8]}-{digits[8:12]}-4{digits[13:16]}-{variant}{digits[17:20]}-{digits[20:]}"
 

@@ -2124,7 +2124,7 @@ def test_a_reader_that_falls_behind_pauses_the_socket_instead_of_buffering_the_r
 
         server = await asyncio.start_server(flood, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
-        clock = fakegpt._Clock(fakegpt.Timeouts.coerce(5))
+        clock = fakegpt._Clock(fakegpt.Timeouts.coerce(5), asyncio.get_running_loop())
         parser = ResponseReader()
         connection = await fakegpt._Connection.open(
             fakegpt._Endpoint("http", "127.0.0.1", port), proxy=None, ssl_context=None, clock=clock,
@@ -2190,6 +2190,21 @@ def test_message_ids_are_random_version_4_uuids() -> None:
     assert all(str(p) == i and p.version == 4 and p.variant == uuid.RFC_4122 for p, i in zip(parsed, ids))
     assert len(set(ids)) == len(ids)
     assert {i[19] for i in ids} == set("89ab") and len({i[9] for i in ids}) == 16  # the variant and random digits
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX's")
+def test_a_forked_process_makes_message_ids_of_its_own() -> None:
+    fakegpt._uuid4()  # random bytes fetched for the ids to come
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child
+        os.write(write_end, fakegpt._uuid4().encode())
+        os._exit(0)
+    os.close(write_end)
+    os.waitpid(child, 0)
+    with os.fdopen(read_end, "rb") as pipe:
+        in_child = pipe.read().decode()
+    assert in_child != fakegpt._uuid4()  # not the parent's next one
 
 
 @pytest.mark.parametrize("name, value", [("X-Authorization", "Bearer a\r\nX-Evil: 1"), ("X-A", "a\nb"), ("X-A", "a\x00"),
