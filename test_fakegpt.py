@@ -382,15 +382,23 @@ def text_only_outcome(chunks: Sequence[bytes], limits: Limits) -> Tuple[str, Opt
 
 
 def json_sizes(run: Callable[[], Any]) -> Tuple[Any, List[int]]:
-    """What `run` returns, and the size of every document fakegpt gave json.loads meanwhile."""
-    loads, sizes = json.loads, []
+    """What `run` returns, and the size of every document fakegpt gave json to decode
+    meanwhile (json.loads, or its scanner directly)."""
+    loads, scan, sizes = json.loads, fakegpt._scan_json, []
 
     def measured(s: Any, *args: Any, **kwargs: Any) -> Any:
         sizes.append(len(s))
         return loads(s, *args, **kwargs)
 
+    def measured_scan(s: str, index: int) -> Any:
+        value, end = scan(s, index)
+        if end == len(s):  # else json.loads decodes it (and counts it)
+            sizes.append(len(s))
+        return value, end
+
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(fakegpt.json, "loads", measured)
+        patch.setattr(fakegpt, "_scan_json", measured_scan)
         return run(), sizes
 
 
@@ -971,17 +979,8 @@ def test_final_event_is_read_without_decoding_the_text_again() -> None:
              assistant_event(long_text, status="finished_successfully", finish="stop")]
     decoder = ConversationDecoder()
     events = [decoder.feed(E(raw=d)) for d in datas]
-    loads = json.loads
-    sizes: List[int] = []
-
-    def measured(s: Any, *args: Any, **kwargs: Any) -> Any:
-        sizes.append(len(s))
-        return loads(s, *args, **kwargs)
-
     decoder = ConversationDecoder()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(fakegpt.json, "loads", measured)
-        again = [decoder.feed(E(raw=d)) for d in datas]
+    again, sizes = json_sizes(lambda: [decoder.feed(E(raw=d)) for d in datas])
     assert [chat_tuple(e) for e in again if e] == [chat_tuple(e) for e in events if e]
     assert again[2] is not None and (again[2].status, again[2].finish_reason) == ("finished_successfully", "stop")
     assert max(sizes[2:]) < 1000  # after the first event, only envelopes: never the 13,000-character text
@@ -2190,6 +2189,30 @@ def test_message_ids_are_random_version_4_uuids() -> None:
     assert all(str(p) == i and p.version == 4 and p.variant == uuid.RFC_4122 for p, i in zip(parsed, ids))
     assert len(set(ids)) == len(ids)
     assert {i[19] for i in ids} == set("89ab") and len({i[9] for i in ids}) == 16  # the variant and random digits
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+def json_outcome(decode: Callable[[str], Any], text: str) -> Any:
+    try:
+        return ("value", decode(text))
+    except (ValueError, RecursionError) as exc:
+        return ("error", type(exc), str(exc))
+
+
+@PROPERTY
+@given(JSON_VALUES, st.sampled_from(["", " ", "\n", " \t\r\n"]), st.sampled_from(["", " ", "\n", "x", ",", "}", "]"]),
+       st.integers(0, 40), st.booleans())
+def test_property_the_json_shortcut_decodes_as_json_loads(value: Any, before: str, after: str, cut: int, truncate: bool) -> None:
+    text = before + json.dumps(value) + after
+    if truncate:
+        text = text[:cut]
+    assert json_outcome(fakegpt._loads, text) == json_outcome(json.loads, text)
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX's")
