@@ -1163,6 +1163,7 @@ def _loads(text: str) -> Any:
 
 
 _scan_json: Callable[[str, int], Tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+_NEW_CONTENT = re.compile(rb"(?![\x80-\xbf])" + _WHOLE_CONTENT.pattern)  # not starting inside a UTF-8 sequence
 _scan_json_string: Callable[[str, int], Tuple[str, int]] = json.decoder.scanstring  # type: ignore[attr-defined]
 
 
@@ -1570,23 +1571,25 @@ class ConversationDecoder:
         view = self._buffer_view
         assert view is not None
         lead = before + head
-        text_offset, ending_size, framing_size = len(lead), len(ending), len(before) + len(after)
+        text_offset, ending_size = len(lead), len(ending)
+        max_text = max_data - len(head) - len(self._tail)  # the event's data: head, text, tail
         escaped = before_run = self._escaped_text
+        escaped_size = len(escaped)
         taken_to = -1
-        whole = _WHOLE_CONTENT.match
+        new_text = _NEW_CONTENT.match
         while buffer.startswith(lead, pos) and buffer.startswith(escaped, pos + text_offset):
             text_start = pos + text_offset
-            resume = text_start + len(escaped)
-            text_end = whole(buffer, resume).end()  # type: ignore[union-attr]  # it matches "" at least
+            match = new_text(buffer, text_start + escaped_size)
+            if match is None:
+                break  # it starts inside a UTF-8 sequence
+            text_end = match.end()
             if not buffer.startswith(ending, text_end):
                 break  # not this shape, or a surrogate pair's escapes or a control character
-            if resume < text_end and buffer[resume] & 0xC0 == 0x80:
-                break  # it starts inside a UTF-8 sequence
-            end = text_end + ending_size
-            if end - pos - framing_size > max_data:
+            escaped_size = text_end - text_start
+            if escaped_size > max_text:
                 break
             escaped = view[text_start:text_end]
-            pos = taken_to = end
+            pos = taken_to = text_end + ending_size
         if taken_to < 0:
             return -1, ""
         text = _string_content(bytes(escaped[len(before_run):]))
