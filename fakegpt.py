@@ -1151,6 +1151,12 @@ _NEEDS_JSON = re.compile(rb"[\x00-\x1f\\]")
 _WHOLE_CONTENT = re.compile(
     rb'[^"\\\x00-\x1f]*(?:(?:\\["\\/bfnrt]|\\u(?![dD][89a-fA-F])[0-9a-fA-F]{4})[^"\\\x00-\x1f]*)*'
 )
+# The same, for new text: not starting inside a UTF-8 sequence either.
+_NEW_CONTENT = re.compile(rb"(?![\x80-\xbf])" + _WHOLE_CONTENT.pattern)
+_scan_json: Callable[[str, int], Tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+_scan_json_string: Callable[[str, int], Tuple[str, int]] = json.decoder.scanstring  # type: ignore[attr-defined]
+
+
 def _loads(text: str) -> Any:
     """``json.loads(text)``, a microsecond sooner for the usual event: its scanner, which
     json.loads runs between two searches for white space; for anything else (white space
@@ -1160,11 +1166,6 @@ def _loads(text: str) -> Any:
     except (StopIteration, ValueError, RecursionError):
         end = -1
     return value if end == len(text) else json.loads(text)
-
-
-_scan_json: Callable[[str, int], Tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
-_NEW_CONTENT = re.compile(rb"(?![\x80-\xbf])" + _WHOLE_CONTENT.pattern)  # not starting inside a UTF-8 sequence
-_scan_json_string: Callable[[str, int], Tuple[str, int]] = json.decoder.scanstring  # type: ignore[attr-defined]
 
 
 class ConversationDecoder:
