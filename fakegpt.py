@@ -3152,24 +3152,26 @@ class _Client:
         body: Optional[bytes] = None, cookie_jar: Optional[http.cookiejar.CookieJar] = None,
     ) -> _HTTPResponse:
         endpoint, proxy = self.endpoint, self.proxy
-        url = f"{self.base_url}{path}"
-        target = url if proxy is not None and not endpoint.tls else f"{self.base_path}{path}"
-        fields = [("Host", endpoint.authority), *_browser_headers(self.base_url), *headers]
-        if proxy is not None and proxy.authorization and not endpoint.tls:
-            fields.append(("Proxy-Authorization", proxy.authorization))
-        if body is not None:
-            fields.append(("Content-Length", str(len(body))))
-        cookie_request = _CookieRequest(url, fields)
-        if cookie_jar is not None:
-            _add_cookie_header(cookie_jar, cookie_request)
-        head = _serialize_head(method, target, cookie_request.fields)
-        via = f" via {proxy.endpoint.authority}" if proxy is not None else ""
-        _log.debug("%s %s%s", method, url.split("?")[0], via)
-        message = head + body if body else head
         key, pool = self.connection_key, self.pool
+        # The place first: a call that waits for one holds nothing else meanwhile, and
+        # sends the cookies the jar has when its turn comes.
         if not pool.reserve(key, self.options.limits.max_connections):
             await self._wait_for_place(key)
         try:
+            url = f"{self.base_url}{path}"
+            target = url if proxy is not None and not endpoint.tls else f"{self.base_path}{path}"
+            fields = [("Host", endpoint.authority), *_browser_headers(self.base_url), *headers]
+            if proxy is not None and proxy.authorization and not endpoint.tls:
+                fields.append(("Proxy-Authorization", proxy.authorization))
+            if body is not None:
+                fields.append(("Content-Length", str(len(body))))
+            cookie_request = _CookieRequest(url, fields)
+            if cookie_jar is not None:
+                _add_cookie_header(cookie_jar, cookie_request)
+            head = _serialize_head(method, target, cookie_request.fields)
+            via = f" via {proxy.endpoint.authority}" if proxy is not None else ""
+            _log.debug("%s %s%s", method, url.split("?")[0], via)
+            message = head + body if body else head
             event, parser, connection = await self._send(method, path, url, message, key)
         except BaseException:
             pool.release(key)

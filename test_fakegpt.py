@@ -3233,6 +3233,31 @@ def test_at_most_max_connections_are_in_use_and_later_calls_wait_to_take_theirs(
     assert len(set(conversation_connections(mock).values())) == 3
 
 
+def test_a_call_that_waited_for_a_connection_sends_the_cookies_of_when_its_turn_came(
+    provider: "type[FakeGpt]", mock: mock_server.MockServer,
+) -> None:
+    ask = functools.partial(provider.create_async, "", limits=Limits(max_connections=1))
+
+    async def run() -> None:
+        await ask(prompted("login"))
+        first = asyncio.ensure_future(ask(prompted("[[fault delay_events:0.02]] first")))
+        while not any(r.path == "/api/conversation" and b"first" in r.body for r in mock.requests):
+            await asyncio.sleep(0.005)  # the first call holds the one connection now
+        second = asyncio.ensure_future(ask(prompted("second")))
+        await asyncio.sleep(0.05)  # it waits for its turn; meanwhile the jar gets a cookie
+        assert not second.done()
+        jar = provider._cookie_jar
+        assert jar is not None
+        jar.set_cookie(http.cookiejar.Cookie(0, "later", "1", None, False, mock.host, False, False, "/", True,
+                                             False, None, True, None, None, {}))
+        await asyncio.gather(first, second)
+
+    asyncio.run(run())
+    sent = [value for r in mock.requests if r.path == "/api/conversation" and b"second" in r.body
+            for name, value in r.headers if name.lower() == "cookie"]
+    assert len(sent) == 1 and "later=1" in sent[0] and "credential=" in sent[0]
+
+
 def test_a_connection_given_back_while_calls_wait_goes_to_them_past_the_idle_bound(
     provider: "type[FakeGpt]", mock: mock_server.MockServer, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
