@@ -3038,32 +3038,64 @@ class _CookieRequest:
         self.fields.append((name, value))
 
 
-# The headers a jar added for a URL, with the cookies they came from and when the first
-# of those expires. Making them runs the jar's whole policy, a tenth of a short
-# conversation's cost; they change only when the cookies do or one expires. (A policy
-# changed in place while its cookies stay the same takes effect when they next change.)
-_cookie_headers: "weakref.WeakKeyDictionary[http.cookiejar.CookieJar, Tuple[Any, float, List[Tuple[str, str]]]]" = (
-    weakref.WeakKeyDictionary()
-)
+class _CookieJar(http.cookiejar.CookieJar):
+    """A cookie jar that counts the changes to which cookies it holds (`set_cookie` and
+    `clear` are the only ways a `CookieJar` adds or removes one): while the count stays
+    the same, its cookies are the ones seen last, without a walk through the jar."""
+
+    def __init__(self, policy: Optional[http.cookiejar.CookiePolicy] = None) -> None:
+        super().__init__(policy)
+        self.changes = 0
+
+    def set_cookie(self, cookie: http.cookiejar.Cookie) -> None:
+        super().set_cookie(cookie)
+        self.changes += 1  # after: a change counted is one made
+
+    def clear(self, domain: Optional[str] = None, path: Optional[str] = None, name: Optional[str] = None) -> None:
+        super().clear(domain, path, name)
+        self.changes += 1
+
+
+class _KnownHeader(NamedTuple):
+    """The headers a jar added for a URL, and what they came from."""
+
+    url: str
+    changes: Optional[int]  # the jar's `_CookieJar.changes` before they were made
+    cookies: List[http.cookiejar.Cookie]
+    state: List[Tuple[Any, ...]]  # each cookie's attributes then
+    expires: float  # when the first of them expires
+    fields: List[Tuple[str, str]]
+
+
+# Making the headers runs the jar's whole policy, a tenth of a short conversation's cost;
+# they change only when the cookies do (in the jar, or in place) or one expires. (A
+# policy changed in place while its cookies stay the same takes effect when they next
+# change.)
+_cookie_headers: "weakref.WeakKeyDictionary[http.cookiejar.CookieJar, _KnownHeader]" = weakref.WeakKeyDictionary()
 
 
 def _add_cookie_header(jar: http.cookiejar.CookieJar, request: _CookieRequest) -> None:
     """``jar.add_cookie_header(request)``, remembered while the jar's cookies stay the same."""
-    cookies = list(iter(jar))  # list(jar) would walk the cookies twice: once for its len()
+    known = _cookie_headers.get(jar)
+    changes = jar.changes if isinstance(jar, _CookieJar) else None
+    if known is not None and changes is not None and known.changes == changes:
+        cookies = known.cookies
+    else:
+        cookies = list(iter(jar))  # list(jar) would walk the cookies twice: once for its len()
     if not cookies:
         return  # an empty jar adds no header (a call with an access token has one)
-    key = (request.full_url, [
-        (id(c), c.name, c.value, c.domain, c.path, c.secure, c.expires, c.version) for c in cookies
-    ])
-    known = _cookie_headers.get(jar)
-    if known is not None and known[0] == key and time.time() < known[1]:
-        request.fields.extend(known[2])
+    state = [(id(c), c.name, c.value, c.domain, c.path, c.secure, c.expires, c.version) for c in cookies]
+    if (
+        known is not None and known.url == request.full_url and known.state == state
+        and time.time() < known.expires
+    ):
+        request.fields.extend(known.fields)
         return
     before = len(request.fields)
     # http.cookiejar duck-types its request: the adapter is what it reads.
     jar.add_cookie_header(request)  # type: ignore[arg-type]
     expires = min((c.expires for c in cookies if c.expires is not None), default=math.inf)
-    _cookie_headers[jar] = (key, expires, request.fields[before:])
+    _cookie_headers[jar] = _KnownHeader(request.full_url, changes, cookies, state, expires, request.fields[before:])
 
 
 class _CookieResponse:
@@ -3459,7 +3491,7 @@ class _Session:
     token the caller gave (``access_token``), that token and no login."""
 
     def __init__(self, access_token: Optional[str] = None) -> None:
-        self.cookie_jar = http.cookiejar.CookieJar()
+        self.cookie_jar: http.cookiejar.CookieJar = _CookieJar()
         self.access_token = access_token
         self.given = access_token is not None
         self.kept_token: Optional[str] = None  # the token last read from or written to the session file

@@ -1799,7 +1799,8 @@ def test_provider_attributes_match_the_seed_and_gpt4free() -> None:
     assert "messages: Messages" in FakeGpt.params and "proxy: Optional[str] = None" in FakeGpt.params
 
 
-def test_remembered_cookie_header_is_what_the_jar_makes_as_its_cookies_change(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("counted", [True, False], ids=["the session's jar", "any jar"])
+def test_remembered_cookie_header_is_what_the_jar_makes_as_its_cookies_change(monkeypatch: pytest.MonkeyPatch, counted: bool) -> None:
     import http.cookiejar
 
     def cookie(name: str, value: str, expires: Optional[int]) -> http.cookiejar.Cookie:
@@ -1815,7 +1816,7 @@ def test_remembered_cookie_header_is_what_the_jar_makes_as_its_cookies_change(mo
         return request.fields[1:]
 
     now = time.time()
-    jar = http.cookiejar.CookieJar()
+    jar = fakegpt._CookieJar() if counted else http.cookiejar.CookieJar()
     jar.set_cookie(cookie("credential", "one", int(now) + 100))
     steps: List[Callable[[], Any]] = [
         lambda: None,
@@ -1824,6 +1825,8 @@ def test_remembered_cookie_header_is_what_the_jar_makes_as_its_cookies_change(mo
         lambda: setattr(next(c for c in jar if c.name == "extra"), "value", "three"),  # changed in place
         lambda: monkeypatch.setattr(time, "time", lambda: now + 200),  # the credential has expired
         lambda: jar.clear(),
+        lambda: jar.set_cookie(cookie("credential", "four", None)),
+        lambda: jar.clear("127.0.0.1", "/", "credential"),
     ]
     seen = []
     for step in steps:
@@ -1835,6 +1838,7 @@ def test_remembered_cookie_header_is_what_the_jar_makes_as_its_cookies_change(mo
     assert seen[1] == seen[0] and seen[2] == [("Cookie", "credential=one; extra=two")]
     assert seen[3] == [("Cookie", "credential=one; extra=three")]
     assert seen[4] == [("Cookie", "extra=three")] and seen[5] == []
+    assert seen[6] == [("Cookie", "credential=four")] and seen[7] == []
 
 
 def test_token_and_cookie_are_cached_so_a_second_call_makes_one_request(provider: "type[FakeGpt]", mock: mock_server.MockServer) -> None:
