@@ -4062,7 +4062,7 @@ class ChatStream:
         """One request and its reply, as `_run` gives it."""
         options = self._options
         path = "/backend-api/conversation" if options.profile == "backend-api" else "/api/conversation"
-        body = _BODY_ENCODER.encode(_conversation_body(self.prompt, options, continues)).encode("ascii")
+        body = _request_body(self.prompt, options, continues)
         headers = [
             ("Content-Type", "application/json"),
             ("Accept", "text/event-stream"),
@@ -4205,9 +4205,26 @@ def _uuid4() -> str:
 _BODY_ENCODER = json.JSONEncoder(check_circular=False)  # json.dumps, less its check for loops in what it is given
 
 
+def _request_body(prompt: str, options: _Options, continues: Optional[ConversationDecoder] = None) -> bytes:
+    """The conversation request's body, as JSON."""
+    if continues is None:
+        template = _new_turn_template(options)
+        if template is not None:  # what `_conversation_body` gives, encoded, for the same ids
+            before_id, before_prompt, before_parent, rest = template
+            encode = _BODY_ENCODER.encode
+            message_id = _uuid4()
+            parent = options.parent_message_id or _uuid4()
+            pieces = (before_id, encode(message_id), before_prompt, encode(prompt), before_parent, encode(parent), rest)
+            return "".join(pieces).encode("ascii")
+    return _BODY_ENCODER.encode(_conversation_body(prompt, options, continues)).encode("ascii")
+
+
 def _conversation_body(
-    prompt: str, options: _Options, continues: Optional[ConversationDecoder] = None
+    prompt: str, options: _Options, continues: Optional[ConversationDecoder] = None,
+    ids: Optional[Tuple[str, str]] = None,
 ) -> Dict[str, Any]:
+    """The body of a conversation request; a new turn's message and parent ids are `ids`,
+    else new (the parent's the one the options give, if any)."""
     if continues is not None:
         body: Dict[str, Any] = {
             "action": "continue",
@@ -4220,24 +4237,25 @@ def _conversation_body(
             "force_paragen": False,
         }
     else:
-        body = _new_turn_body(prompt, options)
+        message_id, parent_id = ids or (_uuid4(), options.parent_message_id or _uuid4())
+        body = _new_turn_body(prompt, options, message_id, parent_id)
     if options.profile == "backend-api":
         body["supported_encodings"] = ["v1"]  # the delta format; snapshots read as well
     return body
 
 
-def _new_turn_body(prompt: str, options: _Options) -> Dict[str, Any]:
+def _new_turn_body(prompt: str, options: _Options, message_id: str, parent_id: str) -> Dict[str, Any]:
     body: Dict[str, Any] = {
         "action": "next",
         "messages": [
             {
-                "id": _uuid4(),
+                "id": message_id,
                 "author": {"role": "user"},
                 "content": {"content_type": "text", "parts": [prompt]},
                 "metadata": {},
             }
         ],
-        "parent_message_id": options.parent_message_id or _uuid4(),
+        "parent_message_id": parent_id,
         "model": options.model,
         "plugin_ids": [],
         "timezone_offset_min": -120,
@@ -4249,6 +4267,30 @@ def _new_turn_body(prompt: str, options: _Options) -> Dict[str, Any]:
     if options.conversation_id:
         body["conversation_id"] = options.conversation_id
     return body
+
+
+# Where a template's variable parts go: a string, and its JSON. (An option that is this
+# very string splits the template in more than four pieces: then it is not used.)
+_SLOT = "\x00slot\x00"
+_ENCODED_SLOT = '"\\u0000slot\\u0000"'
+_new_turn_templates: Dict[Tuple[Any, ...], Optional[Tuple[str, str, str, str]]] = {}
+
+
+def _new_turn_template(options: _Options) -> Optional[Tuple[str, str, str, str]]:
+    """A new turn's body as JSON around its message id, prompt and parent message id (in
+    that order), made once for the options it depends on: encoding the whole body each
+    call cost more than the rest of building the request. None if an option's text
+    would hide where they go."""
+    key = (options.model, options.history_and_training_disabled, options.conversation_id, options.profile)
+    if key in _new_turn_templates:
+        return _new_turn_templates[key]
+    body = _conversation_body(_SLOT, options, ids=(_SLOT, _SLOT))
+    pieces = _BODY_ENCODER.encode(body).split(_ENCODED_SLOT)
+    template = (pieces[0], pieces[1], pieces[2], pieces[3]) if len(pieces) == 4 else None
+    if len(_new_turn_templates) >= 64:
+        _new_turn_templates.clear()
+    _new_turn_templates[key] = template
+    return template
 
 
 class _ClassProperty:

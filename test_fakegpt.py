@@ -2219,6 +2219,24 @@ def test_property_the_json_shortcut_decodes_as_json_loads(value: Any, before: st
     assert json_outcome(fakegpt._loads, text) == json_outcome(json.loads, text)
 
 
+@PROPERTY
+@given(st.text(), st.sampled_from(["", "gpt-4o", "text-davinci-002-render-sha", "\x00slot\x00", "m\x00slot\x00", 'q"uote']),
+       st.one_of(st.none(), st.text(min_size=1, max_size=12)), st.one_of(st.none(), st.text(min_size=1, max_size=12)),
+       st.sampled_from(["shared", "backend-api"]), st.booleans())
+def test_property_a_new_turns_body_is_its_dictionary_as_json(
+        prompt: str, model: str, conversation_id: Optional[str], parent: Optional[str], profile: str, history: bool) -> None:
+    options = fakegpt._options(FakeGpt, model, None, {
+        "conversation_id": conversation_id, "parent_message_id": parent, "profile": profile,
+        "history_and_training_disabled": history, "access_token": "token"})
+    ids = iter(range(10**6))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fakegpt, "_uuid4", lambda: f"id-{next(ids)}")
+        sent = json.loads(fakegpt._request_body(prompt, options))
+        ids = iter(range(10**6))
+        assert sent == fakegpt._conversation_body(prompt, options)
+    assert sent["messages"][0]["content"]["parts"] == [prompt] and sent["model"] == options.model
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX's")
 def test_a_forked_process_makes_message_ids_of_its_own() -> None:
     fakegpt._uuid4()  # random bytes fetched for the ids to come
