@@ -899,6 +899,21 @@ class SSEDecoder:
             raise
 
     @property
+    def at_start(self) -> bool:
+        """Whether no bytes have been fed yet."""
+        return self._start == b""
+
+    def take_start(self, chunk: bytes) -> int:
+        """For a reader that reads `chunk`, the stream's first bytes, itself: how many of
+        them are a BOM to skip (0 if they do not start with one). The decoder is then at
+        an event boundary, as if it had been fed them. -1, and nothing taken, if they are
+        too few to tell: feed them instead."""
+        if not self.at_start or (len(chunk) < len(_BOM) and _BOM.startswith(chunk)):
+            return -1
+        self._start = None
+        return len(_BOM) if chunk.startswith(_BOM) else 0
+
+    @property
     def at_event_boundary(self) -> bool:
         """Whether every byte fed so far is decoded, at the start of a line, with no
         event begun: the next bytes start a fresh event."""
@@ -1813,6 +1828,8 @@ class _ReplyDecoder:
     def _feed(self, chunk: bytes, events: List[Any]) -> None:
         conversation, sse = self.conversation, self.sse
         pos, size = 0, len(chunk)
+        if sse.at_start:  # the first event too can go where it lies
+            pos = max(sse.take_start(chunk), 0)
         while pos < size and not conversation.done:
             if sse.at_event_boundary:
                 if conversation.known_prefix_size is not None:

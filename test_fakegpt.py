@@ -1229,6 +1229,20 @@ def test_delta_shortcut_is_taken_for_appends() -> None:
     assert error is None and appends > 50 and len(documents) < body.count(b"data: ") - appends + 5
 
 
+@PROPERTY
+@given(st.sampled_from([b"", b"\xef\xbb\xbf", b"\xef\xbb\xbf\xef\xbb\xbf", b"\xef\xbb", b"\xef", b"\xbb\xbf", b"\n", b":\n"]),
+       st.lists(st.integers(0, 40), max_size=4))
+def test_property_a_leading_bom_is_read_as_the_event_stream_decoder_reads_it(start: bytes, cuts: List[int]) -> None:
+    body = start + b"data: " + assistant_event("Hi") + b"\n\ndata: " + assistant_event("Hi there") + b"\n\ndata: [DONE]\n\n"
+    chunks = split_at(body, cuts)
+    events, error = reply_outcome(chunks, Limits())
+    assert (events, error) == layered_outcome(chunks, Limits())
+    # After one BOM (or none) the first event is read; other bytes before it make its
+    # field name another (one that is ignored), and only the second event is.
+    first_read = start in (b"", b"\xef\xbb\xbf", b"\n", b":\n")
+    assert error is None and events[0][0] == ("Hi" if first_read else "Hi there")
+
+
 def test_reply_decoder_shortcut_never_reads_a_line_break_as_part_of_an_event() -> None:
     # A shape learned from an event of two data lines has a LF in it; a later "event"
     # whose second line lacks "data:" has the same bytes, but is a different event stream.
