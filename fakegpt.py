@@ -2186,14 +2186,14 @@ class _Clock:
         self._watchdog: Optional[asyncio.TimerHandle] = None
         self._waiting: Optional["asyncio.Task[Any]"] = None  # the task in a wait
         self._waiting_since = 0.0
-        self._phase = "read"  # the wait's: "read" or "connect"
+        self._phase = "read"  # the wait's: "read", "connect" or "total"
         self._limit: Optional[float] = None  # its timeout
         self._expired: Optional[str] = None
 
     async def wait(self, awaitable: Awaitable[_T], phase: str = "read") -> _T:
-        """`awaitable` (a read, or a wait for a connection) under the `phase` ("read"
-        or "connect") timeout and the total one."""
-        limit = self.timeouts.read if phase == "read" else self.timeouts.connect
+        """`awaitable` under the `phase` timeout ("read": a read; "connect": opening a
+        connection, or waiting for one; "total": only the call's) and the total one."""
+        limit = self.timeouts.read if phase == "read" else self.timeouts.connect if phase == "connect" else None
         if limit is None and self._deadline is None:
             return await awaitable
         self._waiting_since = self._loop.time()
@@ -2253,36 +2253,6 @@ class _Clock:
         if phase == "read":
             return f"the upstream sent nothing for {timeouts.read:g} s (read timeout)"
         return f"the call took longer than {timeouts.total:g} s (total timeout)"
-
-    async def within(self, awaitable: Awaitable[_T], phase: str) -> _T:
-        """`awaitable` under the `phase` ("connect", "read" or "total") timeout and the
-        call's deadline."""
-        timeouts = self.timeouts
-        limit = {"connect": timeouts.connect, "read": timeouts.read}.get(phase)
-        which = phase
-        if self._deadline is not None:
-            remaining = max(self._deadline - self._loop.time(), 0.0)
-            if limit is None or remaining < limit:
-                limit, which = remaining, "total"
-        if limit is None:
-            return await awaitable
-        try:
-            return await _wait_for(awaitable, limit)
-        except asyncio.TimeoutError:
-            raise RequestTimeout(self._timeout_message(which), phase=which) from None
-
-
-if sys.version_info >= (3, 11):
-
-    async def _wait_for(awaitable: Awaitable[_T], seconds: float) -> _T:
-        # Unlike wait_for before 3.12, no extra task per read on the hot path.
-        async with asyncio.timeout(seconds):  # novermin - 3.11+ only, guarded above
-            return await awaitable
-
-else:  # pragma: no cover - exercised on Python 3.9 and 3.10
-
-    async def _wait_for(awaitable: Awaitable[_T], seconds: float) -> _T:
-        return await asyncio.wait_for(awaitable, seconds)
 
 
 class _Endpoint(NamedTuple):
@@ -2540,7 +2510,7 @@ class _Connection(asyncio.BufferedProtocol):
             return connection
 
         try:
-            connection = await clock.within(cls._connect(endpoint, proxy, ssl_context, factory, limits), "connect")
+            connection = await clock.wait(cls._connect(endpoint, proxy, ssl_context, factory, limits), "connect")
             _log.debug("connected to %s in %.0f ms", where, (time.monotonic() - started) * 1000)
             return connection
         except ssl.SSLCertVerificationError as exc:
@@ -3530,7 +3500,7 @@ class _Session:
             task = loop.create_task(self._log_in(client.for_shared_work()))
             task.add_done_callback(_consume_outcome)
             self._login = task
-        return await client.clock.within(asyncio.shield(task), "total")
+        return await client.clock.wait(asyncio.shield(task), "total")
 
     def invalidate(self, token: str) -> None:
         """Forget `token` and the cookies, unless a newer login replaced them already."""
