@@ -64,7 +64,7 @@ from typing import (
     Union,
 )
 
-__version__ = "1.5.0"
+__version__ = "1.6.0"
 __all__ = [
     "AsyncResult",
     "AuthenticationError",
