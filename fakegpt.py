@@ -689,6 +689,9 @@ class ResponseReader:
         return NEED_DATA
 
     def _read_trailers(self) -> Union[ReaderEvent, _NeedData]:
+        if self._buf.startswith(b"\r\n"):  # no trailers, as usual: the blank line at once
+            del self._buf[:2]
+            return self._end_of_message()
         while True:
             line = self._take_line("trailer line")
             if line is None:
