@@ -1590,25 +1590,35 @@ class ConversationDecoder:
         view = self._buffer_view
         assert view is not None
         lead = before + head
-        text_offset, ending_size = len(lead), len(ending)
+        if not buffer.startswith(lead, pos):
+            return -1, ""
+        between = ending + lead  # from one event's text to the next one's
+        ending_size, between_size = len(ending), len(between)
         max_text = max_data - len(head) - len(self._tail)  # the event's data: head, text, tail
         escaped = before_run = self._escaped_text
         escaped_size = len(escaped)
         taken_to = -1
         new_text = _NEW_CONTENT.match
-        while buffer.startswith(lead, pos) and buffer.startswith(escaped, pos + text_offset):
-            text_start = pos + text_offset
+        text_start = pos + len(lead)
+        while buffer.startswith(escaped, text_start):
             match = new_text(buffer, text_start + escaped_size)
             if match is None:
                 break  # it starts inside a UTF-8 sequence
             text_end = match.end()
-            if not buffer.startswith(ending, text_end):
-                break  # not this shape, or a surrogate pair's escapes or a control character
-            escaped_size = text_end - text_start
-            if escaped_size > max_text:
+            if text_end - text_start > max_text:
                 break
-            escaped = view[text_start:text_end]
-            pos = taken_to = text_end + ending_size
+            if buffer.startswith(between, text_end):  # the usual case: another event follows
+                escaped_size = text_end - text_start
+                escaped = view[text_start:text_end]
+                taken_to = text_end + ending_size
+                text_start = text_end + between_size
+            else:
+                # The run's last event, or not this shape (or a surrogate pair's escapes
+                # or a control character: the match stopped before them).
+                if buffer.startswith(ending, text_end):
+                    escaped = view[text_start:text_end]
+                    taken_to = text_end + ending_size
+                break
         if taken_to < 0:
             return -1, ""
         text = _string_content(bytes(escaped[len(before_run):]))
