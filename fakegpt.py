@@ -374,6 +374,7 @@ _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[^\x00-\x08\x0a-\x1f\x7
 _HEX_DIGITS = b"0123456789abcdefABCDEF"
 _NEXT_CHUNK = re.compile(rb"\r\n([0-9A-Fa-f]{1,16})\r\n")  # a chunk's end and the next one's size
 _CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
+_FRAMING_FIELDS = frozenset({"transfer-encoding", "content-length", "content-encoding", "connection"})
 _DECOMPRESS_STEP = 1024 * 1024
 
 
@@ -504,11 +505,16 @@ class ResponseReader:
         if status < 200:
             return None  # an interim response: the real one follows
         self.response = Response(status, reason, headers)
-        self._choose_framing(self.response)
-        connection = (self.response.get("connection") or "").lower()
+        # The fields that frame the body, in one pass (as `Response.get` joins them).
+        framing: Dict[str, str] = {}
+        for name, value in headers:
+            if name in _FRAMING_FIELDS:
+                framing[name] = f"{framing[name]}, {value}" if name in framing else value
+        self._choose_framing(self.response, framing)
+        connection = framing.get("connection", "").lower()
         self._persistent = (
             not http10 and self._step != self._read_until_close and self._method != "CONNECT"
-            and "close" not in (token.strip() for token in connection.split(","))
+            and ("close" not in connection or "close" not in [token.strip() for token in connection.split(",")])
         )
         return self.response
 
@@ -537,11 +543,11 @@ class ResponseReader:
         self._fields = [(name.lower(), value.rstrip(" \t")) for name, value in fields]
         return True
 
-    def _choose_framing(self, response: Response) -> None:
-        transfer_coding = response.get("transfer-encoding")
-        content_length = response.get("content-length")
+    def _choose_framing(self, response: Response, framing: Dict[str, str]) -> None:
+        transfer_coding = framing.get("transfer-encoding")
+        content_length = framing.get("content-length")
         if self._decode_content:
-            self._decoder = _content_decoder(response.get("content-encoding"))
+            self._decoder = _content_decoder(framing.get("content-encoding"))
         tunnel = self._method == "CONNECT" and 200 <= response.status < 300
         if tunnel or self._method == "HEAD" or response.status in (204, 304):
             self._step = self._end_of_message
@@ -2951,24 +2957,33 @@ class _HTTPResponse:
     async def finish(self, seconds: float) -> None:
         """`release`, after waiting at most `seconds` for the rest of the body (after a
         stream's last event, the few bytes that end it, usually here already)."""
-        deadline = time.monotonic() + seconds
-        try:
-            while not self._read_arrived() and self._connection is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                await asyncio.wait_for(self._connection.receive(), left)
-        except (FakeGptError, asyncio.TimeoutError):
-            pass  # then the connection is closed
-        self.release()
+        arrived = self._read_arrived()  # usually: the end came with the last event
+        if not arrived:
+            deadline = time.monotonic() + seconds
+            try:
+                while self._connection is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    await asyncio.wait_for(self._connection.receive(), left)
+                    if self._read_arrived():
+                        break
+            except (FakeGptError, asyncio.TimeoutError):
+                pass  # then the connection is closed
+            arrived = self._connection is not None and self._read_arrived()
+        self._give_back(arrived)
 
     def release(self) -> None:
         """Done with the response, which went well: its connection is kept for another
         request if what has arrived ends the body and the response allows it, else closed."""
+        self._give_back(self._read_arrived())
+
+    def _give_back(self, arrived: bool) -> None:
+        """`release`, knowing whether the body has ended."""
         connection, self._connection = self._connection, None
         if connection is None:
             return
-        if self._read_arrived() and self._parser.keep_alive:
+        if arrived and self._parser.keep_alive:
             self._keep(connection, self.head)
         else:
             self._lose(connection)
