@@ -3819,13 +3819,41 @@ def _check_keywords(kwargs: Dict[str, Any]) -> None:
 def _options(
     provider: type, model: Optional[str], proxy: Optional[str], kwargs: Dict[str, Any]
 ) -> _Options:
-    if not kwargs.keys() <= KEYWORDS:
-        _check_keywords(kwargs)
+    """The call's options, checked: anything wrong is a `UsageError` before any I/O.
+
+    A call with the arguments of an earlier one (and the same environment) gets the
+    options checked then: most calls pass what the last passed. Not a call continuing a
+    conversation object, which may have changed since."""
     url = kwargs.get("url")
     if url is None:
         url = provider.url  # type: ignore[attr-defined]
         if url == DEFAULT_URL:  # neither the call nor a subclass chose one
             url = os.environ.get("FAKEGPT_URL") or DEFAULT_URL
+    token = kwargs.get("access_token")
+    if token is None:
+        token = os.environ.get("FAKEGPT_ACCESS_TOKEN") or None
+    if "conversation" in kwargs:
+        return _checked_options(url, token, model, proxy, kwargs)
+    try:
+        # Typed: 1 and True are equal keys, but not equally good values.
+        key = (url, token, model, proxy, *[(name, type(value), value) for name, value in kwargs.items()])
+        known = _known_options.get(key)
+    except TypeError:  # a value that cannot be a key: checked each time
+        return _checked_options(url, token, model, proxy, kwargs)
+    if known is None:
+        known = _checked_options(url, token, model, proxy, kwargs)
+        if len(_known_options) >= 64:
+            _known_options.clear()
+        _known_options[key] = known
+    return known
+
+
+def _checked_options(
+    url: Any, token: Any, model: Optional[str], proxy: Optional[str], kwargs: Dict[str, Any]
+) -> _Options:
+    """`_options`, given the URL and the token (the call's, or the environment's)."""
+    if not kwargs.keys() <= KEYWORDS:
+        _check_keywords(kwargs)
     endpoint, base_path = _parse_url(url)  # a bad URL fails here, before any I/O
     context = kwargs.get("ssl")
     if context is not None and not isinstance(context, ssl.SSLContext):
@@ -3838,9 +3866,6 @@ def _options(
     profile = kwargs.get("profile", "shared")
     if profile not in PROFILES:
         raise UsageError(f"profile must be one of {', '.join(map(repr, PROFILES))}, not {profile!r}")
-    token = kwargs.get("access_token")
-    if token is None:
-        token = os.environ.get("FAKEGPT_ACCESS_TOKEN") or None
     if token is not None and not (isinstance(token, str) and _TOKEN_TEXT.fullmatch(token)):
         raise UsageError("access_token must be a non-empty string of printable ASCII without spaces")
     if profile == "backend-api" and token is None:
@@ -3873,6 +3898,9 @@ def _options(
         retries=retries,
         session_cache=bool(kwargs.get("session_cache", False)),
     )
+
+
+_known_options: Dict[Any, _Options] = {}
 
 
 def _conversation_keyword(conversation: Any) -> Tuple[Optional[str], Optional[str]]:

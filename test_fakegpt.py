@@ -2420,6 +2420,37 @@ def test_the_library_reads_fakegpt_url_and_a_call_or_a_subclass_url_wins(mock: m
         FakeGpt.stream("", USER, url="")
 
 
+def test_a_calls_options_are_those_its_own_arguments_and_environment_give(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Checked options are kept for calls with the same arguments; what differs must not get them.
+    url = "http://127.0.0.1:9"
+    assert FakeGpt.stream("", USER, url=url, retries=1)._options.retries == 1
+    with pytest.raises(fakegpt.UsageError, match="retries"):
+        FakeGpt.stream("", USER, url=url, retries=True)  # equal to 1 as a key, not as a value
+    assert FakeGpt.stream("", USER, url=url, timeout=5)._options.timeouts.total == 5
+    assert FakeGpt.stream("", USER, url=url, timeout=5.5)._options.timeouts.total == 5.5
+    monkeypatch.setenv("FAKEGPT_ACCESS_TOKEN", "token-1")
+    assert FakeGpt.stream("", USER, url=url)._options.access_token == "token-1"
+    monkeypatch.setenv("FAKEGPT_ACCESS_TOKEN", "token-2")
+    assert FakeGpt.stream("", USER, url=url)._options.access_token == "token-2"
+    monkeypatch.setenv("FAKEGPT_ACCESS_TOKEN", "two words")
+    with pytest.raises(fakegpt.UsageError, match="access_token"):
+        FakeGpt.stream("", USER, url=url)
+    monkeypatch.delenv("FAKEGPT_ACCESS_TOKEN")
+    monkeypatch.setenv("FAKEGPT_URL", "http://127.0.0.1:8")
+    assert FakeGpt.stream("", USER)._options.endpoint.port == 8
+    monkeypatch.setenv("FAKEGPT_URL", "http://127.0.0.1:7")
+    assert FakeGpt.stream("", USER)._options.endpoint.port == 7
+
+    class Conversation:  # as gpt4free's JsonConversation: the caller may change it between calls
+        def __init__(self) -> None:
+            self.conversation_id, self.message_id = "c-1", "m-1"
+
+    conversation = Conversation()
+    assert FakeGpt.stream("", USER, url=url, conversation=conversation)._options.parent_message_id == "m-1"
+    conversation.message_id = "m-2"
+    assert FakeGpt.stream("", USER, url=url, conversation=conversation)._options.parent_message_id == "m-2"
+
+
 @pytest.mark.parametrize("keyword, suggestion", [("timout", "timeout"), ("conversation_ID", "conversation_id"),
                                                  ("acess_token", "access_token"), ("Profile", "profile"), ("retrys", "retries")])
 def test_a_keyword_close_to_a_known_one_is_a_usage_error(keyword: str, suggestion: str) -> None:
