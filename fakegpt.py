@@ -3201,6 +3201,7 @@ class _Client:
     ) -> _HTTPResponse:
         endpoint, proxy = self.endpoint, self.proxy
         key, pool = self.connection_key, self.pool
+        debug = _log.isEnabledFor(logging.DEBUG)  # (a log line's parts cost more than asking)
         # The place first: a call that waits for one holds nothing else meanwhile, and
         # sends the cookies the jar has when its turn comes.
         if not pool.reserve(key, self.options.limits.max_connections):
@@ -3217,14 +3218,16 @@ class _Client:
             if cookie_jar is not None:
                 _add_cookie_header(cookie_jar, cookie_request)
             head = _serialize_head(method, target, cookie_request.fields)
-            via = f" via {proxy.endpoint.authority}" if proxy is not None else ""
-            _log.debug("%s %s%s", method, url.split("?")[0], via)
+            if debug:
+                via = f" via {proxy.endpoint.authority}" if proxy is not None else ""
+                _log.debug("%s %s%s", method, url.split("?")[0], via)
             message = head + body if body else head
             event, parser, connection = await self._send(method, path, url, message, key)
         except BaseException:
             pool.release(key)
             raise
-        _log.debug("%s %s -> %d %s", method, url.split("?")[0], event.status, event.reason)
+        if debug:
+            _log.debug("%s %s -> %d %s", method, url.split("?")[0], event.status, event.reason)
         response = _HTTPResponse(event, parser, connection, self._keep, self._lose)
         if cookie_jar is not None and any(name in ("set-cookie", "set-cookie2") for name, _ in event.headers):
             try:
