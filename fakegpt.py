@@ -136,7 +136,12 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 def _valid_text(text: str) -> str:
     """`text` with each lone surrogate (a ``\\ud800`` escape in JSON; valid pairs are
     joined by the parser) as U+FFFD, as invalid UTF-8 already is: text that encodes."""
-    return text if _SURROGATE.search(text) is None else _SURROGATE.sub("\ufffd", text)
+    if not text.isascii():
+        try:
+            text.encode("utf-8")  # (faster than searching: only a surrogate cannot be)
+        except UnicodeEncodeError:
+            return _SURROGATE.sub("\ufffd", text)
+    return text
 
 
 def _redact(text: str, secrets: Sequence[str]) -> str:
