@@ -1305,16 +1305,18 @@ class ConversationDecoder:
         """The `ChatEvent` this event makes, or None if it carries no reply."""
         return self.feed_data(event.raw, event.event)
 
-    def feed_data(self, raw: bytes, kind: str = "message") -> Optional[ChatEvent]:
-        """`feed` for an event given as its data and type."""
+    def feed_data(self, raw: bytes, kind: str = "message", *, extends: bool = True) -> Optional[ChatEvent]:
+        """`feed` for an event given as its data and type; ``extends=False`` says that
+        `extend` would not take it, which is then not asked."""
         if kind == "message" and len(raw) < 16 and raw.strip() == b"[DONE]":
             self.done = True
             return None
         if kind not in ("message", "delta"):
             return None  # "ping", "delta_encoding" and other named events carry no reply
-        delta = self.extend(raw, 0, len(raw), kind)
-        if delta is not None:
-            return self.event(delta)
+        if extends:
+            delta = self.extend(raw, 0, len(raw), kind)
+            if delta is not None:
+                return self.event(delta)
         payload = _json_payload(raw, "event data")
         if not isinstance(payload, dict):
             return None  # bare strings and numbers are keep-alives
@@ -1863,9 +1865,10 @@ class _ReplyDecoder:
                         break
                 # The usual event of another shape, one ``data:`` line and a blank line:
                 # its data is where it lies, and the event stream decoder has nothing to do.
+                # (`extend` would not take it: `_shortcut` stopped before it, or there is no shape.)
                 last = self._data_end(chunk, pos + 6, 0) if chunk.startswith(b"data: ", pos) else -1
                 if last >= 0 and chunk.find(b"\r", pos, last) < 0:
-                    self._take(conversation.feed_data(chunk[pos + 6:last]), events)
+                    self._take(conversation.feed_data(chunk[pos + 6:last], extends=False), events)
                     pos = last + 2
                     continue
             stop = _blank_line_end(chunk, pos)  # where the shortcut may apply again
