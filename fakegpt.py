@@ -65,7 +65,7 @@ from typing import (
     Union,
 )
 
-__version__ = "1.6.0"
+__version__ = "1.6.1"
 __all__ = [
     "AsyncResult",
     "AuthenticationError",
