@@ -3846,8 +3846,11 @@ def _options(
     if "conversation" in kwargs:
         return _checked_options(url, token, model, proxy, kwargs)
     try:
-        # Typed: 1 and True are equal keys, but not equally good values.
-        key = (url, token, model, proxy, *[(name, type(value), value) for name, value in kwargs.items()])
+        # Typed: 1 and True are equal keys, but not equally good values. Of a keyword the
+        # options ignore (gpt4free's, say), only the name counts: its value is not kept.
+        key = (url, token, model, proxy, *[
+            (name, type(value), value) if name in KEYWORDS else name for name, value in kwargs.items()
+        ])
         known = _known_options.get(key)
     except TypeError:  # a value that cannot be a key: checked each time
         return _checked_options(url, token, model, proxy, kwargs)
