@@ -58,7 +58,6 @@ from typing import (
     NoReturn,
     Optional,
     Sequence,
-    Set,
     TextIO,
     Tuple,
     TypeVar,
@@ -160,6 +159,19 @@ def _redact(text: str, secrets: Sequence[str]) -> str:
             if form in text:
                 text = re.sub(f"(?<![A-Za-z0-9]){re.escape(form)}(?![A-Za-z0-9])", "***", text)
     return text
+
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+def _memo_put(memo: Dict[_K, _V], key: _K, value: _V) -> _V:
+    """`value`, kept in `memo` under `key`; a full memo (64 entries: calls mostly share
+    a handful) is emptied first."""
+    if len(memo) >= 64:
+        memo.clear()
+    memo[key] = value
+    return value
 
 
 def _excerpt(data: Union[bytes, str], limit: int = 80) -> str:
@@ -317,10 +329,7 @@ def _checked_limits(limits: Any) -> Limits:
     for name, value in zip(Limits.__annotations__, limits):  # the fields, in order
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise UsageError(f"Limits.{name} must be a positive whole number, not {value!r}")
-    if len(_checked) >= 64:
-        _checked.clear()
-    _checked[id(limits)] = limits
-    return limits
+    return _memo_put(_checked, id(limits), limits)
 
 
 _checked: Dict[int, Limits] = {id(_DEFAULT_LIMITS): _DEFAULT_LIMITS}  # the last `Limits` found good
@@ -3368,17 +3377,13 @@ def _serialize_head(method: str, target: str, fields: Sequence[Tuple[str, str]])
 
 def _valid_field_names(names: str) -> bool:
     """Whether `names` is field names (tokens) joined by spaces."""
-    if names in _VALID_FIELD_NAMES:
-        return True
-    if _FIELD_NAMES.fullmatch(names) is None:
-        return False
-    if len(_VALID_FIELD_NAMES) >= 64:
-        _VALID_FIELD_NAMES.clear()
-    _VALID_FIELD_NAMES.add(names)
-    return True
+    valid = _field_names_checked.get(names)
+    if valid is None:
+        valid = _memo_put(_field_names_checked, names, _FIELD_NAMES.fullmatch(names) is not None)
+    return valid
 
 
-_VALID_FIELD_NAMES: Set[str] = set()
+_field_names_checked: Dict[str, bool] = {}
 _FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _FIELD_NAMES = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+(?: [!#$%&'*+\-.^_`|~0-9A-Za-z]+)*")  # joined by spaces
 _TOKEN_TEXT = re.compile(r"[\x21-\x7e]+")  # what a token (or account id) may be: sent as is
@@ -3855,10 +3860,7 @@ def _options(
     except TypeError:  # a value that cannot be a key: checked each time
         return _checked_options(url, token, model, proxy, kwargs)
     if known is None:
-        known = _checked_options(url, token, model, proxy, kwargs)
-        if len(_known_options) >= 64:
-            _known_options.clear()
-        _known_options[key] = known
+        known = _memo_put(_known_options, key, _checked_options(url, token, model, proxy, kwargs))
     return known
 
 
@@ -4361,10 +4363,7 @@ def _new_turn_template(options: _Options) -> Optional[Tuple[str, str, str, str]]
     body = _conversation_body(_SLOT, options, ids=(_SLOT, _SLOT))
     pieces = _BODY_ENCODER.encode(body).split(_ENCODED_SLOT)
     template = (pieces[0], pieces[1], pieces[2], pieces[3]) if len(pieces) == 4 else None
-    if len(_new_turn_templates) >= 64:
-        _new_turn_templates.clear()
-    _new_turn_templates[key] = template
-    return template
+    return _memo_put(_new_turn_templates, key, template)
 
 
 class _ClassProperty:
