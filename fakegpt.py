@@ -1834,9 +1834,11 @@ class _ReplyDecoder:
     event stream is at an event boundary and the conversation decoder knows their shape,
     each ``data: ...`` line followed by a blank line goes straight to
     `ConversationDecoder.extend`, read where it lies in the chunk: no `ServerSentEvent`,
-    no copy. Anything else (other fields or line endings, another shape, a limit reached)
-    goes through both decoders up to the next blank line. Both ways give the same events
-    and errors.
+    no copy. An event of one ``data:`` line that a chunk ends in is kept aside until the
+    next chunk ends it (a read of the socket ends in the middle of an event as a rule).
+    Anything else (other fields or line endings, another shape, a limit reached) goes
+    through both decoders up to the next blank line. Both ways give the same events and
+    errors.
     """
 
     def __init__(
@@ -1848,6 +1850,9 @@ class _ReplyDecoder:
         self._max_line = limits.max_sse_line_size
         self._max_data = limits.max_event_size - 1  # SSE counts the LF that joins lines
         self._max_run_data = min(self._max_line - 6, self._max_data)  # a "data: " line's value
+        # The start of the usual event (``data: `` and no line end yet) that the last chunk
+        # ended in: the event stream decoder has not seen it, and is at an event boundary.
+        self._carry = b""
 
     @property
     def done(self) -> bool:
@@ -1864,7 +1869,9 @@ class _ReplyDecoder:
     def _feed(self, chunk: bytes, events: List[Any]) -> None:
         conversation, sse = self.conversation, self.sse
         pos, size = 0, len(chunk)
-        if sse.at_start:  # the first event too can go where it lies
+        if self._carry:
+            pos = self._end_carried(chunk, events)
+        elif sse.at_start:  # the first event too can go where it lies
             pos = max(sse.take_start(chunk), 0)
         while pos < size and not conversation.done:
             if sse.at_event_boundary:
@@ -1875,11 +1882,15 @@ class _ReplyDecoder:
                 # The usual event of another shape, one ``data:`` line and a blank line:
                 # its data is where it lies, and the event stream decoder has nothing to do.
                 # (`extend` would not take it: `_shortcut` stopped before it, or there is no shape.)
-                last = self._data_end(chunk, pos + 6, 0) if chunk.startswith(b"data: ", pos) else -1
-                if last >= 0 and chunk.find(b"\r", pos, last) < 0:
-                    self._take(conversation.feed_data(chunk[pos + 6:last], extends=False), events)
-                    pos = last + 2
-                    continue
+                if chunk.startswith(b"data: ", pos):
+                    last = self._data_end(chunk, pos + 6, 0)
+                    if last >= 0 and chunk.find(b"\r", pos, last) < 0:
+                        self._take(conversation.feed_data(chunk[pos + 6:last], extends=False), events)
+                        pos = last + 2
+                        continue
+                    if size - pos <= self._max_line and chunk.find(b"\n", pos) < 0 and chunk.find(b"\r", pos) < 0:
+                        self._carry = chunk[pos:]  # the next chunk ends it, most likely
+                        return
             stop = _blank_line_end(chunk, pos)  # where the shortcut may apply again
             sse_events: List[ServerSentEvent] = []
             error: Optional[LimitExceeded] = None
@@ -1898,7 +1909,25 @@ class _ReplyDecoder:
 
     def close(self) -> None:
         """The body ended; raises what the event stream still holds."""
+        self._carry = b""  # an incomplete event, which the event stream decoder discards
         self.sse.close()
+
+    def _end_carried(self, chunk: bytes, events: List[Any]) -> int:
+        """Take the event begun in the last chunk, if `chunk` ends it as the usual event
+        ends (a LF, no CR, and a blank line), within the limits; returns where the rest
+        of `chunk` starts. Else the event stream decoder is given its start, as if it had
+        been fed it then, and the whole of `chunk` is left to read."""
+        carry, self._carry = self._carry, b""
+        end = chunk.find(b"\n")
+        if (
+            0 <= end < len(chunk) - 1 and chunk[end + 1] == 0x0A and chunk.find(b"\r", 0, end) < 0
+            and len(carry) + end <= self._max_line and len(carry) - 6 + end <= self._max_data
+        ):
+            data = b"".join((memoryview(carry)[6:], memoryview(chunk)[:end]))
+            self._take(self.conversation.feed_data(data), events)
+            return end + 2
+        self.sse.feed_into(carry, [])  # a line begun: no event, and within the line limit
+        return 0
 
     def _take(self, event: Optional[ChatEvent], events: List[Any]) -> None:
         """Append `event` as the caller wants it: itself, or (text only) its new text."""

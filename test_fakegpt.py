@@ -1055,6 +1055,46 @@ def test_property_reply_decoder_shortcut_gives_exactly_what_the_two_decoders_giv
     assert text_only_outcome(chunks, limits) == ("".join(event[0] for event in events), error)
 
 
+line_end = st.sampled_from([b"\n", b"\r", b"\r\n"])
+
+
+@settings(PROPERTY, max_examples=300)
+@example([("ab", b"\r", b"id: 5", b"\n", b"\n")], True, b"", [40], None)  # a CR ends the line after the cut
+@example([("", b"\r", b"id: 5", b"\n", b"\n")], True, b"", [len(assistant_event("")) + 12], None)  # cut after the field
+@example([("", b"\n", b"", b"\n", b"\n")], False, b"data: " + b"x" * 900, [], (0, 0))  # a line too long at the end
+@example([("abcd", b"\n", b"", b"\n", b"\n")], True, b"", [100], (0, 60))  # a line too long, cut
+@example([("abcd", b"\n", b"", b"\n", b"\n")], True, b"", [100], (60, 0))  # an event too large, cut
+@given(st.lists(st.tuples(st.text(max_size=4), line_end, st.sampled_from([b"", b"id: 5", b": c", b"retry: 7", b"event: message"]),
+                          line_end, line_end), min_size=1, max_size=10),
+       st.booleans(), st.one_of(st.just(b""), st.builds(lambda n: b"data: " + b"x" * n, st.integers(0, 1000))),
+       st.lists(st.integers(0, 3000), max_size=8), st.one_of(st.none(), st.tuples(st.integers(0, 60), st.integers(0, 60))))
+def test_property_an_event_cut_between_chunks_reads_as_the_event_stream_decoder_reads_it(
+        events: List[Tuple[str, bytes, bytes, bytes, bytes]], done: bool, tail: bytes, cuts: List[int],
+        headroom: Optional[Tuple[int, int]]) -> None:
+    # Each line ends its own way (LF, CR or CRLF, a CR next to a LF being one ending), with
+    # other fields in the events, and the stream may end in an unended line: wherever the
+    # chunks are cut, an event begun in one chunk and ended in the next gives what the
+    # event stream decoder gives, and so does a line too long that the stream ends in.
+    text, body = "", bytearray()
+    for grow, data_end, field, field_end, blank in events:
+        text += grow
+        body += b"data: " + assistant_event(text) + data_end
+        if field:
+            body += field + field_end
+        body += blank
+    if done:
+        body += b"data: [DONE]\n\n"
+    body += tail
+    limits = Limits()
+    if headroom is not None:  # limits that a longer text, or the tail, passes
+        first = len(assistant_event(""))
+        limits = Limits(max_sse_line_size=first + 6 + headroom[0], max_event_size=first + 1 + headroom[1])
+    chunks = split_at(bytes(body), cuts)
+    events_read, error = layered_outcome(chunks, limits)
+    assert reply_outcome(chunks, limits) == (events_read, error)
+    assert text_only_outcome(chunks, limits) == ("".join(event[0] for event in events_read), error)
+
+
 def test_reply_decoder_takes_the_shortcut_for_a_long_reply() -> None:
     whole = 'Привет, мир! 你好 👋 "q" \\ ' * 40
     texts = [whole[: 4 * i] for i in range(1, 200)]
