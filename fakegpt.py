@@ -419,6 +419,10 @@ class ResponseReader:
         self._decoder: Any = None
         self._compressed_seen = False
         self._chunk_end_pending = False  # chunk data read, its CRLF not yet
+        # Body bytes taken as they were fed, not yet returned: in the usual case (a body
+        # framed by length, or chunks framed the usual way, with nothing buffered) the
+        # body is copied once out of what is fed, instead of into the buffer and out.
+        self._fed_body: Optional[bytes] = None
         self._error: Optional[ProtocolError] = None
         self._compressed_tail = b""
         self._trailer_count = 0
@@ -429,15 +433,38 @@ class ResponseReader:
         """Add received bytes (copied); ``b""`` marks the end of the connection."""
         if self._eof and data:
             raise ProtocolError("bytes fed after the end of the connection")
-        if data:
-            self._buf += data
-        else:
+        if not data:
             self._eof = True
+            return
+        if not self._buf and self._fed_body is None:  # (after an error, its bytes are buffered)
+            taken = self._take_body_as_fed(data)
+            if taken == len(data):
+                return
+            data = data[taken:]
+        self._buf += data
+
+    def _take_body_as_fed(self, data: Union[bytes, bytearray, memoryview]) -> int:
+        """Take the body bytes at the start of `data` (fed with nothing buffered) where
+        they lie, copied once; returns how many bytes of `data` they and the chunks'
+        framing between them took (0: none, `data` is for the buffer)."""
+        if self._step == self._read_chunked:
+            view = memoryview(data)
+            pieces: List[memoryview] = []
+            taken = self._take_chunks(data, view, 0, len(data), pieces)
+            if pieces:
+                self._fed_body = b"".join(pieces)
+            return taken
+        if self._step == self._read_length_body and self._remaining:
+            taken = min(self._remaining, len(data))
+            self._fed_body = bytes(data[:taken])
+            self._remaining -= taken
+            return taken
+        return 0
 
     @property
     def buffered(self) -> int:
         """Bytes fed and not yet returned in events (compressed ones waiting included)."""
-        return len(self._buf) + len(self._compressed_tail)
+        return len(self._buf) + len(self._compressed_tail) + len(self._fed_body or b"")
 
     @property
     def unconsumed(self) -> bytes:
@@ -457,6 +484,11 @@ class ResponseReader:
         Body bytes that arrived before a protocol error are returned first; the error is
         raised by the call after.
         """
+        if self._fed_body is not None:
+            body, self._fed_body = self._fed_body, None
+            event = self._decoded(body)
+            if event is not None:
+                return event
         if self._error is not None:
             raise self._error
         return self._step()
@@ -621,53 +653,21 @@ class ResponseReader:
             event = self._decoded(b"")
             if event is not None:
                 return event
-        buf, pieces, pos, last_chunk = self._buf, [], 0, False
-        size, remaining, crlf_due = len(buf), self._remaining, self._chunk_end_pending
+        buf, pos, size = self._buf, 0, len(self._buf)
+        pieces: List[memoryview] = []
         view = memoryview(buf)  # slices of it join with one copy instead of two
         try:
             while True:
-                # The usual run: whole chunks, each followed by CRLF, a plain size
-                # line and CRLF, as servers write them (often one per event).
-                while remaining and pos + remaining <= size:
-                    end = pos + remaining
-                    pieces.append(view[pos:end])
-                    match = _NEXT_CHUNK.match(buf, end)
-                    if match is None:
-                        pos, remaining, crlf_due = end, 0, True
-                        break
-                    pos, remaining = match.end(), int(match[1], 16)
-                    if not remaining:
-                        self._step, last_chunk = self._read_trailers, True
-                        break
-                if last_chunk:
-                    break
-                if remaining:
-                    take = min(remaining, size - pos)
-                    if take == 0:
-                        break
-                    pieces.append(view[pos:pos + take])
-                    pos += take
-                    remaining -= take
-                    if remaining:
-                        break
-                    crlf_due = True
-                if crlf_due:
-                    # The usual case in one match: CRLF, a plain size line, CRLF.
-                    match = _NEXT_CHUNK.match(buf, pos)
-                    if match is not None:
-                        crlf_due = False
-                        pos = match.end()
-                        remaining = int(match.group(1), 16)
-                        if remaining:
-                            continue
-                        self._step, last_chunk = self._read_trailers, True
-                        break
+                pos = self._take_chunks(buf, view, pos, size, pieces)
+                if self._step != self._read_chunked or pos == size:
+                    break  # the last chunk, or all that is here
+                if self._chunk_end_pending:
                     if size - pos < 2:
                         break
                     if buf[pos] != 0x0D or buf[pos + 1] != 0x0A:
                         raise ProtocolError("chunk data not followed by CRLF")
                     pos += 2
-                    crlf_due = False
+                    self._chunk_end_pending = False
                 end = buf.find(b"\n", pos, pos + self._limits.max_line_size + 2)
                 if end < 0:
                     if size - pos > self._limits.max_line_size:
@@ -684,17 +684,15 @@ class ResponseReader:
                         raise ProtocolError(f"malformed chunk size line {_excerpt(bytes(line))!r}")
                     digits = match.group(1)
                 pos = end + 1
-                remaining = int(digits, 16)
-                if not remaining:
-                    self._step, last_chunk = self._read_trailers, True
+                self._remaining = int(digits, 16)
+                if not self._remaining:
+                    self._step = self._read_trailers
                     break
         except ProtocolError as exc:
             if not pieces:
                 view.release()
                 raise
             self._error = exc
-        finally:
-            self._remaining, self._chunk_end_pending = remaining, crlf_due
         body = b"".join(pieces)
         pieces.clear()
         view.release()  # the buffer cannot shrink while a view of it is alive
@@ -703,11 +701,47 @@ class ResponseReader:
             event = self._decoded(body)
             if event is not None:
                 return event
-        if last_chunk:
+        if self._step != self._read_chunked:
             return self._step()
         if self._eof:
             raise TruncatedStreamError("connection closed inside a chunked body")
         return NEED_DATA
+
+    def _take_chunks(
+        self, buf: Union[bytes, bytearray, memoryview], view: memoryview, pos: int, size: int,
+        pieces: List[memoryview],
+    ) -> int:
+        """Chunk data from `pos` on, while the chunks are framed as servers write them
+        (each followed by CRLF, a plain size line and CRLF, matched at once): its pieces
+        (views) go to `pieces`; returns where what is left starts. The rest of a chunk
+        whose data is not all here is taken too; a size line after anything else (the
+        body's first, or one with an extension), and anything malformed, are left to the
+        caller (the CRLF due after a chunk's data: `_chunk_end_pending`)."""
+        remaining = self._remaining
+        if not remaining:
+            if not self._chunk_end_pending:
+                return pos
+            match = _NEXT_CHUNK.match(buf, pos)
+            if match is None:
+                return pos
+            self._chunk_end_pending = False
+            pos, remaining = match.end(), int(match[1], 16)
+        while remaining:
+            end = pos + remaining
+            if end > size:
+                if pos < size:
+                    pieces.append(view[pos:size])
+                self._remaining = end - size
+                return size
+            pieces.append(view[pos:end])
+            match = _NEXT_CHUNK.match(buf, end)
+            if match is None:
+                self._remaining, self._chunk_end_pending = 0, True
+                return end
+            pos, remaining = match.end(), int(match[1], 16)
+        self._remaining = 0
+        self._step = self._read_trailers  # a chunk of size 0: the last
+        return pos
 
     def _read_trailers(self) -> Union[ReaderEvent, _NeedData]:
         if self._buf.startswith(b"\r\n"):  # no trailers, as usual: the blank line at once

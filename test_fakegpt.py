@@ -522,6 +522,25 @@ def test_http_reader_counts_compressed_input_that_waits() -> None:
     assert total == 8 * 1024 * 1024 and reader.buffered == 0
 
 
+@pytest.mark.parametrize("framing", ["chunked", "length"])
+def test_http_reader_counts_body_bytes_fed_and_not_yet_read(framing: str) -> None:
+    # A read that ends inside the body: the next one's body bytes are taken as they are
+    # fed, before anyone reads them, and are counted as waiting, for flow control.
+    body = b"0123456789hello"
+    if framing == "chunked":
+        head, first, rest = b"Transfer-Encoding: chunked", b"a\r\n0123", b"456789\r\n5\r\nhello\r\n0\r\n\r\n"
+    else:
+        head, first, rest = b"Content-Length: %d" % len(body), body[:4], body[4:]
+    reader = ResponseReader()
+    reader.feed(b"HTTP/1.1 200 OK\r\n" + head + b"\r\n\r\n" + first)
+    assert isinstance(reader.next_event(), Response)
+    assert reader.next_event() == Data(b"0123")
+    reader.feed(rest)
+    assert reader.buffered >= len(body) - 4  # framing may be counted too
+    assert reader.next_event() == Data(body[4:])
+    assert isinstance(reader.next_event(), EndOfMessage) and reader.buffered == 0
+
+
 def test_http_reader_bounds_a_decompression_bomb_per_event() -> None:
     bomb = gzip_bytes(b"\x00" * (64 * 1024 * 1024))
     reader = ResponseReader()
