@@ -13,7 +13,7 @@ W6: one reply in the delta format of a ChatGPT-web gateway: 4,000 small deltas.
 Clients run in turn (A B C ... A B C ...), each in a process of its own. The upstream is
 `replay.py` in another process: the mock's answers rendered once (in a warm-up that is
 not measured) and replayed as bytes, so that the client is the bottleneck, not the
-mock's JSON. Its share of the CPU is reported for each workload, beside the client's own
+mock's JSON. It runs on a core of its own, the clients on the others. Its share of the CPU is reported for each workload, beside the client's own
 CPU time. The tables are medians and ratios from this one run, printed as Markdown.
 """
 
@@ -31,11 +31,36 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, List, Tuple
+from typing import Dict, List, Set, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 CLIENTS = ["fakegpt", "aiohttp", "httpx", "floor", "limit"]
+
+
+def cpu_sets() -> Tuple[Set[int], Set[int]]:
+    """The cores of the replaying upstream, and those of the clients: apart. Left to the
+    scheduler, a client and the upstream it talks to often share a core (the kernel wakes
+    a process where its partner ran), and each then waits for the other: the limit's W1
+    conversation took 72-106 ms so and 15-26 ms on two cores. (One core: no choice.)"""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if len(cpus) < 2:
+        return set(), set()
+    return {cpus[-1]}, set(cpus[:-1])
+
+
+UPSTREAM_CPUS, CLIENT_CPUS = cpu_sets()
+
+
+def on_upstream_cpus(pid: int) -> None:
+    if UPSTREAM_CPUS:
+        os.sched_setaffinity(pid, UPSTREAM_CPUS)
+
+
+def on_client_cpus() -> None:
+    """A `preexec_fn`: the process runs on the clients' cores."""
+    if CLIENT_CPUS:
+        os.sched_setaffinity(0, CLIENT_CPUS)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -46,7 +71,7 @@ def cpu_seconds(pid: int) -> float:
 def worker(client: str, workload: str, url: str, repeats: int, mock_pid: int) -> Tuple[Dict, float]:
     before = cpu_seconds(mock_pid)
     output = subprocess.run([sys.executable, os.path.join(HERE, "worker.py"), client, workload, url, str(repeats)],
-                            capture_output=True, text=True, cwd=ROOT, timeout=900).stdout
+                            capture_output=True, text=True, cwd=ROOT, timeout=900, preexec_fn=on_client_cpus).stdout
     result = json.loads(output.strip().splitlines()[-1])
     busy = sum(result["times"])
     return result, ((cpu_seconds(mock_pid) - before) / busy if busy else float("nan"))
@@ -77,7 +102,8 @@ def process_seconds(commands: Dict[str, List[str]], rounds: int) -> Dict[str, fl
     for _ in range(rounds):
         for name, command in commands.items():
             started = time.perf_counter()
-            subprocess.run(command, capture_output=True, cwd=ROOT, check=True, timeout=120, env=env)
+            subprocess.run(command, capture_output=True, cwd=ROOT, check=True, timeout=120, env=env,
+                           preexec_fn=on_client_cpus)
             times[name].append(time.perf_counter() - started)
     return {name: statistics.median(values) for name, values in times.items()}
 
@@ -201,6 +227,7 @@ def main() -> int:
     args = parser.parse_args()
     wanted = set(args.workloads.upper().split(","))
     mock = subprocess.Popen([sys.executable, os.path.join(HERE, "replay.py")], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    on_upstream_cpus(mock.pid)
     try:
         assert mock.stdout is not None
         url = mock.stdout.readline().strip()
@@ -215,6 +242,7 @@ def main() -> int:
         if "W6" in wanted:
             gateway = subprocess.Popen([sys.executable, os.path.join(HERE, "replay.py"), "--profile", "backend-api",
                                         "--access-token", "bench-access-token"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+            on_upstream_cpus(gateway.pid)
             try:
                 assert gateway.stdout is not None
                 gateway_url = gateway.stdout.readline().strip()
