@@ -64,7 +64,7 @@ from typing import (
     Union,
 )
 
-__version__ = "1.6.1"
+__version__ = "1.6.2"
 __all__ = [
     "AsyncResult",
     "AuthenticationError",
