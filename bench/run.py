@@ -13,8 +13,8 @@ W6: one reply in the delta format of a ChatGPT-web gateway: 4,000 small deltas.
 Clients run in turn (A B C ... A B C ...), each in a process of its own. The upstream is
 `replay.py` in another process: the mock's answers rendered once (in a warm-up that is
 not measured) and replayed as bytes, so that the client is the bottleneck, not the
-mock's JSON. It runs on a core of its own, the clients on the others. Its share of the CPU is reported for each workload, beside the client's own
-CPU time. The tables are medians and ratios from this one run, printed as Markdown.
+mock's JSON. It runs on a core of its own, the clients on the others. Its share of the
+CPU is reported for each workload, beside the client's own CPU time. The tables are medians and ratios from this one run, printed as Markdown.
 """
 
 from __future__ import annotations
@@ -52,9 +52,13 @@ def cpu_sets() -> Tuple[Set[int], Set[int]]:
 UPSTREAM_CPUS, CLIENT_CPUS = cpu_sets()
 
 
-def on_upstream_cpus(pid: int) -> None:
+def start_replay(*options: str) -> "subprocess.Popen[str]":
+    """`replay.py` with these mock options, on the upstream's cores; it prints its URL."""
+    process = subprocess.Popen([sys.executable, os.path.join(HERE, "replay.py"), *options], cwd=ROOT,
+                               stdout=subprocess.PIPE, text=True)
     if UPSTREAM_CPUS:
-        os.sched_setaffinity(pid, UPSTREAM_CPUS)
+        os.sched_setaffinity(process.pid, UPSTREAM_CPUS)
+    return process
 
 
 def on_client_cpus() -> None:
@@ -226,8 +230,7 @@ def main() -> int:
                         help="which workloads to run, comma-separated (default: all)")
     args = parser.parse_args()
     wanted = set(args.workloads.upper().split(","))
-    mock = subprocess.Popen([sys.executable, os.path.join(HERE, "replay.py")], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    on_upstream_cpus(mock.pid)
+    mock = start_replay()
     try:
         assert mock.stdout is not None
         url = mock.stdout.readline().strip()
@@ -240,9 +243,7 @@ def main() -> int:
             w2 = measure("W2", ["fakegpt", "aiohttp", "httpx", "floor", "limit"], url, repeats=1, rounds=args.rounds, mock_pid=mock.pid)
             print_table("W2: 1,000 concurrent conversations of 50 events, wall time", w2)
         if "W6" in wanted:
-            gateway = subprocess.Popen([sys.executable, os.path.join(HERE, "replay.py"), "--profile", "backend-api",
-                                        "--access-token", "bench-access-token"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-            on_upstream_cpus(gateway.pid)
+            gateway = start_replay("--profile", "backend-api", "--access-token", "bench-access-token")
             try:
                 assert gateway.stdout is not None
                 gateway_url = gateway.stdout.readline().strip()
