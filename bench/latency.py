@@ -19,7 +19,7 @@ import os
 import ssl
 import sys
 import time
-from typing import AsyncIterator
+from typing import Any, AsyncIterator, Callable, Dict, Protocol
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -92,14 +92,22 @@ class HttpxPooled(HttpxClient):
                     last = text
 
 
-CLIENTS = {"fakegpt": FakeGptLatency, "aiohttp": AiohttpOriginal, "httpx": HttpxPooled}
+class Streaming(Protocol):
+    """What W5 asks of a client: a reply's pieces as they arrive."""
+
+    def pieces(self, prompt: str) -> AsyncIterator[str]: ...
+
+    async def close(self) -> None: ...
 
 
-async def first_piece(client: object, prompt: str) -> float:
+CLIENTS: Dict[str, Callable[[str, ssl.SSLContext], Streaming]] = {"fakegpt": FakeGptLatency, "aiohttp": AiohttpOriginal, "httpx": HttpxPooled}
+
+
+async def first_piece(client: Streaming, prompt: str) -> float:
     """Seconds from the call's start to its first piece; the reply is read to its end."""
     started = time.perf_counter()
     first = None
-    async for _ in client.pieces(prompt):  # type: ignore[attr-defined]
+    async for _ in client.pieces(prompt):
         if first is None:
             first = time.perf_counter() - started
     if first is None:
@@ -107,7 +115,7 @@ async def first_piece(client: object, prompt: str) -> float:
     return first
 
 
-async def calls(name: str, url: str, cafile: str, later: int) -> dict:
+async def calls(name: str, url: str, cafile: str, later: int) -> Dict[str, Any]:
     client = CLIENTS[name](url, ssl.create_default_context(cafile=cafile))
     first = await first_piece(client, "W5 first call")
     times = []
@@ -120,7 +128,7 @@ async def calls(name: str, url: str, cafile: str, later: int) -> dict:
 
 async def once(name: str, url: str, cafile: str) -> None:
     client = CLIENTS[name](url, ssl.create_default_context(cafile=cafile))
-    async for piece in client.pieces("W5 command"):  # type: ignore[attr-defined]
+    async for piece in client.pieces("W5 command"):
         sys.stdout.write(piece)
         sys.stdout.flush()
     await client.close()

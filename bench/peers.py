@@ -13,7 +13,7 @@ import random
 import string
 import time
 import uuid
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional, Protocol
 
 HEADERS = {
     "Accept-Language": "en-US",
@@ -38,6 +38,16 @@ def conversation_body(prompt: str) -> Dict[str, Any]:
         "plugin_ids": [], "timezone_offset_min": -120, "suggestions": [],
         "history_and_training_disabled": True, "arkose_token": "", "force_paragen": False,
     }
+
+
+class Client(Protocol):
+    """What the benchmark asks of every client."""
+
+    async def login(self) -> None: ...
+
+    async def conversation(self, prompt: str) -> str: ...
+
+    async def close(self) -> None: ...
 
 
 class Done(Exception):
@@ -293,11 +303,11 @@ class DeltaReply:
     def __init__(self) -> None:
         self.c, self.p, self.o = 0, None, None
         self.visible: Any = None
-        self.text: list = []
+        self.text: List[str] = []
 
     def record(self, record: Dict[str, Any]) -> None:
         self.c = record.get("c", self.c)
-        value = record.get("v")
+        value: Any = record.get("v")
         if record.get("p") == "" and record.get("o") == "add":
             message = value.get("message") or {}
             if (message.get("author", {}).get("role") == "assistant" and message.get("recipient") == "all"
@@ -354,6 +364,6 @@ class AiohttpDeltaClient:
         pass
 
 
-CLIENTS = {"fakegpt": FakeGptClient, "aiohttp": AiohttpClient, "httpx": HttpxClient,
+CLIENTS: Dict[str, Callable[[str], Client]] = {"fakegpt": FakeGptClient, "aiohttp": AiohttpClient, "httpx": HttpxClient,
            "floor": FloorClient, "limit": LimitClient}
-DELTA_CLIENTS = {"fakegpt": FakeGptDeltaClient, "aiohttp": AiohttpDeltaClient}
+DELTA_CLIENTS: Dict[str, Callable[[str], Client]] = {"fakegpt": FakeGptDeltaClient, "aiohttp": AiohttpDeltaClient}

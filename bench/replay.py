@@ -22,7 +22,7 @@ import os
 import re
 import socket
 import sys
-from typing import Dict, Tuple
+from typing import Any, Dict, List, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -96,8 +96,8 @@ async def send(writer: asyncio.StreamWriter, answer: bytes) -> None:
         await writer.drain()
 
 
-async def main(argv: list) -> None:
-    options = {name.replace("-", "_"): value for name, value in zip(argv[0::2], argv[1::2])}
+async def main(argv: List[str]) -> None:
+    options: Dict[str, Any] = {name.replace("-", "_"): value for name, value in zip(argv[0::2], argv[1::2])}
     async with mock_server.MockServer(**options) as mock:
         replay = Replay(mock)
         server = await asyncio.start_server(replay.serve, "127.0.0.1", 0, backlog=4096, limit=256 * 1024)

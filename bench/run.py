@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, List, Set, Tuple
+from typing import Any, Dict, List, Set, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -72,7 +72,7 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def worker(client: str, workload: str, url: str, repeats: int, mock_pid: int) -> Tuple[Dict, float]:
+def worker(client: str, workload: str, url: str, repeats: int, mock_pid: int) -> Tuple[Dict[str, Any], float]:
     before = cpu_seconds(mock_pid)
     output = subprocess.run([sys.executable, os.path.join(HERE, "worker.py"), client, workload, url, str(repeats)],
                             capture_output=True, text=True, cwd=ROOT, timeout=900, preexec_fn=on_client_cpus).stdout
@@ -81,9 +81,9 @@ def worker(client: str, workload: str, url: str, repeats: int, mock_pid: int) ->
     return result, ((cpu_seconds(mock_pid) - before) / busy if busy else float("nan"))
 
 
-def measure(workload: str, clients: List[str], url: str, repeats: int, rounds: int, mock_pid: int) -> Dict[str, Dict]:
+def measure(workload: str, clients: List[str], url: str, repeats: int, rounds: int, mock_pid: int) -> Dict[str, Dict[str, Any]]:
     worker(clients[0], workload, url, 1, mock_pid)  # warm-up: the upstream renders its answers
-    table: Dict[str, Dict] = {c: {"times": [], "cpu": [], "errors": 0, "rss": 0.0, "mock": [], "failure": ""} for c in clients}
+    table: Dict[str, Dict[str, Any]] = {c: {"times": [], "cpu": [], "errors": 0, "rss": 0.0, "mock": [], "failure": ""} for c in clients}
     for _ in range(rounds):
         for client in clients:
             result, mock_share = worker(client, workload, url, repeats, mock_pid)
@@ -196,11 +196,11 @@ def w5(rounds: int) -> None:
         print(f"| {name} | {value * 1000:.0f} ms ({value / RTT:.2f} RTT) |")
 
 
-def median_ms(row: Dict) -> float:
+def median_ms(row: Dict[str, Any]) -> float:
     return statistics.median(row["times"]) * 1000 if row["times"] else float("nan")
 
 
-def print_table(title: str, table: Dict[str, Dict]) -> None:
+def print_table(title: str, table: Dict[str, Dict[str, Any]]) -> None:
     limit = median_ms(table["limit"]) if "limit" in table else float("nan")
     aiohttp = median_ms(table["aiohttp"])
     print(f"\n{title}\n")
