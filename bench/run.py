@@ -14,7 +14,8 @@ Clients run in turn (A B C ... A B C ...), each in a process of its own. The ups
 `replay.py` in another process: the mock's answers rendered once (in a warm-up that is
 not measured) and replayed as bytes, so that the client is the bottleneck, not the
 mock's JSON. It runs on a core of its own, the clients on the others. Its share of the
-CPU is reported for each workload, beside the client's own CPU time. The tables are medians and ratios from this one run, printed as Markdown.
+CPU is reported for each workload, beside the client's own CPU time. The tables are
+medians and ratios from this one run, printed as Markdown.
 """
 
 from __future__ import annotations
