@@ -64,7 +64,7 @@ from typing import (
     Union,
 )
 
-__version__ = "1.6.2"
+__version__ = "1.6.3"
 __all__ = [
     "AsyncResult",
     "AuthenticationError",
@@ -2400,7 +2400,33 @@ def _split_url(url: str, what: str) -> Tuple[_Endpoint, str]:
     if parts.query or parts.fragment:
         raise UsageError(f"{what} must not have a query or a fragment")
     port = port if port is not None else (443 if scheme == "https" else 80)
-    return _Endpoint(scheme, parts.hostname, port), parts.path.rstrip("/")
+    return _Endpoint(scheme, _wire_host(parts.hostname, f"{what} {shown}"), port), parts.path.rstrip("/")
+
+
+_HOST_LABEL = re.compile(r"[A-Za-z0-9_-]{1,63}")
+
+
+def _wire_host(host: str, where: str) -> str:
+    """`host` as requests carry it (the Host field, the TLS server name, a proxy's
+    CONNECT): an IPv6 address as it is, a name in ASCII (an internationalized one in its
+    IDNA form: ``bücher.example`` is ``xn--bcher-kva.example``). A name that cannot be a
+    host's (an empty label, one over 63 characters, a character no host name has) is a
+    `UsageError` here rather than an error of the codec later."""
+    if ":" in host:  # an IPv6 address, taken out of its brackets
+        return host
+    name = host
+    if not host.isascii():
+        try:
+            name = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            name = ""
+    labels = name[:-1].split(".") if name.endswith(".") else name.split(".")  # a trailing dot: the root
+    if not all(_HOST_LABEL.fullmatch(label) for label in labels):
+        raise UsageError(
+            f"{where}: invalid host name {host!r} (expected labels of 1 to 63 letters, digits, "
+            "'-' or '_', separated by dots; or an internationalized name)"
+        )
+    return name
 
 
 class _Proxy:
@@ -2421,7 +2447,7 @@ class _Proxy:
             raise UsageError(f"{scheme}:// proxies are not supported: use an http:// proxy")
         if scheme != "http" or not parts.hostname:
             raise UsageError("the proxy must be an http://[user:password@]host:port URL")
-        self.endpoint = _Endpoint("http", parts.hostname, port or 80)
+        self.endpoint = _Endpoint("http", _wire_host(parts.hostname, "the proxy URL"), port or 80)
         self.authorization: Optional[str] = None
         self.secrets: List[str] = []  # never shown: the password, in every form it is sent
         if parts.username is not None:

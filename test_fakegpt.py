@@ -3648,6 +3648,57 @@ def test_https_upstream_through_a_proxy_uses_connect() -> None:
     assert all(r.header("proxy-authorization") is None for r in server.requests)
 
 
+class AnyHostProxy(LoopbackProxy):
+    """A proxy that takes every host for the one upstream it knows (as if it resolved
+    names the client cannot), recording each request line and Host field."""
+
+    def __init__(self, upstream_port: int) -> None:
+        super().__init__()
+        self.upstream_port = upstream_port
+        self.lines: List[str] = []
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+            self.lines.append(head.split("\r\n")[0])
+            self.lines += [line for line in head.split("\r\n") if line.lower().startswith("host:")]
+            upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+            if head.startswith("CONNECT "):
+                writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            else:  # as it came (absolute form): the mock reads the path out of it
+                upstream_writer.write(head.encode("latin-1"))
+            await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+
+def test_an_internationalized_host_goes_out_in_its_idna_form(mock: mock_server.MockServer) -> None:
+    port = int(mock.url.rsplit(":", 1)[1])
+    proxy = AnyHostProxy(port)
+    with thread_server(proxy.handle) as (host, proxy_port):
+        pieces = pieces_of(provider_for(f"http://bücher.example:{port}"), proxy=f"http://{host}:{proxy_port}")
+        assert "".join(pieces) == FULL_REPLY
+        assert proxy.lines[:2] == [f"GET http://xn--bcher-kva.example:{port}/api/loads?{mock.requests[0].query} HTTP/1.1",
+                                   f"Host: xn--bcher-kva.example:{port}"]
+        # Over TLS, the tunnel's target too (here the mock answers in plain HTTP: a TLS
+        # error that names the host as sent). Fullwidth letters are the same name.
+        raised, _ = failure(provider_for(f"https://ｅｘａｍｐｌｅ.com:{port}"), proxy=f"http://{host}:{proxy_port}")
+        assert proxy.lines[-2:] == [f"CONNECT example.com:{port} HTTP/1.1", f"Host: example.com:{port}"]
+        assert isinstance(raised, fakegpt.ConnectError) and "example.com" in str(raised)
+
+
+@pytest.mark.parametrize("host", ["a..b", ".", "a" * 64 + ".example", "exa mple.com", "ex%41mple.com", "\u2024.com",
+                                  "\udcff.example", "a*.example"])
+@pytest.mark.parametrize("where", ["url", "proxy"])
+def test_a_url_whose_host_cannot_be_a_host_name_is_a_usage_error(host: str, where: str) -> None:
+    url, proxy = ("http://127.0.0.1:9", f"http://{host}:3128") if where == "proxy" else (f"https://{host}/", None)
+    with pytest.raises(fakegpt.UsageError, match="invalid host name") as caught:
+        FakeGpt.stream("", USER, url=url, proxy=proxy)
+    assert repr(host) in str(caught.value)
+
+
 def test_proxy_refusing_credentials_is_a_clear_error(mock: mock_server.MockServer) -> None:
     proxy = LoopbackProxy("user:right")
     with thread_server(proxy.handle) as (host, port):
