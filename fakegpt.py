@@ -2400,7 +2400,13 @@ def _split_url(url: str, what: str) -> Tuple[_Endpoint, str]:
     if parts.query or parts.fragment:
         raise UsageError(f"{what} must not have a query or a fragment")
     port = port if port is not None else (443 if scheme == "https" else 80)
-    return _Endpoint(scheme, _wire_host(parts.hostname, f"{what} {shown}"), port), parts.path.rstrip("/")
+    try:
+        # As requests carry it: characters a path cannot hold percent-encoded (UTF-8), as
+        # browsers send them; what is already percent-encoded stays as it is.
+        path = urllib.parse.quote(parts.path.rstrip("/"), safe="/%:@!$&'()*+,;=")
+    except UnicodeEncodeError:
+        raise UsageError(f"{what} {shown} is not Unicode text (a lone surrogate in its path)") from None
+    return _Endpoint(scheme, _wire_host(parts.hostname, f"{what} {shown}"), port), path
 
 
 _HOST_LABEL = re.compile(r"[A-Za-z0-9_-]{1,63}")

@@ -3689,6 +3689,24 @@ def test_an_internationalized_host_goes_out_in_its_idna_form(mock: mock_server.M
         assert isinstance(raised, fakegpt.ConnectError) and "example.com" in str(raised)
 
 
+def test_a_base_path_goes_out_percent_encoded_as_browsers_send_it() -> None:
+    lines: List[bytes] = []
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        lines.append((await reader.readuntil(b"\r\n\r\n")).split(b"\r\n")[0])
+        writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        writer.close()
+
+    sent = {"/pä ndora/": b"/p%C3%A4%20ndora", '/a"b\\c\x7f': b"/a%22b%5Cc%7F", "/a%20b/~x;y=1": b"/a%20b/~x;y=1"}
+    with thread_server(upstream) as (host, port):
+        for path, wire in sent.items():
+            raised, _ = failure(provider_for(f"http://{host}:{port}{path}"), access_token="t", retries=0)
+            assert isinstance(raised, fakegpt.HTTPStatusError) and raised.status == 404
+            assert lines.pop() == b"POST " + wire + b"/api/conversation HTTP/1.1"
+    with pytest.raises(fakegpt.UsageError, match="lone surrogate"):
+        FakeGpt.stream("", USER, url="http://127.0.0.1:9/\udcff")
+
+
 @pytest.mark.parametrize("host", ["a..b", ".", "a" * 64 + ".example", "exa mple.com", "ex%41mple.com", "\u2024.com",
                                   "\udcff.example", "a*.example"])
 @pytest.mark.parametrize("where", ["url", "proxy"])
