@@ -2484,6 +2484,11 @@ def _bypasses_proxy(endpoint: _Endpoint, no_proxy: str) -> bool:
     for entry in (e.strip().lower() for e in no_proxy.split(",")):
         name, _, port = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
         name = name.lstrip(".").rstrip(".")
+        if not name.isascii():  # the host is in its IDNA form (`_wire_host`): the entry too
+            try:
+                name = name.encode("idna").decode("ascii")
+            except UnicodeError:
+                continue
         if entry == "*" or (name and (host == name or host.endswith("." + name))
                             and (not port or port == str(endpoint.port))):
             return True

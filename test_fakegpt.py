@@ -3856,6 +3856,16 @@ def test_no_proxy_matching(no_proxy: str, bypassed: bool) -> None:
     assert fakegpt._bypasses_proxy(fakegpt._Endpoint("https", "api.example.com", 443), no_proxy) is bypassed
 
 
+@pytest.mark.parametrize("no_proxy, bypassed", [
+    ("bücher.example", True), (".BÜCHER.example", True), ("xn--bcher-kva.example", True), ("bucher.example", False),
+    ("a..b,bücher.example", True), ("\u2024.example", False),
+])
+def test_no_proxy_names_an_internationalized_host_either_way(no_proxy: str, bypassed: bool) -> None:
+    endpoint, _ = fakegpt._parse_url("https://api.bücher.example")
+    assert endpoint.host == "api.xn--bcher-kva.example"
+    assert fakegpt._bypasses_proxy(endpoint, no_proxy) is bypassed
+
+
 # ---------------------------------------------------------------------------------------
 # Secrets
 # ---------------------------------------------------------------------------------------
