@@ -2696,8 +2696,10 @@ class _Connection(asyncio.BufferedProtocol):
                     connecting.result().close()
             raise
         try:
+            # The name without the dot of a fully qualified one ("example.com."): servers
+            # may refuse one sent with it (RFC 6066), and certificates never carry it.
             _, connection = await loop.create_connection(
-                factory, sock=sock, ssl=context, server_hostname=endpoint.host
+                factory, sock=sock, ssl=context, server_hostname=endpoint.host.rstrip(".")
             )
         except BaseException:
             sock.close()

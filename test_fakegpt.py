@@ -3707,6 +3707,26 @@ def test_a_base_path_goes_out_percent_encoded_as_browsers_send_it() -> None:
         FakeGpt.stream("", USER, url="http://127.0.0.1:9/\udcff")
 
 
+def test_a_fully_qualified_host_is_named_without_its_last_dot_in_tls() -> None:
+    names: List[Optional[str]] = []
+    context = tls_context("server")  # its certificate names localhost
+    context.sni_callback = lambda sock, name, ctx: names.append(name)
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        writer.close()
+
+    with thread_server(upstream, context) as (_, port):
+        proxy = AnyHostProxy(port)  # "localhost." does not resolve here: the proxy takes it anyway
+        with thread_server(proxy.handle) as (host, proxy_port):
+            raised, _ = failure(provider_for(f"https://localhost.:{port}"), proxy=f"http://{host}:{proxy_port}",
+                                ssl=trusting_test_ca(), access_token="t", retries=0)
+    assert proxy.lines[0] == f"CONNECT localhost.:{port} HTTP/1.1"
+    assert names == ["localhost"]
+    assert isinstance(raised, fakegpt.HTTPStatusError) and raised.status == 503  # the certificate was accepted
+
+
 @pytest.mark.parametrize("host", ["a..b", ".", "a" * 64 + ".example", "exa mple.com", "ex%41mple.com", "\u2024.com",
                                   "\udcff.example", "a*.example"])
 @pytest.mark.parametrize("where", ["url", "proxy"])
