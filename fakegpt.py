@@ -2420,12 +2420,10 @@ def _wire_host(host: str, where: str) -> str:
     `UsageError` here rather than an error of the codec later."""
     if ":" in host:  # an IPv6 address, taken out of its brackets
         return host
-    name = host
-    if not host.isascii():
-        try:
-            name = host.encode("idna").decode("ascii")
-        except UnicodeError:
-            name = ""
+    try:
+        name = host if host.isascii() else host.encode("idna").decode("ascii")
+    except UnicodeError:
+        name = ""  # it has no IDNA form: refused below, as other names that are not names
     labels = name[:-1].split(".") if name.endswith(".") else name.split(".")  # a trailing dot: the root
     if not all(_HOST_LABEL.fullmatch(label) for label in labels):
         raise UsageError(
