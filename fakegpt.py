@@ -2412,6 +2412,17 @@ def _split_url(url: str, what: str) -> Tuple[_Endpoint, str]:
 _HOST_LABEL = re.compile(r"[A-Za-z0-9_-]{1,63}")
 
 
+def _ascii_name(name: str) -> Optional[str]:
+    """A host name in ASCII: as it is, or an internationalized one in its IDNA form;
+    None if it has none."""
+    if name.isascii():
+        return name
+    try:
+        return name.encode("idna").decode("ascii")
+    except UnicodeError:
+        return None
+
+
 def _wire_host(host: str, where: str) -> str:
     """`host` as requests carry it (the Host field, the TLS server name, a proxy's
     CONNECT): an IPv6 address as it is, a name in ASCII (an internationalized one in its
@@ -2420,10 +2431,7 @@ def _wire_host(host: str, where: str) -> str:
     `UsageError` here rather than an error of the codec later."""
     if ":" in host:  # an IPv6 address, taken out of its brackets
         return host
-    try:
-        name = host if host.isascii() else host.encode("idna").decode("ascii")
-    except UnicodeError:
-        name = ""  # it has no IDNA form: refused below, as other names that are not names
+    name = _ascii_name(host) or ""  # no IDNA form: refused below, as other names that are not names
     labels = name[:-1].split(".") if name.endswith(".") else name.split(".")  # a trailing dot: the root
     if not all(_HOST_LABEL.fullmatch(label) for label in labels):
         raise UsageError(
@@ -2482,11 +2490,10 @@ def _bypasses_proxy(endpoint: _Endpoint, no_proxy: str) -> bool:
     for entry in (e.strip().lower() for e in no_proxy.split(",")):
         name, _, port = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
         name = name.lstrip(".").rstrip(".")
-        if not name.isascii():  # the host is in its IDNA form (`_wire_host`): the entry too
-            try:
-                name = name.encode("idna").decode("ascii")
-            except UnicodeError:
-                continue
+        ascii_name = _ascii_name(name)  # the host is in its IDNA form (`_wire_host`): the entry too
+        if ascii_name is None:
+            continue
+        name = ascii_name
         if entry == "*" or (name and (host == name or host.endswith("." + name))
                             and (not port or port == str(endpoint.port))):
             return True
