@@ -226,6 +226,8 @@ class MockOptions:
     seed: int = _option(0, "seeds token ids, loads, garbage bytes and the delta format's schedule")
     access_token: Optional[str] = _option(None, "the access token to issue (shared) or accept "
                                           "(backend-api); a test's sentinel")
+    session_lifetime: float = _option(0.0, "seconds a login's session lasts, as /api/auth/session's "
+                                      "expires says; then its token is refused (0: until 2089)")
     keep_alive_timeout: float = _option(5.0, "seconds an idle keep-alive connection stays open (0: forever)")
     max_recorded: int = _option(10_000, "requests kept in .requests (the oldest go first)")
     certfile: Optional[str] = _option(None, "serve TLS with this certificate chain")
@@ -246,7 +248,7 @@ class MockOptions:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name} must be a whole number of at least {low}, not {value!r}")
-        for name in ("delay", "keep_alive_timeout"):
+        for name in ("delay", "keep_alive_timeout", "session_lifetime"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_SECONDS:
                 raise ValueError(f"{name} must be a number of seconds from 0 to {MAX_SECONDS:g}, not {value!r}")
@@ -465,6 +467,7 @@ class MockServer:
         site's does (the shared login issues it too, when ``access_token`` is given)."""
         self._credentials: Dict[str, str] = {}  # credential cookie -> token id
         self._access_tokens: Dict[str, str] = {}  # credential cookie -> access token
+        self._session_ends: Dict[str, float] = {}  # credential cookie, or access token -> time.time() it ends
         self._valid: Set[str] = {self.access_token}  # tokens the conversation accepts
         self._queued_faults: List[_Fault] = []
         self._conversations: Dict[str, _Conversation] = {}
@@ -651,22 +654,28 @@ class MockServer:
             }, []
         credential = "fk-" + uuid.UUID(int=self._random.getrandbits(128)).hex
         self._credentials[credential] = token_key
+        if self.options.session_lifetime:
+            self._session_ends[credential] = time.time() + self.options.session_lifetime
         cookie = f"credential={credential}; Path=/; HttpOnly; SameSite=Lax"
         return 200, {"code": 0, "url": "/"}, [("Set-Cookie", cookie)]
 
     def _session(self, request: RecordedRequest) -> Tuple[int, Any, List[Tuple[str, str]]]:
         credential = _cookie(request, "credential")
-        if self.options.session == "empty" or credential not in self._credentials:
+        if self.options.session == "empty" or credential not in self._credentials or self._ended(credential):
             return 200, {}, []
         token = self._access_tokens.get(credential)
         if token is None:
             token = self.options.access_token or "eyJ" + uuid.UUID(int=self._random.getrandbits(128)).hex
             self._access_tokens[credential] = token
             self._valid.add(token)
+        expires = "2089-08-08T23:59:59.999Z"
+        if credential in self._session_ends:
+            ends = self._session_ends[token] = self._session_ends[credential]
+            expires = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ends)) + f".{int(ends % 1 * 1000):03d}Z"
         return 200, {
             "user": {"id": "user-" + self._credentials[credential][:12], "name": "shared",
                      "email": "shared@example.com", "image": None, "picture": None, "groups": []},
-            "expires": "2089-08-08T23:59:59.999Z",
+            "expires": expires,
             "accessToken": token,
             "authProvider": "auth0",
         }, []
@@ -708,8 +717,12 @@ class MockServer:
         if not token:
             header = "Authorization" if self.options.profile == "backend-api" else "X-Authorization"
             raise _BadRequest(401, f"Unauthorized: no {header} header")
-        if token not in self._valid:
+        if token not in self._valid or self._ended(token):
             raise _BadRequest(401, _EXPIRED)
+
+    def _ended(self, session: str) -> bool:
+        """Whether the session of this credential cookie or access token has ended."""
+        return time.time() >= self._session_ends.get(session, math.inf)
 
     def _fault_for(self, request: RecordedRequest, body: Dict[str, Any]) -> _Fault:
         if self._queued_faults:
