@@ -3641,13 +3641,49 @@ def _choose_token_id(payload: Any) -> str:
     return secrets.choice(sorted(t for t, count in candidates.items() if count == lowest))
 
 
+_ISO_TIME = re.compile(
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt ]([0-9]{2}):([0-9]{2}):([0-9]{2})(\.[0-9]{1,9})?"
+    r"(?:[Zz]|([+-])([0-9]{2}):?([0-9]{2}))?"
+)
+_EXPIRY_MARGIN_SECONDS = 60.0
+
+
+def _expiry_time(value: Any) -> Optional[float]:
+    """The moment an ISO 8601 time such as a session's ``expires``
+    (``2089-08-08T23:59:59.999Z``; UTC if it names no offset) stands for, in seconds since
+    the epoch; None if `value` is not such a time."""
+    match = _ISO_TIME.fullmatch(value.strip()) if isinstance(value, str) else None
+    if match is None:
+        return None
+    import datetime  # here: only a login needs it
+
+    year, month, day, hour, minute, second = (int(match[i]) for i in range(1, 7))
+    try:
+        moment = datetime.datetime(year, month, day, hour, minute, second, tzinfo=datetime.timezone.utc)
+    except ValueError:  # no such day or time
+        return None
+    seconds = moment.timestamp() + float(match[7] or 0)
+    if match[8]:
+        offset = int(match[9]) * 3600 + int(match[10]) * 60
+        seconds -= offset if match[8] == "+" else -offset
+    return seconds
+
+
+def _over(expires: Optional[float], now: float) -> bool:
+    """Whether a session that ends at `expires` (None: never, as far as we know) has
+    ended by `now`, or ends within a minute of it (its token may not last a call)."""
+    return expires is not None and now >= expires - _EXPIRY_MARGIN_SECONDS
+
+
 class _Session:
-    """What one upstream has given us: the cookies and the access token; or, for a
-    token the caller gave (``access_token``), that token and no login."""
+    """What one upstream has given us: the cookies and the access token, and when the
+    login's session ends if the upstream said (``expires``); or, for a token the caller
+    gave (``access_token``), that token and no login."""
 
     def __init__(self, access_token: Optional[str] = None) -> None:
         self.cookie_jar: http.cookiejar.CookieJar = _CookieJar()
         self.access_token = access_token
+        self.expires: Optional[float] = None  # seconds since the epoch
         self.given = access_token is not None
         self.kept_token: Optional[str] = None  # the token last read from or written to the session file
         self._login: Optional["asyncio.Task[str]"] = None
@@ -3661,7 +3697,10 @@ class _Session:
         """The access token, logging in first if there is none; concurrent callers share
         one login."""
         if self.access_token:
-            return self.access_token
+            if not self.expired:
+                return self.access_token
+            _log.info("the session has expired, or is about to: logging in again")
+            self.invalidate(self.access_token)
         loop = asyncio.get_running_loop()
         task = self._login
         if task is None or task.done() or task.get_loop() is not loop:
@@ -3670,10 +3709,15 @@ class _Session:
             self._login = task
         return await client.clock.wait(asyncio.shield(task), "total")
 
+    @property
+    def expired(self) -> bool:
+        """Whether the login's session has ended, or ends within a minute (`_over`)."""
+        return _over(self.expires, time.time())
+
     def invalidate(self, token: str) -> None:
         """Forget `token` and the cookies, unless a newer login replaced them already."""
         if self.access_token == token and not self.given:
-            self.access_token = None
+            self.access_token = self.expires = None
             self.cookie_jar.clear()
 
     async def _log_in(self, client: _Client) -> str:
@@ -3711,7 +3755,7 @@ class _Session:
                 "the upstream gave no access token after login (/api/auth/session is empty"
                 + ("" if has_cookie else "; the login set no credential cookie") + ")"
             )
-        self.access_token = token
+        self.access_token, self.expires = token, _expiry_time(session.get("expires"))
         return token
 
 
@@ -3767,13 +3811,16 @@ class _SessionFile:
         if not isinstance(listed, list):
             return  # not a file this code wrote (or edited since): ignore the entry
         cookies = [cookie for cookie in map(_kept_cookie, listed) if cookie is not None]
-        if len(cookies) != len(listed):
+        expires = entry.get("expires")
+        if len(cookies) != len(listed) or not (expires is None or (type(expires) in (int, float) and math.isfinite(expires))):
             return  # likewise
         now = time.time()
+        if _over(expires, now):
+            return  # a new login, rather than a request the upstream refuses
         for cookie in cookies:
             if cookie.expires is None or cookie.expires > now:
                 session.cookie_jar.set_cookie(cookie)
-        session.access_token = token
+        session.access_token, session.expires = token, expires
 
     def save(self, key: str, session: _Session) -> None:
         cookies = [
@@ -3783,7 +3830,8 @@ class _SessionFile:
         ]
         data = self._read()
         data.pop(key, None)
-        data[key] = {"access_token": session.access_token, "cookies": cookies, "saved": time.time()}
+        data[key] = {"access_token": session.access_token, "expires": session.expires, "cookies": cookies,
+                     "saved": time.time()}
         self._write(dict(list(data.items())[-self._MOST:]))
 
     def drop(self, key: str, token: str) -> None:

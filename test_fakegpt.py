@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import base64
+import calendar
 import contextlib
 import copy
 import dataclasses
@@ -1982,6 +1983,82 @@ def test_expired_token_logs_in_again_once_and_retries(provider: "type[FakeGpt]",
     assert "".join(pieces_of(provider)) == mock_server.default_reply("Hello")
     assert mock.count("POST", "/auth/login") == 2 and mock.count("POST", "/api/conversation") == 3
     assert provider._access_token != old_token
+
+
+END = calendar.timegm((2089, 8, 8, 23, 59, 59, 0, 0, 0))  # Pandora's "expires", in seconds since the epoch
+
+
+@pytest.mark.parametrize("text, seconds", [
+    ("2089-08-08T23:59:59.999Z", END + 0.999),  # as Pandora says it
+    ("2089-08-08T23:59:59Z", END),
+    ("2089-08-08 23:59:59", END),  # no offset: UTC
+    ("2089-08-09T01:59:59.5+02:00", END + 0.5),
+    ("2089-08-08T20:59:59-0300", END),
+    (" 1970-01-01T00:00:00.123456789z ", 0.123456789),
+    ("2089-02-30T00:00:00Z", None),  # no such day
+    ("2089-08-08T24:00:00Z", None),
+    ("2089-08-08", None),
+    ("in a month", None),
+    ("\uff12\uff10\uff18\uff19-08-08T23:59:59Z", None),  # digits, but not ASCII ones
+    ("", None),
+    (END, None),  # a number could be seconds or milliseconds: not guessed
+    (None, None),
+])
+def test_a_sessions_expiry_is_read_as_iso_8601(text: Any, seconds: Optional[float]) -> None:
+    found = fakegpt._expiry_time(text)
+    assert found == seconds if seconds is None else found == pytest.approx(seconds, abs=1e-6)
+
+
+def test_a_session_that_ends_within_a_minute_is_not_used_again() -> None:
+    # The upstream says when a login's session ends: one that ends within a minute is
+    # replaced by a new login before the next call, instead of sending a token the
+    # upstream is about to refuse (which costs a refused request, then the login).
+    for lifetime, logins in ((30, 3), (3600, 1)):
+        with mock_server.serve_in_thread(session_lifetime=lifetime) as server:
+            provider = provider_for(server.url)
+            for _ in range(3):
+                assert "".join(pieces_of(provider)) == FULL_REPLY
+            assert server.count("POST", "/auth/login") == logins
+            assert server.count("POST", "/api/conversation") == 3  # none refused
+
+
+def test_the_mock_ends_a_session_when_its_expires_says() -> None:
+    async def exchange(lifetime: float) -> List[Tuple[int, bytes]]:
+        async with mock_server.MockServer(mock_server.MockOptions(session_lifetime=lifetime)) as server:
+            host, port = server.url.rsplit("/", 1)[1].split(":")
+            answers = []
+
+            async def ask(head: str, body: bytes = b"") -> Tuple[int, bytes, str]:
+                reader, writer = await asyncio.open_connection(host, int(port))
+                writer.write(f"{head}\r\nHost: {host}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+                answer = await reader.read()
+                writer.close()
+                top, _, rest = answer.partition(b"\r\n\r\n")
+                cookie = re.search(rb"Set-Cookie: (credential=[^;]+)", top)
+                answers.append((int(top.split()[1]), rest))
+                return int(top.split()[1]), rest, cookie.group(1).decode() if cookie else ""
+
+            form = f"token_key={server.token_ids[0]}&session_password=abcd1234".encode()
+            _, _, cookie = await ask("POST /auth/login HTTP/1.1\r\nContent-Type: application/x-www-form-urlencoded", form)
+            _, session, _ = await ask(f"GET /api/auth/session HTTP/1.1\r\nCookie: {cookie}")
+            token = re.search(rb'"accessToken": "([^"]+)"', session).group(1).decode()
+            expires = re.search(rb'"expires": "([^"]+)"', session).group(1).decode()
+            ends = calendar.timegm(time.strptime(expires[:19], "%Y-%m-%dT%H:%M:%S"))
+            assert expires.endswith("Z") and abs(ends - (time.time() + lifetime)) < 2
+            body = json.dumps({"action": "next", "messages": [{"id": "u", "content": {"parts": ["Hi"]}}],
+                               "parent_message_id": "p", "model": "m"}).encode()
+            ask_token = f"POST /api/conversation HTTP/1.1\r\nX-Authorization: Bearer {token}\r\nContent-Type: application/json"
+            await ask(ask_token, body)
+            await asyncio.sleep(0.4)
+            await ask(ask_token, body)
+            await ask(f"GET /api/auth/session HTTP/1.1\r\nCookie: {cookie}")
+            return answers
+
+    answers = asyncio.run(exchange(0.3))
+    assert [status for status, _ in answers] == [200, 200, 200, 401, 200]
+    assert b"token_expired" in answers[3][1] and answers[4][1].strip().endswith(b"{}")
+    with pytest.raises(ValueError, match="session_lifetime"):
+        mock_server.MockOptions(session_lifetime=-1)
 
 
 @pytest.mark.parametrize("fault", ["status:401", "status:403", "expired200"])
@@ -4484,6 +4561,23 @@ def test_the_cli_keeps_its_session_between_commands(mock: mock_server.MockServer
     for on in ("0", "false", " No ", "off"):  # what a variable set to "no" says
         run_cli("--url", mock.url, "Hello", env={**env, "FAKEGPT_NO_SESSION_CACHE": on})
     assert mock.count("GET", "/api/loads") == 5  # each used the kept session
+
+
+def test_the_cli_does_not_use_a_kept_session_that_has_ended(tmp_path: pathlib.Path) -> None:
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache"), "FAKEGPT_NO_SESSION_CACHE": ""}
+    kept = tmp_path / "cache" / "fakegpt" / "sessions.json"
+    with mock_server.serve_in_thread(session_lifetime=3600) as server:
+        for _ in range(2):
+            assert run_cli("--url", server.url, "Hello", env=env).stdout == FULL_REPLY + "\n"
+        assert server.count("POST", "/auth/login") == 1
+        [entry] = json.loads(kept.read_text()).values()
+        assert abs(entry["expires"] - (time.time() + 3600)) < 60
+    with mock_server.serve_in_thread(session_lifetime=30) as server:
+        for _ in range(2):
+            assert run_cli("--url", server.url, "Hello", env=env).stdout == FULL_REPLY + "\n"
+        # Each command logged in: the kept session ends within a minute, so it was not
+        # tried (no request refused).
+        assert server.count("POST", "/auth/login") == 2 and server.count("POST", "/api/conversation") == 2
 
 
 KEY = "shared {url} via direct"
