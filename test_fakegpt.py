@@ -4594,6 +4594,8 @@ KEY = "shared {url} via direct"
     '{"KEY": {"access_token": "eyJkept", "cookies": [{"name": "a", "value": "b", "domain": "127.0.0.1",'
     ' "domain_specified": "no", "path": 5, "secure": false, "expires": 1e400}]}}',
     '{"KEY": {"access_token": ["eyJkept"]}}',
+    '{"KEY": {"access_token": "eyJkept", "expires": "2089-08-08T23:59:59.999Z", "cookies": []}}',
+    '{"KEY": {"access_token": "eyJkept", "expires": NaN, "cookies": []}}',
     '{"KEY": "eyJkept"}',
     '[1, 2]',
     'not JSON',
@@ -4607,6 +4609,7 @@ def test_a_session_file_the_cli_did_not_write_means_a_new_login(mock: mock_serve
     first = run_cli("--url", mock.url, "Hello", env=env)
     assert (first.returncode, first.stdout, first.stderr) == (0, FULL_REPLY + "\n", "")
     assert mock.count("GET", "/api/loads") == 1  # the kept entry was not used
+    assert mock.count("POST", "/api/conversation") == 1  # (not even tried)
     assert run_cli("--url", mock.url, "Hello", env=env).stdout == FULL_REPLY + "\n"
     assert mock.count("GET", "/api/loads") == 1  # and the file now keeps the new login
 
