@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import base64
 import collections
+import datetime
 import functools
 import gc
 import http.cookiejar
@@ -64,7 +65,7 @@ from typing import (
     Union,
 )
 
-__version__ = "1.6.3"
+__version__ = "1.7.0"
 __all__ = [
     "AsyncResult",
     "AuthenticationError",
@@ -3655,8 +3656,6 @@ def _expiry_time(value: Any) -> Optional[float]:
     match = _ISO_TIME.fullmatch(value.strip()) if isinstance(value, str) else None
     if match is None:
         return None
-    import datetime  # here: only a login needs it
-
     year, month, day, hour, minute, second = (int(match[i]) for i in range(1, 7))
     try:
         moment = datetime.datetime(year, month, day, hour, minute, second, tzinfo=datetime.timezone.utc)

@@ -66,7 +66,7 @@ from typing import (
     Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Set, Tuple, Union,
 )
 
-__version__ = "1.4.0"
+__version__ = "1.5.0"
 __all__ = [
     "FAULTS",
     "MockOptions",
