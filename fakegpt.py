@@ -3807,11 +3807,13 @@ class _SessionFile:
         if not isinstance(token, str) or _TOKEN_TEXT.fullmatch(token) is None:
             return
         listed = entry.get("cookies", [])
-        if not isinstance(listed, list):
+        expires = entry.get("expires")  # None: the upstream did not say (or an older file)
+        if not isinstance(listed, list) or not (
+            expires is None or (type(expires) in (int, float) and math.isfinite(expires))
+        ):
             return  # not a file this code wrote (or edited since): ignore the entry
         cookies = [cookie for cookie in map(_kept_cookie, listed) if cookie is not None]
-        expires = entry.get("expires")
-        if len(cookies) != len(listed) or not (expires is None or (type(expires) in (int, float) and math.isfinite(expires))):
+        if len(cookies) != len(listed):
             return  # likewise
         now = time.time()
         if _over(expires, now):
