@@ -39,13 +39,13 @@ async def carry(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, dela
         while True:
             try:
                 data = await reader.read(256 * 1024)
-            except ConnectionError:
+            except OSError:  # a reset, say
                 data = b""
             queue.put_nowait((max(loop.time() + delay, not_before), data or None))
             if not data:
                 break
         await delivery
-    except (ConnectionError, asyncio.CancelledError):
+    except (OSError, asyncio.CancelledError):  # OSError: the other side is gone (ENOTCONN at its end too)
         delivery.cancel()
 
 
