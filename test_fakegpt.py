@@ -2023,40 +2023,37 @@ def test_a_session_that_ends_within_a_minute_is_not_used_again() -> None:
 
 
 def test_the_mock_ends_a_session_when_its_expires_says() -> None:
-    async def exchange(lifetime: float) -> List[Tuple[int, bytes]]:
+    lifetime = 0.8
+
+    async def exchange() -> List[Tuple[int, bytes]]:
         async with mock_server.MockServer(mock_server.MockOptions(session_lifetime=lifetime)) as server:
             host, port = server.url.rsplit("/", 1)[1].split(":")
-            answers = []
 
-            async def ask(head: str, body: bytes = b"") -> Tuple[int, bytes, str]:
+            async def ask(head: str, body: bytes = b"") -> Tuple[int, bytes]:
                 reader, writer = await asyncio.open_connection(host, int(port))
                 writer.write(f"{head}\r\nHost: {host}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
                 answer = await reader.read()
                 writer.close()
-                top, _, rest = answer.partition(b"\r\n\r\n")
-                cookie = re.search(rb"Set-Cookie: (credential=[^;]+)", top)
-                answers.append((int(top.split()[1]), rest))
-                return int(top.split()[1]), rest, cookie.group(1).decode() if cookie else ""
+                return int(answer.split(b" ", 2)[1]), answer
 
             form = f"token_key={server.token_ids[0]}&session_password=abcd1234".encode()
-            _, _, cookie = await ask("POST /auth/login HTTP/1.1\r\nContent-Type: application/x-www-form-urlencoded", form)
-            _, session, _ = await ask(f"GET /api/auth/session HTTP/1.1\r\nCookie: {cookie}")
-            token = re.search(rb'"accessToken": "([^"]+)"', session).group(1).decode()
-            expires = re.search(rb'"expires": "([^"]+)"', session).group(1).decode()
+            login = await ask("POST /auth/login HTTP/1.1\r\nContent-Type: application/x-www-form-urlencoded", form)
+            cookie = re.search(rb"Set-Cookie: (credential=[^;]+)", login[1]).group(1).decode()
+            session = await ask(f"GET /api/auth/session HTTP/1.1\r\nCookie: {cookie}")
+            token = re.search(rb'"accessToken": "([^"]+)"', session[1]).group(1).decode()
+            expires = re.search(rb'"expires": "([^"]+)"', session[1]).group(1).decode()
             ends = calendar.timegm(time.strptime(expires[:19], "%Y-%m-%dT%H:%M:%S"))
             assert expires.endswith("Z") and abs(ends - (time.time() + lifetime)) < 2
             body = json.dumps({"action": "next", "messages": [{"id": "u", "content": {"parts": ["Hi"]}}],
                                "parent_message_id": "p", "model": "m"}).encode()
-            ask_token = f"POST /api/conversation HTTP/1.1\r\nX-Authorization: Bearer {token}\r\nContent-Type: application/json"
-            await ask(ask_token, body)
-            await asyncio.sleep(0.4)
-            await ask(ask_token, body)
-            await ask(f"GET /api/auth/session HTTP/1.1\r\nCookie: {cookie}")
-            return answers
+            converse = f"POST /api/conversation HTTP/1.1\r\nX-Authorization: Bearer {token}\r\nContent-Type: application/json"
+            before = await ask(converse, body)
+            await asyncio.sleep(lifetime + 0.05)  # the session has ended
+            return [login, session, before, await ask(converse, body), await ask(f"GET /api/auth/session HTTP/1.1\r\nCookie: {cookie}")]
 
-    answers = asyncio.run(exchange(0.3))
+    answers = asyncio.run(exchange())
     assert [status for status, _ in answers] == [200, 200, 200, 401, 200]
-    assert b"token_expired" in answers[3][1] and answers[4][1].strip().endswith(b"{}")
+    assert b"token_expired" in answers[3][1] and answers[4][1].endswith(b"\r\n\r\n{}")
     with pytest.raises(ValueError, match="session_lifetime"):
         mock_server.MockOptions(session_lifetime=-1)
 
