@@ -12,6 +12,7 @@ import calendar
 import contextlib
 import copy
 import dataclasses
+import datetime
 import functools
 import gc
 import http.client
@@ -2007,6 +2008,18 @@ END = calendar.timegm((2089, 8, 8, 23, 59, 59, 0, 0, 0))  # Pandora's "expires",
 def test_a_sessions_expiry_is_read_as_iso_8601(text: Any, seconds: Optional[float]) -> None:
     found = fakegpt._expiry_time(text)
     assert found == seconds if seconds is None else found == pytest.approx(seconds, abs=1e-6)
+
+
+@settings(PROPERTY)
+@given(st.datetimes(min_value=datetime.datetime(1, 1, 2), max_value=datetime.datetime(9999, 12, 30)),
+       st.integers(-(23 * 60 + 59), 23 * 60 + 59), st.sampled_from(["T", " "]))
+def test_any_iso_8601_time_with_an_offset_is_read_as_the_moment_it_names(
+    moment: datetime.datetime, offset_minutes: int, separator: str
+) -> None:
+    aware = moment.replace(tzinfo=datetime.timezone(datetime.timedelta(minutes=offset_minutes)))
+    assert fakegpt._expiry_time(aware.isoformat(sep=separator)) == pytest.approx(aware.timestamp(), abs=1e-6)
+    utc = aware.astimezone(datetime.timezone.utc)
+    assert fakegpt._expiry_time(utc.replace(tzinfo=None).isoformat() + "Z") == pytest.approx(aware.timestamp(), abs=1e-6)
 
 
 def test_a_session_that_ends_within_a_minute_is_not_used_again() -> None:
