@@ -65,7 +65,7 @@ from typing import (
     Union,
 )
 
-__version__ = "1.7.0"
+__version__ = "1.7.1"
 __all__ = [
     "AsyncResult",
     "AuthenticationError",
@@ -3450,7 +3450,7 @@ class _Client:
         )
         try:
             raw = await response.read(self.options.limits.max_error_body_size)
-            if response.status >= 400:
+            if response.status >= 300:  # an error, or a redirect, which is not followed
                 raise _status_error(response.head, raw, what=what, redact=[*redact, *self.secrets])
             try:
                 value = json.loads(raw.decode("utf-8", "replace"))
@@ -3522,6 +3522,9 @@ def _status_error(
     text_body = _excerpt(_redact(body.decode("utf-8", "replace"), redact), 300)
     status = head.status
     message = f"{what}: HTTP {status}" + (f": {detail}" if detail else "")
+    target = _redirect_target(head.get("location"), redact) if status in _REDIRECTS else None
+    if target:
+        message = f"{what}: HTTP {status}: the upstream redirects to {target} (redirects are not followed)"
     fields: Dict[str, Any] = {"status": status, "detail": detail, "code": code, "body": text_body}
     if _is_challenge(head, body):
         return ChallengeError(
@@ -3536,6 +3539,21 @@ def _status_error(
     if status in (401, 403) or code == "token_expired":
         return TokenExpiredError(message, **fields)
     return HTTPStatusError(message, **fields)
+
+
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+
+
+def _redirect_target(location: Optional[str], redact: Sequence[str]) -> Optional[str]:
+    """Where a redirect's ``Location`` points, as the error says it: without userinfo,
+    query or fragment, which may hold secrets (a URL's password, a token in the query)."""
+    try:
+        parts = urllib.parse.urlsplit((location or "").strip())
+    except ValueError:  # a malformed authority ("http://[x"): nothing worth showing
+        return None
+    authority = parts.netloc.rpartition("@")[2]
+    shown = urllib.parse.urlunsplit((parts.scheme, authority, parts.path, "", ""))
+    return _excerpt(_redact(shown, redact), 200) or None
 
 
 _CHALLENGE_MARKERS = (b"_cf_chl_opt", b"challenge-platform", b"cf-please-wait", b"<title>Just a moment")

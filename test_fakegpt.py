@@ -2874,6 +2874,30 @@ def answering(response: bytes) -> Callable[[asyncio.StreamReader, asyncio.Stream
     return handle
 
 
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+@pytest.mark.parametrize("location, shown", [
+    (f"https://user:{SENTINEL}@example.com/new/path?token={SENTINEL}#{SENTINEL}", "https://example.com/new/path"),
+    (f"/elsewhere/api/conversation?key={SENTINEL}", "/elsewhere/api/conversation"),
+])
+@pytest.mark.parametrize("token", [None, "t"])  # the login's first request, or the conversation
+def test_a_redirect_is_an_http_error_that_says_where_it_points_without_its_secrets(
+        status: int, location: str, shown: str, token: Optional[str]) -> None:
+    redirect = (f"HTTP/1.1 {status} Moved\r\nLocation: {location}\r\nContent-Type: text/html\r\n"
+                f"Content-Length: 0\r\nConnection: close\r\n\r\n").encode()
+    with thread_server(answering(redirect)) as (host, port):
+        raised, pieces = failure(provider_for(f"http://{host}:{port}"), access_token=token, retries=0)
+    assert isinstance(raised, fakegpt.HTTPStatusError) and raised.status == status and not pieces
+    assert f"HTTP {status}: the upstream redirects to {shown} (redirects are not followed)" in str(raised)
+    assert SENTINEL not in str(raised) and "user" not in str(raised)
+
+
+@pytest.mark.parametrize("location", [None, "", "  ", "http://[x/y", f"?token={SENTINEL}"])
+def test_a_redirect_that_names_nowhere_useful_is_a_plain_http_error(location: Optional[str]) -> None:
+    headers = () if location is None else (("location", location),)
+    error = fakegpt._status_error(Response(302, "Found", headers), b"", what="GET /x")
+    assert type(error) is fakegpt.HTTPStatusError and str(error) == "GET /x: HTTP 302"
+
+
 def event_stream(*datas: bytes) -> bytes:
     body = b"".join(b"data: " + d + b"\n\n" for d in datas)
     return b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n" + body
