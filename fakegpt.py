@@ -3399,11 +3399,15 @@ class _Client:
                 connection.close()
                 if not reused or connection.answered or isinstance(exc, RequestTimeout):
                     if isinstance(exc, TruncatedStreamError):  # before any response: the connection failed
-                        raise TransportError(f"{method} {path}: {exc}") from None
+                        raise TransportError(f"{method} {path.split('?')[0]}: {exc}") from None
                     raise
                 # The server had closed the idle connection as we sent: nothing of the
                 # request was processed, so it goes again, on a new connection.
                 why = f"failed before any answer ({exc})"
+            except ProtocolError as exc:  # not an HTTP/1.x head (another protocol on that port?)
+                connection.close()
+                exc.args = (f"{method} {path.split('?')[0]}: {exc}",)
+                raise
             except BaseException:
                 connection.close()
                 raise

@@ -2898,6 +2898,18 @@ def test_a_redirect_that_names_nowhere_useful_is_a_plain_http_error(location: Op
     assert type(error) is fakegpt.HTTPStatusError and str(error) == "GET /x: HTTP 302"
 
 
+@pytest.mark.parametrize("answer, error, words", [
+    (b"SSH-2.0-OpenSSH_9.2\r\n", fakegpt.ProtocolError, "malformed status line 'SSH-2.0-OpenSSH_9.2'"),
+    (b"\x00\x00\x12\x04\x00\x00", fakegpt.TransportError, "connection closed in the middle of the status line"),
+])
+@pytest.mark.parametrize("token, request_line", [(None, "GET /api/loads"), ("t", "POST /api/conversation")])
+def test_an_answer_that_is_not_http_names_the_request_it_answered(
+        answer: bytes, error: type, words: str, token: Optional[str], request_line: str) -> None:
+    with thread_server(answering(answer)) as (host, port):
+        raised, _ = failure(provider_for(f"http://{host}:{port}"), access_token=token, retries=0)
+    assert isinstance(raised, error) and str(raised) == f"{request_line}: {words}"  # (the login's query left out)
+
+
 def event_stream(*datas: bytes) -> bytes:
     body = b"".join(b"data: " + d + b"\n\n" for d in datas)
     return b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n" + body
