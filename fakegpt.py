@@ -91,6 +91,7 @@ __all__ = [
     "NEED_DATA",
     "NoResponseError",
     "ProtocolError",
+    "ProxyError",
     "RateLimitError",
     "RequestTimeout",
     "Response",
@@ -227,6 +228,11 @@ class TransportError(FakeGptError):
 
 class ConnectError(TransportError):
     """A connection could not be opened (refused, unresolvable host, proxy refused)."""
+
+
+class ProxyError(ConnectError):
+    """The proxy will not carry the request: it wants credentials (407), or refuses the
+    tunnel (another 4xx). Not tried again: the same request gets the same answer."""
 
 
 class TLSError(ConnectError):
@@ -2581,15 +2587,28 @@ async def _open_tunnel(proxy: _Proxy, endpoint: _Endpoint, limits: Limits) -> so
         except ProtocolError as exc:
             raise ConnectError(f"{where} did not answer the tunnel request in HTTP: {exc}") from None
         if event.status == 407:
-            raise ConnectError(f"{where} refused our credentials (407)")
+            raise _proxy_wants_credentials(proxy)
         if not 200 <= event.status < 300:
-            raise ConnectError(f"{where} refused the tunnel to {endpoint.authority}: {event.status} {event.reason}".rstrip())
+            refused = f"{where} refused the tunnel to {endpoint.authority}: {event.status} {event.reason}".rstrip()
+            # A 5xx is the proxy's trouble reaching the upstream, which may pass; a 4xx is its rule.
+            raise (ProxyError if 400 <= event.status < 500 else ConnectError)(refused)
         if reader.unconsumed:
             raise ConnectError(f"{where} sent data before the TLS handshake")
         return sock
     except BaseException:
         sock.close()
         raise
+
+
+def _proxy_wants_credentials(proxy: _Proxy) -> ProxyError:
+    """What a 407 from `proxy` means, to a CONNECT or to a request sent through it."""
+    where = f"the proxy {proxy.endpoint.authority}"
+    if proxy.authorization:
+        return ProxyError(f"{where} refused the credentials in its URL (407 Proxy Authentication Required)")
+    return ProxyError(
+        f"{where} asks for credentials (407 Proxy Authentication Required): "
+        "give them in its URL, http://user:password@host:port"
+    )
 
 
 # What OpenSSL says when the bytes that came back are not TLS but, say, "HTTP/1.1 400".
@@ -3412,6 +3431,9 @@ class _Client:
                 connection.close()
                 raise
             else:
+                if event.status == 407 and proxy is not None and not endpoint.tls:  # the proxy's, not the upstream's
+                    connection.close()
+                    raise _proxy_wants_credentials(proxy)
                 if event.status != 408 or not reused:
                     break
                 # 408 Request Timeout on a kept connection: the server gave up waiting on
@@ -4403,7 +4425,7 @@ def _retry_delay(error: FakeGptError, attempt: int) -> Optional[float]:
     transient = (
         isinstance(error, RateLimitError)
         or (isinstance(error, HTTPStatusError) and error.status >= 500 and not isinstance(error, ChallengeError))
-        or (isinstance(error, TransportError) and not isinstance(error, (TLSError, RequestTimeout)))
+        or (isinstance(error, TransportError) and not isinstance(error, (TLSError, ProxyError, RequestTimeout)))
         or (isinstance(error, RequestTimeout) and error.phase == "connect")
         or (isinstance(error, TruncatedStreamError) and not error.text)
     )

@@ -3859,11 +3859,36 @@ def test_a_url_whose_host_cannot_be_a_host_name_is_a_usage_error(host: str, wher
     assert repr(host) in str(caught.value)
 
 
-def test_proxy_refusing_credentials_is_a_clear_error(mock: mock_server.MockServer) -> None:
+@pytest.mark.parametrize("scheme", ["https", "http"])  # a tunnel, or a request sent to the proxy
+@pytest.mark.parametrize("credentials, words", [
+    ("user:wrong@", "refused the credentials in its URL (407 Proxy Authentication Required)"),
+    ("", "asks for credentials (407 Proxy Authentication Required): give them in its URL"),
+])
+def test_a_proxy_that_wants_other_credentials_says_so_at_once(
+        mock: mock_server.MockServer, scheme: str, credentials: str, words: str) -> None:
     proxy = LoopbackProxy("user:right")
     with thread_server(proxy.handle) as (host, port):
-        raised, _ = failure(provider_for(mock.url.replace("http:", "https:")), proxy=f"http://user:wrong@{host}:{port}")
-    assert isinstance(raised, fakegpt.ConnectError) and "407" in str(raised) and "wrong" not in str(raised)
+        raised, _ = failure(provider_for(mock.url.replace("http:", f"{scheme}:")), proxy=f"http://{credentials}{host}:{port}",
+                            access_token=mock.access_token, retries=2)
+    assert isinstance(raised, fakegpt.ProxyError) and str(raised).startswith(f"the proxy {host}:{port} {words}")
+    assert len(proxy.seen) == 1  # not tried again: the same request gets the same answer
+
+
+@pytest.mark.parametrize("status, error, tries", [(403, fakegpt.ProxyError, 1), (502, fakegpt.ConnectError, 2)])
+def test_a_proxy_that_refuses_the_tunnel_is_tried_again_only_if_the_trouble_may_pass(
+        status: int, error: type, tries: int) -> None:
+    seen: List[bytes] = []
+
+    async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(f"HTTP/1.1 {status} No\r\nContent-Length: 0\r\n\r\n".encode())
+        await writer.drain()
+        writer.close()
+
+    with thread_server(proxy) as (host, port):
+        raised, _ = failure(provider_for("https://example.invalid"), proxy=f"http://{host}:{port}", access_token="t", retries=1)
+    assert type(raised) is error and f"refused the tunnel to example.invalid: {status} No" in str(raised)
+    assert len(seen) == tries
 
 
 @pytest.mark.parametrize("answer, words", [
