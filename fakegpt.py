@@ -3547,10 +3547,11 @@ def _status_error(
     detail, code = _error_detail(head, body, redact)
     text_body = _excerpt(_redact(body.decode("utf-8", "replace"), redact), 300)
     status = head.status
-    message = f"{what}: HTTP {status}" + (f": {detail}" if detail else "")
     target = _redirect_target(head.get("location"), redact) if status in _REDIRECTS else None
     if target:
         message = f"{what}: HTTP {status}: the upstream redirects to {target} (redirects are not followed)"
+    else:
+        message = f"{what}: HTTP {status}" + (f": {detail}" if detail else "")
     fields: Dict[str, Any] = {"status": status, "detail": detail, "code": code, "body": text_body}
     if _is_challenge(head, body):
         return ChallengeError(
