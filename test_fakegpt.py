@@ -3872,6 +3872,7 @@ def test_a_proxy_that_wants_other_credentials_says_so_at_once(
                             access_token=mock.access_token, retries=2)
     assert isinstance(raised, fakegpt.ProxyError) and str(raised).startswith(f"the proxy {host}:{port} {words}")
     assert len(proxy.seen) == 1  # not tried again: the same request gets the same answer
+    assert "wrong" not in str(raised) and "wrong" not in repr(raised)  # the password is never shown
 
 
 @pytest.mark.parametrize("status, error, tries", [(403, fakegpt.ProxyError, 1), (502, fakegpt.ConnectError, 2)])
