@@ -422,6 +422,7 @@ class ResponseReader:
         self._persistent = False  # the response lets the connection carry another
         self._complete = False  # EndOfMessage returned
         self._fields: List[Tuple[str, str]] = []
+        self._field_lines = 0  # the head's, folded ones too: what the limit counts
         self._remaining = 0
         self._decoder: Any = None
         self._compressed_seen = False
@@ -540,8 +541,14 @@ class ResponseReader:
             if line is None:
                 return NEED_DATA
             if line:
-                self._fields.append(_parse_field_line(line))
-                if len(self._fields) > self._limits.max_header_count:
+                if line[:1] in (b" ", b"\t") and self._fields:
+                    # obs-fold: the last field's value goes on, joined by a space (RFC 9112 5.2)
+                    name, value = self._fields[-1]
+                    self._fields[-1] = (name, " ".join(filter(None, (value, _folded_value(line)))))
+                else:
+                    self._fields.append(_parse_field_line(line))
+                self._field_lines += 1
+                if self._field_lines > self._limits.max_header_count:
                     raise LimitExceeded(f"more than {self._limits.max_header_count} header fields")
                 continue
             response = self._head_read()
@@ -552,7 +559,7 @@ class ResponseReader:
         """The head taken (status and fields) as a response; None for an interim one."""
         assert self._status is not None
         http10, status, reason = self._status
-        headers, self._status, self._fields = tuple(self._fields), None, []
+        headers, self._status, self._fields, self._field_lines = tuple(self._fields), None, [], 0
         if status == 101:
             raise ProtocolError("unexpected 101 Switching Protocols")
         if status < 200:
@@ -760,7 +767,10 @@ class ResponseReader:
                 return NEED_DATA
             if not line:
                 return self._end_of_message()
-            _parse_field_line(line)  # validated, then dropped
+            if line[:1] in (b" ", b"\t") and self._trailer_count:
+                _folded_value(line)  # a folded line of the last trailer: validated, then dropped
+            else:
+                _parse_field_line(line)  # validated, then dropped
             self._trailer_count += 1
             if self._trailer_count > self._limits.max_header_count:
                 raise LimitExceeded(f"more than {self._limits.max_header_count} trailer fields")
@@ -826,8 +836,8 @@ def _status_of(match: "re.Match[bytes]") -> Tuple[bool, int, str]:
 
 
 def _parse_field_line(line: bytes) -> Tuple[str, str]:
-    if line[:1] in (b" ", b"\t"):
-        raise ProtocolError("obsolete line folding in a header")
+    if line[:1] in (b" ", b"\t"):  # (one after a field is a folded line: the reader joins it)
+        raise ProtocolError("a header line that starts with white space, before any field")
     name, colon, value = line.partition(b":")
     if not colon:
         raise ProtocolError(f"header line without a colon: {_excerpt(line)!r}")
@@ -837,6 +847,13 @@ def _parse_field_line(line: bytes) -> Tuple[str, str]:
     if _BAD_FIELD_VALUE.search(value):
         raise ProtocolError(f"invalid character in header {name.decode('ascii')!r}")
     return name.decode("ascii").lower(), value.decode("latin-1")
+
+
+def _folded_value(line: bytes) -> str:
+    """What an obs-fold line (white space, then more of the last field's value) adds."""
+    if _BAD_FIELD_VALUE.search(line):
+        raise ProtocolError("invalid character in a folded header line")
+    return line.strip(b" \t").decode("latin-1")
 
 
 def _parse_content_length(value: str) -> int:

@@ -471,6 +471,21 @@ def test_http_reader_keeps_headers_lower_cased_and_repeated() -> None:
     assert head.get("X-A") == "spaced"
 
 
+def test_http_reader_joins_a_folded_header_line_to_its_field_as_user_agents_must() -> None:
+    # RFC 9112 5.2: a user agent replaces each obs-fold (CRLF, then white space) in a
+    # response with space before it reads the value; in a trailer too, which is dropped.
+    data = (b"HTTP/1.1 200 OK\r\nX-A: one\r\n  two \r\n\tthree\r\nX-B:\r\n b\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"2\r\nok\r\n0\r\nX-T: 1\r\n 2\r\n\r\n")
+    for chunks in three_ways(data):
+        head, body = read_response(chunks)
+        assert head.get("x-a") == "one two three" and head.get("x-b") == "b" and body == b"ok"
+        assert [name for name, _ in head.headers] == ["x-a", "x-b", "transfer-encoding"]
+    # Each folded line counts against the limit of header lines, as a field's would.
+    many = b"HTTP/1.1 200 OK\r\nX-A: 1\r\n" + b" more\r\n" * 10 + b"Content-Length: 0\r\n\r\n"
+    with pytest.raises(fakegpt.LimitExceeded):
+        read_response([many], limits=Limits(max_header_count=10))
+
+
 @pytest.mark.parametrize("coding, encode", [
     ("gzip", gzip_bytes),
     ("deflate", lambda d: deflate_bytes(d, raw=False)),
@@ -580,7 +595,9 @@ MALFORMED_RESPONSES = {
     "not HTTP at all": b"SSH-2.0-OpenSSH_9.2\r\n\r\n",
     "header line without a colon": b"HTTP/1.1 200 OK\r\nNo colon here\r\n\r\n",
     "space before the colon": b"HTTP/1.1 200 OK\r\nContent-Length : 2\r\n\r\nok",
-    "obs-fold": b"HTTP/1.1 200 OK\r\nX-A: 1\r\n  continued\r\nContent-Length: 0\r\n\r\n",
+    "white space before the first field": b"HTTP/1.1 200 OK\r\n  X-A: 1\r\nContent-Length: 0\r\n\r\n",
+    "a folded line with a NUL": b"HTTP/1.1 200 OK\r\nX-A: 1\r\n a\x00b\r\nContent-Length: 0\r\n\r\n",
+    "a folded Content-Length": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n 3\r\n\r\nok",
     "NUL in a header value": b"HTTP/1.1 200 OK\r\nX-A: a\x00b\r\nContent-Length: 0\r\n\r\n",
     "bare CR in a header value": b"HTTP/1.1 200 OK\r\nX-A: a\rb\r\nContent-Length: 0\r\n\r\n",
     "EOF before the declared length": b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",
