@@ -385,7 +385,8 @@ NEED_DATA: Final = _NeedData()
 
 ReaderEvent = Union[Response, Data, EndOfMessage]
 
-_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-5][0-9][0-9])(?: ([\t \x21-\x7e\x80-\xff]*))?")
+# A later HTTP/1.x is read as 1.1, the highest minor version this speaks (RFC 9110 2.5).
+_STATUS_LINE = re.compile(rb"HTTP/1\.([0-9]) ([1-5][0-9][0-9])(?: ([\t \x21-\x7e\x80-\xff]*))?")
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _BAD_FIELD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 # Each field line after a CRLF, up to the next CRLF, as `_parse_field_line` takes it (the

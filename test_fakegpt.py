@@ -471,6 +471,17 @@ def test_http_reader_keeps_headers_lower_cased_and_repeated() -> None:
     assert head.get("X-A") == "spaced"
 
 
+def test_http_reader_reads_a_later_http_1_minor_version_as_1_1() -> None:
+    # RFC 9110 2.5: a recipient processes a higher minor version of a major version it
+    # implements as the highest minor version it implements.
+    data = b"HTTP/1.2 200 OK\r\nContent-Length: 2\r\n\r\nhi"
+    reader = ResponseReader(method="GET")
+    reader.feed(data)
+    events = [reader.next_event(), reader.next_event(), reader.next_event()]
+    assert isinstance(events[0], Response) and events[0].status == 200 and events[1] == Data(b"hi")
+    assert isinstance(events[2], EndOfMessage) and reader.keep_alive  # persistent, as 1.1 is
+
+
 def test_http_reader_joins_a_folded_header_line_to_its_field_as_user_agents_must() -> None:
     # RFC 9112 5.2: a user agent replaces each obs-fold (CRLF, then white space) in a
     # response with space before it reads the value; in a trailer too, which is dropped.
