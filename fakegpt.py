@@ -843,7 +843,8 @@ def _parse_field_line(line: bytes) -> Tuple[str, str]:
     if not colon:
         raise ProtocolError(f"header line without a colon: {_excerpt(line)!r}")
     if _TOKEN.fullmatch(name) is None:
-        raise ProtocolError(f"invalid header name {_excerpt(name)!r}")
+        # As it came (`_excerpt` would tidy away the space before a colon that made it wrong).
+        raise ProtocolError(f"invalid header name {name[:80].decode('latin-1')!r}")
     value = value.strip(b" \t")
     if _BAD_FIELD_VALUE.search(value):
         raise ProtocolError(f"invalid character in header {name.decode('ascii')!r}")

@@ -471,6 +471,12 @@ def test_http_reader_keeps_headers_lower_cased_and_repeated() -> None:
     assert head.get("X-A") == "spaced"
 
 
+def test_http_reader_shows_an_invalid_header_name_as_it_came() -> None:
+    with pytest.raises(fakegpt.ProtocolError) as caught:
+        read_response([b"HTTP/1.1 200 OK\r\nContent-Length : 2\r\n\r\nok"])
+    assert str(caught.value) == "invalid header name 'Content-Length '"  # the space that makes it invalid
+
+
 def test_http_reader_reads_a_later_http_1_minor_version_as_1_1() -> None:
     # RFC 9110 2.5: a recipient processes a higher minor version of a major version it
     # implements as the highest minor version it implements.
