@@ -178,7 +178,17 @@ def _memo_put(memo: Dict[_K, _V], key: _K, value: _V) -> _V:
 
 def _excerpt(data: Union[bytes, str], limit: int = 80) -> str:
     text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
-    text = " ".join(text.split())
+    return _cut(" ".join(text.split()), limit)
+
+
+def _as_sent(line: bytes, limit: int = 80) -> str:
+    """A line of the wire as it came (cut to `limit` characters), for what is wrong in its
+    syntax: `_excerpt` tidies white space away, which may be the very fault (``1a `` as a
+    chunk size, a space before a header's colon)."""
+    return _cut(line.decode("latin-1"), limit)
+
+
+def _cut(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -696,7 +706,7 @@ class ResponseReader:
                     # Not plain hex (the usual case, where int() is safe): check it all.
                     match = _CHUNK_SIZE.fullmatch(line)
                     if match is None:
-                        raise ProtocolError(f"malformed chunk size line {_excerpt(bytes(line))!r}")
+                        raise ProtocolError(f"malformed chunk size line {_as_sent(bytes(line))!r}")
                     digits = match.group(1)
                 pos = end + 1
                 self._remaining = int(digits, 16)
@@ -828,7 +838,7 @@ def _parse_status_line(line: bytes) -> Tuple[bool, int, str]:
     """(HTTP/1.0?, status, reason)"""
     match = _STATUS_LINE.fullmatch(line)
     if match is None:
-        raise ProtocolError(f"malformed status line {_excerpt(line)!r}")
+        raise ProtocolError(f"malformed status line {_as_sent(line)!r}")
     return _status_of(match)
 
 
@@ -841,10 +851,9 @@ def _parse_field_line(line: bytes) -> Tuple[str, str]:
         raise ProtocolError("a header line that starts with white space, before any field")
     name, colon, value = line.partition(b":")
     if not colon:
-        raise ProtocolError(f"header line without a colon: {_excerpt(line)!r}")
+        raise ProtocolError(f"header line without a colon: {_as_sent(line)!r}")
     if _TOKEN.fullmatch(name) is None:
-        # As it came (`_excerpt` would tidy away the space before a colon that made it wrong).
-        raise ProtocolError(f"invalid header name {name[:80].decode('latin-1')!r}")
+        raise ProtocolError(f"invalid header name {_as_sent(name)!r}")
     value = value.strip(b" \t")
     if _BAD_FIELD_VALUE.search(value):
         raise ProtocolError(f"invalid character in header {name.decode('ascii')!r}")

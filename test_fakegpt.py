@@ -471,10 +471,16 @@ def test_http_reader_keeps_headers_lower_cased_and_repeated() -> None:
     assert head.get("X-A") == "spaced"
 
 
-def test_http_reader_shows_an_invalid_header_name_as_it_came() -> None:
+@pytest.mark.parametrize("data, words", [
+    (b"HTTP/1.1 200 OK\r\nContent-Length : 2\r\n\r\nok", "invalid header name 'Content-Length '"),
+    (b"HTTP/1.1  200 OK\r\n\r\n", "malformed status line 'HTTP/1.1  200 OK'"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1a \r\n", "malformed chunk size line '1a '"),
+    (b"HTTP/1.1 200 OK\r\nNo  colon\r\n\r\n", "header line without a colon: 'No  colon'"),
+])
+def test_http_reader_shows_a_malformed_line_as_it_came(data: bytes, words: str) -> None:
     with pytest.raises(fakegpt.ProtocolError) as caught:
-        read_response([b"HTTP/1.1 200 OK\r\nContent-Length : 2\r\n\r\nok"])
-    assert str(caught.value) == "invalid header name 'Content-Length '"  # the space that makes it invalid
+        read_response([data])
+    assert str(caught.value) == words  # with the white space that makes it wrong
 
 
 def test_http_reader_reads_a_later_http_1_minor_version_as_1_1() -> None:
