@@ -2417,6 +2417,13 @@ def _parse_url(url: str, *, what: str = "url") -> Tuple[_Endpoint, str]:
     return _split_url(url, what)
 
 
+def _urlsplit_complaint(exc: ValueError, url: str) -> str:
+    """What urlsplit found wrong in `url`, without the URL's user and password: some of
+    its messages quote the whole authority."""
+    authority = re.split(r"[/?#]", url.partition("://")[2], maxsplit=1)[0]
+    return _redact(str(exc), [authority.rpartition("@")[0]])
+
+
 @functools.lru_cache(maxsize=64)  # every call parses its URL; most calls share one
 def _split_url(url: str, what: str) -> Tuple[_Endpoint, str]:
     shown = repr(re.sub(r"(?<=://)[^/@]*@", "***@", url))  # never a password in a message
@@ -2424,7 +2431,7 @@ def _split_url(url: str, what: str) -> Tuple[_Endpoint, str]:
         parts = urllib.parse.urlsplit(url.strip())
         port = parts.port
     except ValueError as exc:
-        raise UsageError(f"invalid {what} {shown}: {exc}") from None
+        raise UsageError(f"invalid {what} {shown}: {_urlsplit_complaint(exc, url)}") from None
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https"):
         raise UsageError(f"{what} must start with http:// or https://, not {shown}")
@@ -2487,8 +2494,8 @@ class _Proxy:
         try:
             parts = urllib.parse.urlsplit(url.strip())
             port = parts.port
-        except ValueError:
-            raise UsageError("invalid proxy URL") from None
+        except ValueError as exc:
+            raise UsageError(f"invalid proxy URL: {_urlsplit_complaint(exc, url)}") from None
         scheme = parts.scheme.lower()
         if scheme.startswith("socks"):
             raise UsageError(f"{scheme}:// proxies are not supported: use an http:// proxy")

@@ -2530,6 +2530,17 @@ def test_bad_arguments_give_usage_errors(kwargs: Dict[str, Any], message: str) -
     assert isinstance(raised, fakegpt.UsageError) and message in str(raised)
 
 
+@pytest.mark.parametrize("keyword", ["url", "proxy"])
+@pytest.mark.parametrize("url", [
+    "http://user:hunter\uff0f22@127.0.0.1:8080",  # urlsplit quotes the whole authority
+    "http://user:hunter22@127.0.0.1:99999", "http://user:hunter22@[::1:8080",
+])
+def test_a_url_that_does_not_parse_is_an_error_that_keeps_its_password_secret(keyword: str, url: str) -> None:
+    raised, _ = failure(FakeGpt.isolated("http://127.0.0.1:9"), **{keyword: url})
+    assert isinstance(raised, fakegpt.UsageError) and "invalid" in str(raised)
+    assert "hunter" not in str(raised) and "user:" not in str(raised)
+
+
 @pytest.mark.parametrize("limits", [
     Limits(max_event_size=0), Limits(max_line_size=-5), Limits(max_header_count=True),
     Limits(max_sse_line_size="big"), Limits(max_error_body_size=1.5), Limits(max_connections=0),  # type: ignore[arg-type]
