@@ -2523,7 +2523,11 @@ def _proxy_from_environment(endpoint: _Endpoint) -> Optional[_Proxy]:
         return None
     if "://" not in url:  # host:port, as curl and pip accept it
         url = "http://" + url
-    return _Proxy(url)
+    try:
+        return _Proxy(url)
+    except UsageError as exc:  # named, or the user may not know where the proxy came from
+        lower = f"{endpoint.scheme}_proxy"
+        raise UsageError(f"{lower if os.environ.get(lower) else lower.upper()}: {exc}") from None
 
 
 def _bypasses_proxy(endpoint: _Endpoint, no_proxy: str) -> bool:
@@ -4068,6 +4072,15 @@ def _check_keywords(kwargs: Dict[str, Any]) -> None:
             raise UsageError(f"unknown keyword {name!r}: did you mean {close!r}?")
 
 
+def _environment_url() -> str:
+    """FAKEGPT_URL if set (a bad one named as where it came from), else the default URL."""
+    url = os.environ.get("FAKEGPT_URL")
+    if not url:
+        return DEFAULT_URL
+    _parse_url(url, what="FAKEGPT_URL")
+    return url
+
+
 def _options(
     provider: type, model: Optional[str], proxy: Optional[str], kwargs: Dict[str, Any]
 ) -> _Options:
@@ -4080,7 +4093,7 @@ def _options(
     if url is None:
         url = provider.url  # type: ignore[attr-defined]
         if url == DEFAULT_URL:  # neither the call nor a subclass chose one
-            url = os.environ.get("FAKEGPT_URL") or DEFAULT_URL
+            url = _environment_url()
     token = kwargs.get("access_token")
     if token is None:
         token = os.environ.get("FAKEGPT_ACCESS_TOKEN") or None
@@ -4918,7 +4931,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.mock:
             return _with_mock(args, token)
-        return _run(args, args.url or os.environ.get("FAKEGPT_URL") or DEFAULT_URL, token, trust_env=True)
+        try:
+            url = args.url or _environment_url()
+        except UsageError as exc:
+            return _fail(str(exc), EXIT_USAGE, json_too=args.json)
+        return _run(args, url, token, trust_env=True)
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -2541,6 +2541,34 @@ def test_a_url_that_does_not_parse_is_an_error_that_keeps_its_password_secret(ke
     assert "hunter" not in str(raised) and "user:" not in str(raised)
 
 
+PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "NO_PROXY", "no_proxy")
+
+
+@pytest.mark.parametrize("variable, value, words", [
+    ("HTTPS_PROXY", "socks5://user:hunter22@127.0.0.1:1080", "socks5:// proxies are not supported"),
+    ("https_proxy", "http://user:hunter22@127.0.0.1:99999", "invalid proxy URL: Port"),
+    ("HTTPS_PROXY", "https://user:hunter22@127.0.0.1:3128", "must be an http://"),
+])
+def test_a_bad_proxy_from_the_environment_is_named_by_its_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, words: str,
+) -> None:
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(variable, value)
+    raised, _ = failure(FakeGpt.isolated("https://127.0.0.1:9"), trust_env=True)
+    assert isinstance(raised, fakegpt.UsageError) and str(raised).startswith(f"{variable}: ") and words in str(raised)
+    assert "hunter22" not in str(raised)
+
+
+def test_a_bad_fakegpt_url_is_named_as_the_variable_it_came_from(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FAKEGPT_URL", "ftp://127.0.0.1:9")
+    raised, _ = failure(FakeGpt.isolated())
+    assert isinstance(raised, fakegpt.UsageError) and str(raised).startswith("FAKEGPT_URL must start with http://")
+    result = run_cli("Hi", env={"FAKEGPT_URL": "http://[::1"})
+    assert result.returncode == 2 and result.stderr == "fakegpt: error: invalid FAKEGPT_URL 'http://[::1': Invalid IPv6 URL\n"
+    assert run_cli("--url", "ftp://x", "Hi", env={"FAKEGPT_URL": "http://[::1"}).stderr.startswith("fakegpt: error: url must")
+
+
 @pytest.mark.parametrize("limits", [
     Limits(max_event_size=0), Limits(max_line_size=-5), Limits(max_header_count=True),
     Limits(max_sse_line_size="big"), Limits(max_error_body_size=1.5), Limits(max_connections=0),  # type: ignore[arg-type]
