@@ -4081,6 +4081,16 @@ def _environment_url() -> str:
     return url
 
 
+def _environment_token() -> Optional[str]:
+    """FAKEGPT_ACCESS_TOKEN if set (a bad one named as where it came from), else None."""
+    token = os.environ.get("FAKEGPT_ACCESS_TOKEN")
+    if not token:
+        return None
+    if _TOKEN_TEXT.fullmatch(token) is None:
+        raise UsageError("FAKEGPT_ACCESS_TOKEN must be printable ASCII without spaces")
+    return token
+
+
 def _options(
     provider: type, model: Optional[str], proxy: Optional[str], kwargs: Dict[str, Any]
 ) -> _Options:
@@ -4096,7 +4106,7 @@ def _options(
             url = _environment_url()
     token = kwargs.get("access_token")
     if token is None:
-        token = os.environ.get("FAKEGPT_ACCESS_TOKEN") or None
+        token = _environment_token()
     if "conversation" in kwargs:
         return _checked_options(url, token, model, proxy, kwargs)
     try:
@@ -4925,7 +4935,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if reconfigure is not None:
             reconfigure(errors="replace")
     try:
-        token = _read_token_file(args.access_token_file) if args.access_token_file else None
+        token = _read_token_file(args.access_token_file) if args.access_token_file else _environment_token()
     except UsageError as exc:
         return _fail(str(exc), EXIT_USAGE, json_too=args.json)
     try:
@@ -4956,6 +4966,8 @@ def _read_token_file(path: str) -> str:
     token = data.decode("utf-8", "replace").strip()
     if not token:
         raise UsageError(f"the access token file {path} is empty")
+    if _TOKEN_TEXT.fullmatch(token) is None:
+        raise UsageError(f"the access token in {path} must be one line of printable ASCII without spaces")
     return token
 
 
@@ -4964,9 +4976,6 @@ def _with_mock(args: argparse.Namespace, token: Optional[str]) -> int:
         mock_server = load_mock_server()
     except UsageError as exc:
         return _fail(str(exc), EXIT_USAGE)
-    token = token or os.environ.get("FAKEGPT_ACCESS_TOKEN") or None
-    if token is not None and _TOKEN_TEXT.fullmatch(token) is None:
-        return _fail("the access token must be printable ASCII without spaces", EXIT_USAGE)
     # A little time between events, as a model takes, so that the demo visibly streams.
     with mock_server.serve_in_thread(delay=0.01, profile=args.profile, access_token=token) as server:
         given = server.access_token if args.profile == "backend-api" else token

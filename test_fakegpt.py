@@ -2658,7 +2658,7 @@ def test_a_calls_options_are_those_its_own_arguments_and_environment_give(monkey
     monkeypatch.setenv("FAKEGPT_ACCESS_TOKEN", "token-2")
     assert FakeGpt.stream("", USER, url=url)._options.access_token == "token-2"
     monkeypatch.setenv("FAKEGPT_ACCESS_TOKEN", "two words")
-    with pytest.raises(fakegpt.UsageError, match="access_token"):
+    with pytest.raises(fakegpt.UsageError, match="FAKEGPT_ACCESS_TOKEN"):
         FakeGpt.stream("", USER, url=url)
     monkeypatch.delenv("FAKEGPT_ACCESS_TOKEN")
     monkeypatch.setenv("FAKEGPT_URL", "http://127.0.0.1:8")
@@ -4238,6 +4238,26 @@ def test_cli_profiles_tokens_from_a_file_or_the_environment_and_continuing(tmp_p
     assert plain.returncode == 2 and "unrecognized arguments" in plain.stderr  # no abbreviation of --access-token-file
     unreadable = run_cli("--url", "http://127.0.0.1:9", "--access-token-file", str(tmp_path / "none"), "Hi")
     assert unreadable.returncode == 2 and "cannot read the access token file" in unreadable.stderr
+
+
+@pytest.mark.parametrize("bad", ["two\nlines", "sp ace", "n\u00e9", "nul\x00"])
+def test_a_bad_access_token_is_named_by_where_it_came_from(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, bad: str,
+) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(f"{SENTINEL}{bad}{SENTINEL}\n", encoding="utf-8")
+    from_file = run_cli("--url", "http://127.0.0.1:9", "--access-token-file", str(token_file), "Hi")
+    assert from_file.returncode == 2 and from_file.stderr == (
+        f"fakegpt: error: the access token in {token_file} must be one line of printable ASCII without spaces\n")
+    if "\x00" in bad:
+        return  # an environment cannot hold a NUL
+    for args in (["--url", "http://127.0.0.1:9"], ["--mock"]):
+        from_environment = run_cli(*args, "Hi", env={"FAKEGPT_ACCESS_TOKEN": f"{SENTINEL}{bad}"})
+        assert from_environment.returncode == 2 and from_environment.stderr == (
+            "fakegpt: error: FAKEGPT_ACCESS_TOKEN must be printable ASCII without spaces\n")
+    monkeypatch.setenv("FAKEGPT_ACCESS_TOKEN", f"{SENTINEL}{bad}")
+    raised, _ = failure(FakeGpt.isolated("http://127.0.0.1:9"))
+    assert isinstance(raised, fakegpt.UsageError) and str(raised).startswith("FAKEGPT_ACCESS_TOKEN must be")
 
 
 def test_cli_continues_a_max_tokens_reply(tmp_path: pathlib.Path) -> None:
