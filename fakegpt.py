@@ -65,7 +65,7 @@ from typing import (
     Union,
 )
 
-__version__ = "1.7.1"
+__version__ = "1.7.2"
 __all__ = [
     "AsyncResult",
     "AuthenticationError",
