@@ -2426,7 +2426,7 @@ def _urlsplit_complaint(exc: ValueError, url: str) -> str:
 
 @functools.lru_cache(maxsize=64)  # every call parses its URL; most calls share one
 def _split_url(url: str, what: str) -> Tuple[_Endpoint, str]:
-    shown = repr(re.sub(r"(?<=://)[^/@]*@", "***@", url))  # never a password in a message
+    shown = repr(re.sub(r"(?<=://)[^/?#]*@", "***@", url))  # never a password (it may hold an @) in a message
     try:
         parts = urllib.parse.urlsplit(url.strip())
         port = parts.port

@@ -2534,6 +2534,7 @@ def test_bad_arguments_give_usage_errors(kwargs: Dict[str, Any], message: str) -
 @pytest.mark.parametrize("url", [
     "http://user:hunter\uff0f22@127.0.0.1:8080",  # urlsplit quotes the whole authority
     "http://user:hunter22@127.0.0.1:99999", "http://user:hunter22@[::1:8080",
+    "http://user:pw@hunter22@127.0.0.1:99999",  # an @ in the password, not percent-encoded
 ])
 def test_a_url_that_does_not_parse_is_an_error_that_keeps_its_password_secret(keyword: str, url: str) -> None:
     raised, _ = failure(FakeGpt.isolated("http://127.0.0.1:9"), **{keyword: url})
