@@ -2417,16 +2417,23 @@ def _parse_url(url: str, *, what: str = "url") -> Tuple[_Endpoint, str]:
     return _split_url(url, what)
 
 
-def _urlsplit_complaint(exc: ValueError, url: str) -> str:
-    """What urlsplit found wrong in `url`, without the URL's user and password: some of
-    its messages quote the whole authority."""
+def _userinfo(url: str) -> str:
+    """The user and password of `url` ("" if none), where urlsplit (and so a request)
+    finds them: up to the authority's last @, a password may hold one."""
     authority = re.split(r"[/?#]", url.partition("://")[2], maxsplit=1)[0]
-    return _redact(str(exc), [authority.rpartition("@")[0]])
+    return authority.rpartition("@")[0]
+
+
+def _urlsplit_complaint(exc: ValueError, url: str) -> str:
+    """What urlsplit found wrong in `url`, without its user and password: some of its
+    messages quote the whole authority."""
+    return _redact(str(exc), [_userinfo(url)])
 
 
 @functools.lru_cache(maxsize=64)  # every call parses its URL; most calls share one
 def _split_url(url: str, what: str) -> Tuple[_Endpoint, str]:
-    shown = repr(re.sub(r"(?<=://)[^/?#]*@", "***@", url))  # never a password (it may hold an @) in a message
+    userinfo = _userinfo(url)
+    shown = repr(url.replace(userinfo + "@", "***@") if userinfo else url)  # never a password in a message
     try:
         parts = urllib.parse.urlsplit(url.strip())
         port = parts.port
