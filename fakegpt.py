@@ -4943,15 +4943,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             reconfigure(errors="replace")
     try:
         token = _read_token_file(args.access_token_file) if args.access_token_file else _environment_token()
+        url = args.url or ("" if args.mock else _environment_url())  # --mock: an upstream of its own
     except UsageError as exc:
         return _fail(str(exc), EXIT_USAGE, json_too=args.json)
     try:
         if args.mock:
             return _with_mock(args, token)
-        try:
-            url = args.url or _environment_url()
-        except UsageError as exc:
-            return _fail(str(exc), EXIT_USAGE, json_too=args.json)
         return _run(args, url, token, trust_env=True)
     except KeyboardInterrupt:
         print(file=sys.stderr)
