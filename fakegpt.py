@@ -5151,7 +5151,9 @@ class _Chat:
         self.transcript: List[Dict[str, Any]] = []
         self.title: Optional[str] = None
         self.model: Optional[str] = None
-        self.last: Optional[Tuple[str, Optional[str], Optional[str]]] = None  # prompt, conversation, parent
+        # The last turn asked: its prompt, conversation and parent, and where its entries in
+        # the transcript start (what a /retry that gets its answer replaces).
+        self.last: Optional[Tuple[str, Optional[str], Optional[str], int]] = None
         self.history_file: Optional[str] = None
         self.turns = _Turns()
 
@@ -5255,14 +5257,18 @@ class _Chat:
             file=sys.stderr,
         )
 
-    def _ask(self, prompt: str, *, conversation: Optional[Tuple[Optional[str], Optional[str]]] = None) -> None:
+    def _ask(self, prompt: str, *, again: Optional[Tuple[Optional[str], Optional[str], int]] = None) -> None:
+        """One turn. `again`: the conversation, parent and transcript entries of the turn
+        this one asks again; its answer replaces that turn's (a stopped or failed one leaves
+        it, and the next turn still answers it)."""
         options = dict(self.options)
-        conversation_id, parent = conversation if conversation is not None else self._position()
+        conversation_id, parent = self._position() if again is None else again[:2]
         for key, value in (("conversation_id", conversation_id), ("parent_message_id", parent)):
             options.pop(key, None)
             if value:
                 options[key] = value
-        self.last = (prompt, conversation_id, parent)
+        start = len(self.transcript)
+        self.last = (prompt, conversation_id, parent, start if again is None else again[2])
         self.transcript.append({"role": "user", "content": prompt})
         seen: List[ChatStream] = []
         try:
@@ -5280,6 +5286,8 @@ class _Chat:
             "role": "assistant", "content": reply.text, "conversation_id": reply.conversation_id,
             "message_id": reply.message_id,
         })
+        if again is not None:  # the answer asked for again takes the place of the earlier one
+            del self.transcript[again[2]:start]
         if reply.finish_reason == "max_tokens":
             _note("the reply stopped at the upstream's max_tokens: it is incomplete")
         if reply.model:
@@ -5313,9 +5321,9 @@ class _Chat:
             if self.last is None:
                 print("[nothing to retry yet]", file=sys.stderr)
             else:
-                prompt, conversation_id, parent = self.last
+                prompt, conversation_id, parent, start = self.last
                 print(f"[asking again: {_printable(prompt)}]", file=sys.stderr)
-                self._ask(prompt, conversation=(conversation_id, parent))
+                self._ask(prompt, again=(conversation_id, parent, start))
         elif name == "/save":
             self._save(argument.strip())
         else:

@@ -4490,8 +4490,8 @@ def test_chat_history_multiline_and_commands(mock_process: str, tmp_path: pathli
     finally:
         term.kill()
     saved = json.loads((tmp_path / "chat.json").read_text())
-    assert [m["role"] for m in saved["messages"]] == ["user", "assistant"] * 6 and saved["title"] == "Hello"
-    assert saved["messages"][-2]["content"] == "/slash" and saved["messages"][-4]["content"] == "/slash"  # /retry
+    assert [m["role"] for m in saved["messages"]] == ["user", "assistant"] * 5 and saved["title"] == "Hello"
+    assert saved["messages"][-2]["content"] == "/slash" and saved["messages"][-4]["content"] == "first \nsecond"  # /retry
     markdown = (tmp_path / "chat.md").read_text()
     assert markdown.startswith("# Hello\n") and "**You:**\n\nline one\nline two" in markdown
     history = tmp_path / "state" / "fakegpt" / "history"
@@ -4548,6 +4548,36 @@ def test_chat_ctrl_c_keeps_the_text_and_the_next_turn_answers_the_last_complete_
     markdown = (tmp_path / "chat.md").read_text()
     stopped = markdown.split("**Assistant (stopped):**\n\n")[1].split("\n")[0]
     assert stopped.startswith("Turn 2: before, you said “First”. Привет") and not stopped.endswith("fine.")
+
+
+def test_a_retried_answer_takes_the_place_of_the_earlier_one_and_a_stopped_retry_leaves_it(
+        mock_process: str, tmp_path: pathlib.Path) -> None:
+    term = Terminal(mock_process, "--no-history")
+    try:
+        term.until("you> ")
+        term.type("[[step 30]] [[fault delay_events:0.2]] Slow\n")
+        term.until("you> ")
+        term.type("/retry\n")
+        term.until("Привет")
+        term.type("\x03")  # the answer asked again is stopped: the first one stands
+        assert "[reply stopped]" in term.until("you> ")
+        term.type("Next\n")
+        assert "Turn 2: before, you said “[[step 30]] [[fault delay_events:0.2]] Slow”." in term.until("you> ")
+        term.type("/retry\n")
+        assert "Turn 2: before, you said “[[step 30]]" in term.until("you> ")
+        term.type(f"/save {tmp_path / 'chat.json'}\n")
+        assert "saved 6 messages" in term.until("you> ")
+        term.type("/exit\n")
+        _, status = os.waitpid(term.pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        term.kill()
+    messages = json.loads((tmp_path / "chat.json").read_text())["messages"]
+    slow = "[[step 30]] [[fault delay_events:0.2]] Slow"
+    assert [(m["role"], m["content"] if m["role"] == "user" else m.get("stopped", False)) for m in messages] == [
+        ("user", slow), ("assistant", False), ("user", slow), ("assistant", True), ("user", "Next"), ("assistant", False)]
+    assert messages[1]["content"] == mock_server.default_reply(slow)  # the complete first answer, kept
+    assert messages[-1]["content"].startswith("Turn 2: before, you said")  # the retried "Next", once
 
 
 def test_chat_turns_share_a_connection_and_a_stopped_turn_closes_its_own(mock_process: str) -> None:
