@@ -123,7 +123,9 @@ a ChatGPT-web gateway's ``/backend-api/conversation`` with an access token."""
 # Names gpt4free passes for "whatever this provider's default model is".
 _DEFAULT_MODEL_ALIASES = frozenset({"", "gpt-3.5-turbo", DEFAULT_MODEL})
 
-Messages = List[Dict[str, str]]
+Messages = List[Dict[str, Any]]
+"""Chat messages: ``{"role": ..., "content": ...}``, a content a string or a list of
+OpenAI-style text parts."""
 AsyncResult = AsyncGenerator[Union[str, Any], None]
 """Text pieces (``str``); with ``return_conversation=True``, gpt4free's conversation and
 finish-reason objects after them."""
@@ -4008,20 +4010,44 @@ def _kept_cookie(fields: Any) -> Optional[http.cookiejar.Cookie]:
 
 
 def format_prompt(messages: Messages, add_special_tokens: bool = False) -> str:
-    """gpt4free's prompt: one message as is, else ``Role: content`` lines and ``Assistant:``."""
+    """gpt4free's prompt: one message as is, else ``Role: content`` lines and ``Assistant:``.
+
+    A content is a string, or a list of OpenAI-style text parts
+    (``{"type": "text", "text": ...}``), whose texts are joined as gpt4free joins them;
+    anything else (an image, say: the upstream takes text only) is a `UsageError`."""
     if not isinstance(messages, (list, tuple)) or not messages:
         raise UsageError("messages must be a non-empty list of {'role': ..., 'content': ...}")
-    for index, message in enumerate(messages):
-        if not (
-            isinstance(message, dict)
-            and isinstance(message.get("role"), str)
-            and isinstance(message.get("content"), str)
-        ):
-            raise UsageError(f"messages[{index}] must be a dict with string 'role' and 'content'")
+    contents = [_content_text(message, index) for index, message in enumerate(messages)]
     if not add_special_tokens and len(messages) <= 1:
-        return messages[0]["content"]
-    formatted = "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
+        return contents[0]
+    formatted = "\n".join(
+        f"{message['role'].capitalize()}: {content}" for message, content in zip(messages, contents)
+    )
     return f"{formatted}\nAssistant:"
+
+
+def _content_text(message: Any, index: int) -> str:
+    """A message's content as text (see `format_prompt`)."""
+    if not (isinstance(message, dict) and isinstance(message.get("role"), str) and "content" in message):
+        raise UsageError(f"messages[{index}] must be a dict with string 'role' and 'content'")
+    content = message["content"]
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise UsageError(
+            f"messages[{index}]['content'] must be a string or a list of text parts, not {type(content).__name__}"
+        )
+    texts = []
+    for number, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text" or not isinstance(part.get("text"), str):
+            what = f"a part of type {_cut(kind, 40)!r}" if isinstance(kind, str) else "a part that is not a text part"
+            raise UsageError(
+                f"messages[{index}]['content'][{number}] is {what}: only text parts "
+                "({'type': 'text', 'text': ...}) can be sent, the upstream takes text only"
+            )
+        texts.append(part["text"])
+    return "".join(texts)
 
 
 def _unicode(text: str, what: str) -> str:

@@ -1999,6 +1999,31 @@ def test_format_prompt_has_gpt4free_semantics() -> None:
             fakegpt.format_prompt(bad)  # type: ignore[arg-type]
 
 
+def test_a_content_of_text_parts_is_its_text_and_any_other_part_is_a_usage_error() -> None:
+    parts = [{"type": "text", "text": "Hello, "}, {"type": "text", "text": "мир"}]
+    assert fakegpt.format_prompt([{"role": "user", "content": parts}]) == "Hello, мир"
+    assert fakegpt.format_prompt([{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+                                  {"role": "user", "content": parts}]) == "System: Be brief.\nUser: Hello, мир\nAssistant:"
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    for content, says in (([parts[0], image], "['content'][1] is a part of type 'image_url'"),
+                          ([{"text": "no type"}], "['content'][0] is a part that is not a text part"),
+                          (["bare"], "['content'][0] is a part that is not a text part"),
+                          ([{"type": "text", "text": 5}], "['content'][0] is a part of type 'text'"),
+                          (None, "['content'] must be a string or a list of text parts, not NoneType"),
+                          (7, "not int")):
+        with pytest.raises(fakegpt.UsageError, match=re.escape(f"messages[1]{says}" if says.startswith("[") else says)):
+            fakegpt.format_prompt([{"role": "user", "content": "first"}, {"role": "user", "content": content}])
+
+
+def test_a_reply_to_text_parts_is_the_reply_to_their_text(provider: "type[FakeGpt]", mock: mock_server.MockServer) -> None:
+    parts = [{"type": "text", "text": "Hello"}, {"type": "text", "text": " there"}]
+
+    async def ask() -> List[str]:
+        return [p async for p in provider.create_async_generator("", [{"role": "user", "content": parts}])]
+
+    assert "".join(asyncio.run(ask())) == mock_server.default_reply("Hello there")
+
+
 def test_random_strings_and_session_passwords() -> None:
     assert len(fakegpt.get_random_string()) == 10 and len(fakegpt.get_random_string(25)) == 25
     assert set(fakegpt.get_random_string(2000)) <= set("abcdefghijklmnopqrstuvwxyz0123456789")
