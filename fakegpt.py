@@ -1290,11 +1290,14 @@ class ConversationDecoder:
     Only visible text is text: an assistant message addressed to everyone, of text
     content, not on the ``commentary`` or ``analysis`` channel, not a thinking preamble.
     Reasoning (``thoughts`` content, the ``analysis`` channel) comes separately, in
-    ``ChatEvent.reasoning``. Text once delivered is never taken back: a snapshot that does
-    not extend it yields nothing if it is a prefix and raises `ProtocolError` otherwise,
-    as does a delta op that would change it, or (snapshots) another message once the
-    first has given text; in the delta format a second visible message continues the
-    text after a blank line. A truthy ``error`` raises `UpstreamError` (`TokenExpiredError`
+    ``ChatEvent.reasoning``. A reply may hold several visible messages (text, a tool's
+    round trip, more text): told apart by their ids, each one's text goes on after a
+    blank line, in both formats. Text once delivered is never taken back nor given twice:
+    a snapshot that does not extend it yields nothing if it is a prefix and raises
+    `ProtocolError` otherwise, as does a delta op that would change it, a change to an
+    earlier message after a later one began, or another message that starts with the
+    text of the one before (its id changed, as far as one can tell). A truthy ``error``
+    raises `UpstreamError` (`TokenExpiredError`
     for ``token_expired``); ``stream_handoff`` raises `ProtocolError`; ``[DONE]`` sets
     ``done``, and ``complete`` is true once the reply is whole (``[DONE]``, or the visible
     message finished with ``end_turn``).
@@ -1311,7 +1314,7 @@ class ConversationDecoder:
     __slots__ = (
         "done", "conversation_id", "message_id", "status", "finish_reason", "end_turn", "title",
         "model", "_fast_path", "_pieces", "_length", "_reasoning", "_event_finish_reason",
-        "_documents", "_cursor", "_visible", "_visible_text", "_base", "_doc_reasoning", "_append_to",
+        "_documents", "_cursor", "_visible", "_visible_text", "_base", "_earlier", "_doc_reasoning", "_append_to",
         "_head", "_tail", "_one_line", "_escaped_text", "_buffer", "_buffer_view",
     )
 
@@ -1342,7 +1345,11 @@ class ConversationDecoder:
         self._cursor: Tuple[Any, Optional[str], Optional[str]] = (0, None, None)
         self._visible: Any = None
         self._visible_text: Any = None
-        self._base = 0
+        # Where the visible message's text starts in the reply's (after the text of
+        # earlier visible messages and the blank line after it), and where each earlier
+        # one's lies, by message id (both formats).
+        self._base = len(given) - len(continues.message_text) if continues else 0
+        self._earlier: Dict[Optional[str], Tuple[int, int]] = {}
         self._doc_reasoning: Dict[Any, str] = {}
         # While the carried op appends to the visible text: that message's parts list,
         # for the known-shape path's {"v": "..."} records.
@@ -1364,6 +1371,12 @@ class ConversationDecoder:
         if len(pieces) > 1:
             pieces[:] = ["".join(pieces)]  # in place: events share this list
         return pieces[0] if pieces else ""
+
+    @property
+    def message_text(self) -> str:
+        """The text of the reply's last visible message: all of `text` for a reply of one
+        message; for several, what came after the blank line that began the last one."""
+        return "" if self._separator_due() else self.text[self._base:]
 
     @property
     def has_text(self) -> bool:
@@ -1467,26 +1480,63 @@ class ConversationDecoder:
                 return None
             return self._reason(("snapshot", message.get("id")), reasoning)
         text = _valid_text(_plain(reply.text))
-        if reply.message_id != self.message_id:
-            if self.has_text:
-                # One reply is one assistant message; starting another would deliver
-                # its whole text again (a corrupted id looks just like this).
-                raise ProtocolError("the upstream switched to another message in mid-reply")
-            self.message_id = reply.message_id
-        given = self.text
-        if text.startswith(given):
-            delta = text[len(given):]
-        elif given.startswith(text):
-            delta = ""
-        else:
-            raise ProtocolError(
-                f"the reply rewrote text already delivered (at character {_common_prefix(given, text)})"
-            )
-        self._deliver(delta)
+        delta = self._message_delta(reply.message_id, text, repeats=True)
+        if delta is None:
+            return None  # an earlier message of the reply, as it was
         self._take_status(reply)
         if self._fast_path and (len(raw) >= _PROBE_WORTH_BYTES or not self.complete):
             self._learn_shape(raw, text)
         return self.event(delta)
+
+    # -- visible messages: both formats --------------------------------------------------
+
+    def _separator_due(self) -> bool:
+        """Whether the visible message, which has no text yet, follows text of another:
+        its first text then goes after a blank line."""
+        return self._length == self._base > 0
+
+    def _message_delta(self, message_id: Optional[str], text: str, *, repeats: bool) -> Optional[str]:
+        """The new text of the visible message `message_id`, whose text is now `text`,
+        delivered; None if it is an earlier message of the reply, unchanged. A reply may
+        hold several (text, a tool's round trip, more text): another message's text
+        goes on after a blank line (unless it starts with the text of the one before, which
+        would then be delivered twice), and an earlier one must not change. `repeats`: a
+        text that is a prefix of what was delivered is a repeat (snapshots) rather than a
+        rewrite."""
+        if message_id != self.message_id:
+            earlier = self._earlier.get(message_id)
+            if earlier is not None:  # an earlier visible message again: its place is gone
+                given = self.text[earlier[0]:earlier[1]]
+                if text == given or (repeats and given.startswith(text)):
+                    return None
+                raise ProtocolError(
+                    "an earlier message of the reply changed after a later one began "
+                    f"(at character {earlier[0] + _common_prefix(given, text)})"
+                )
+            if self._length > self._base:
+                current = self.text[self._base:]
+                if text.startswith(current):
+                    # The text delivered, sent again as another message: a server that
+                    # changed the message's id, as far as one can tell. Going on after a
+                    # blank line would deliver it twice.
+                    raise ProtocolError("the upstream switched to another message in mid-reply")
+                self._earlier[self.message_id] = (self._base, self._length)
+            self.message_id, self._base = message_id, self._length
+        due = self._separator_due()
+        given = "" if due else self.text[self._base:]
+        if text.startswith(given):
+            delta = text[len(given):]
+        elif repeats and given.startswith(text):
+            delta = ""
+        else:
+            raise ProtocolError(
+                f"the reply rewrote text already delivered (at character {self._base + _common_prefix(given, text)})"
+            )
+        if delta and due:
+            delta = _VISIBLE_SEPARATOR + delta
+            self._base += len(_VISIBLE_SEPARATOR)
+        self._deliver(delta)
+        return delta
 
     def _reason(self, document: Any, reasoning: str) -> Optional[ChatEvent]:
         """The event for a reasoning message's text, if it grew."""
@@ -1526,7 +1576,10 @@ class ConversationDecoder:
         event = self._look_at(document)
         self._append_to = None
         document, path, op = self._cursor
-        if self._fast_path and document == self._visible and path == _VISIBLE_TEXT_PATH and op == "append":
+        if (
+            self._fast_path and document == self._visible and path == _VISIBLE_TEXT_PATH and op == "append"
+            and not self._separator_due()
+        ):
             parts = self._documents[document]["message"]["content"]["parts"]
             if parts[0] is self._visible_text:
                 self._append_to = parts
@@ -1582,27 +1635,18 @@ class ConversationDecoder:
             if document == self._visible:  # no longer visible: its text stays delivered
                 self._visible = None
             return None
-        if document != self._visible:
-            if self._visible is not None and self._length > self._base and reply.message_id != self.message_id:
-                self._deliver(_VISIBLE_SEPARATOR)  # another visible message: the text goes on
-            if reply.message_id != self.message_id:
-                self._base = self._length
-            self._visible, self._visible_text = document, None
-            self.message_id = reply.message_id
         text = reply.text
-        delivered = self._length - self._base
-        if text is self._visible_text and isinstance(text, _Text):
-            delta = _valid_text(text.since(delivered))  # grown by appends only
+        if document == self._visible and text is self._visible_text and isinstance(text, _Text) \
+                and not self._separator_due():
+            delta = _valid_text(text.since(self._length - self._base))  # grown by appends only
+            self._deliver(delta)
         else:
-            whole = _valid_text(_plain(text))
-            given = self.text[self._base:] if delivered else ""
-            if not whole.startswith(given):
-                raise ProtocolError(
-                    f"a delta rewrote text already delivered (at character {self._base + _common_prefix(given, whole)})"
-                )
-            delta = whole[delivered:]
+            found = self._message_delta(reply.message_id, _valid_text(_plain(text)), repeats=False)
+            if found is None:
+                return None  # an earlier message of the reply, as it was
+            delta = found
+            self._visible = document
         self._visible_text = text
-        self._deliver(delta)
         self._take_status(reply)
         return self.event(delta)
 
@@ -1792,7 +1836,7 @@ class ConversationDecoder:
 
     def _learn_shape(self, raw: bytes, text: str) -> None:
         """Remember where ``parts[0]`` sits in `raw`, if that can be proved."""
-        if self.text != text:
+        if self._separator_due() or self.text[self._base:] != text:
             return
         for marker in _PARTS_MARKERS:
             found = raw.find(marker)
@@ -4264,7 +4308,7 @@ class ChatStream:
 
     @property
     def text(self) -> str:
-        """All text delivered so far (one reply is one assistant message)."""
+        """All text delivered so far (several visible messages: each after a blank line)."""
         return self._decoder.text
 
     @property

@@ -1563,6 +1563,93 @@ def test_a_second_visible_message_of_the_delta_format_continues_after_a_blank_li
                delta({"p": "", "o": "add", "v": message_root("m2", text="Second."), "c": 2})]
     events, decoder = feed_records(records)
     assert decoder.text == "First.\n\nSecond." and decoder.message_id == "m2"
+    assert "".join(e.delta for e in events) == decoder.text  # the blank line is in the pieces too
+
+
+def tool_round_trip(message_id: str) -> List[Dict[str, Any]]:
+    """A call addressed to a tool and the tool's answer, as snapshot roots (both hidden)."""
+    return [message_root(message_id + "-call", text="search('x')", recipient="browser", content_type="code"),
+            message_root(message_id + "-out", role="tool", text="Results.", status="finished_successfully")]
+
+
+def two_message_reply(form: str) -> List[Tuple[Optional[str], Any]]:
+    """Text, a tool's round trip, more text, and then (in the delta format, where
+    documents stay open) the first message's status again: one reply, in either format."""
+    if form == "snapshots":
+        return [(None, message_root("m1", text=t)) for t in ("", "Let me ", "Let me look.")] + [
+            (None, message_root("m1", text="Let me look.", status="finished_successfully", end_turn=False)),
+            *((None, root) for root in tool_round_trip("t")),
+            *((None, message_root("m2", text=t)) for t in ("", "It is ", "It is 42.")),
+            (None, message_root("m2", text="It is 42.", status="finished_successfully", end_turn=True)),
+            (None, b"[DONE]")]
+    call, out = tool_round_trip("t")
+    return [delta({"p": "", "o": "add", "v": message_root("m1"), "c": 0}), delta({"p": PARTS, "o": "append", "v": "Let me "}),
+            delta({"v": "look."}), delta({"p": "", "o": "add", "v": call, "c": 1}), delta({"p": "", "o": "add", "v": out, "c": 2}),
+            delta({"p": "", "o": "add", "v": message_root("m2"), "c": 3}), delta({"p": PARTS, "o": "append", "v": "It is "}),
+            delta({"p": "/message/status", "o": "replace", "v": "finished_successfully", "c": 0}),  # back to the first
+            delta({"p": "/message/end_turn", "o": "replace", "v": False}),
+            delta({"p": PARTS, "o": "append", "v": "42.", "c": 3}),
+            delta({"p": "", "o": "patch", "v": [{"p": "/message/status", "o": "replace", "v": "finished_successfully"},
+                                                 {"p": "/message/end_turn", "o": "replace", "v": True}]}),
+            (None, b"[DONE]")]
+
+
+@pytest.mark.parametrize("form", ["snapshots", "delta"])
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_a_reply_of_several_visible_messages_is_their_texts_each_once_after_a_blank_line(form: str, fast_path: bool) -> None:
+    # Text, a tool's round trip, then more text, in another message: in either format. A
+    # document of the delta format switched back to must not give its text again.
+    events, decoder = feed_records(two_message_reply(form), ConversationDecoder(fast_path=fast_path))
+    assert decoder.text == "Let me look.\n\nIt is 42." == "".join(e.delta for e in events)
+    assert decoder.message_id == "m2" and decoder.message_text == "It is 42." and decoder.complete
+    records = two_message_reply(form)
+    body = b"".join((b"event: delta\n" if kind == "delta" else b"") + b"data: "
+                    + (value if isinstance(value, bytes) else json.dumps(value).encode()) + b"\n\n" for kind, value in records)
+    for text_only in (True, False):  # through the reply decoder: its shortcut, and text only
+        conversation, pieces = ConversationDecoder(fast_path=fast_path), []
+        reply = fakegpt._ReplyDecoder(conversation, Limits(), text_only=text_only)
+        reply.feed(body, pieces)
+        assert "".join(p if text_only else p.delta for p in pieces) == "Let me look.\n\nIt is 42." == conversation.text
+
+
+def test_a_later_message_that_never_gives_text_leaves_no_blank_line() -> None:
+    records = [delta({"p": "", "o": "add", "v": message_root("m1", text="Done."), "c": 0}),
+               delta({"p": "", "o": "add", "v": message_root("m2"), "c": 1}),  # visible, empty,
+               delta({"p": "/message/channel", "o": "replace", "v": "commentary"})]  # then hidden
+    events, decoder = feed_records(records)
+    assert decoder.text == "Done." == "".join(e.delta for e in events)
+    snapshots = [(None, message_root("m1", text="Done.")), (None, message_root("m2")),
+                 (None, message_root("m2", text="Aside", channel="commentary"))]
+    events, decoder = feed_records(snapshots)
+    assert decoder.text == "Done." == "".join(e.delta for e in events)
+
+
+@pytest.mark.parametrize("records", [
+    [(None, message_root("m1", text="One.")), (None, message_root("m2", text="Two.")), (None, message_root("m1", text="One. More"))],
+    [(None, message_root("m1", text="One.")), (None, message_root("m2", text="Two.")), (None, message_root("m1", text="On!"))],
+    [delta({"p": "", "o": "add", "v": message_root("m1", text="One."), "c": 0}),
+     delta({"p": "", "o": "add", "v": message_root("m2", text="Two."), "c": 1}),
+     delta({"p": PARTS, "o": "append", "v": " More", "c": 0})],
+    [delta({"p": "", "o": "add", "v": message_root("m1", text="One."), "c": 0}),
+     delta({"p": "", "o": "add", "v": message_root("m2", text="Two."), "c": 1}),
+     delta({"p": PARTS, "o": "truncate", "v": 2, "c": 0})],
+])
+def test_an_earlier_message_that_changes_after_a_later_one_began_is_a_protocol_error(records: List[Tuple[Optional[str], Any]]) -> None:
+    # Its place in the reply is gone: neither appended out of place nor given again.
+    with pytest.raises(fakegpt.ProtocolError, match="an earlier message of the reply changed"):
+        feed_records(records)
+    again = records[0] if records[0][0] is None else delta({"p": "", "o": "add", "v": message_root("m1", text="One."), "c": 0})
+    events, decoder = feed_records(records[:2] + [again])
+    assert decoder.text == "One.\n\nTwo." == "".join(e.delta for e in events)  # as it was: nothing again
+
+
+def test_a_continued_reply_of_several_messages_goes_on_in_its_last() -> None:
+    _, first = feed_records(two_message_reply("snapshots")[:-4] + [
+        (None, message_root("m2", text="It is 4", status="finished_successfully", end_turn=True,
+                            metadata={"finish_details": {"type": "max_tokens"}}))])
+    assert first.text == "Let me look.\n\nIt is 4" and first.message_text == "It is 4"
+    events, after = feed_records([(None, message_root("m2", text="It is 42."))], ConversationDecoder(continues=first))
+    assert "".join(e.delta for e in events) == "2." and after.text == "Let me look.\n\nIt is 42."
 
 
 def test_a_continued_reply_goes_on_without_a_seam_in_both_formats() -> None:
