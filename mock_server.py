@@ -66,12 +66,13 @@ from typing import (
     Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Set, Tuple, Union,
 )
 
-__version__ = "1.5.0"
+__version__ = "1.6.0"
 __all__ = [
     "FAULTS",
     "MockOptions",
     "MockServer",
     "RecordedRequest",
+    "TOOL_USE_PREAMBLE",
     "default_reply",
     "mixed_text",
     "main",
@@ -212,6 +213,8 @@ class MockOptions:
         None, "the reply text, or a function of the prompt (default: derived from the prompt "
         "and the conversation)")
     finish: str = _option("stop", "finish_details.type of the last event", choices=("stop", "max_tokens"))
+    tool_use: bool = _option(False, "answer a new turn in two visible messages around a tool's call and "
+                             "answer: TOOL_USE_PREAMBLE first, then the reply")
     max_tokens: int = _option(0, "stop a reply after this many characters with max_tokens, "
                               "for the client to continue (0: never)")
     ascii_json: bool = _option(False, "escape non-ASCII text as \\uXXXX")
@@ -329,6 +332,11 @@ _FAULT_IN_PROMPT = re.compile(r"\[\[fault ([^\]\s]+)\]\]")
 _CHARS_IN_PROMPT = re.compile(r"\[\[chars ([0-9]{1,12})\]\]")
 _STEP_IN_PROMPT = re.compile(r"\[\[step ([0-9]{1,12})\]\]")
 _MIXED_TEXT = 'Hello, мир! 你好世界 👋🏽 "quoted" and back\\slash; Ünïcödé. '
+
+
+TOOL_USE_PREAMBLE = "Let me look that up."
+"""With ``tool_use``, the text of the visible message before the tool's round trip: a
+client shows ``TOOL_USE_PREAMBLE + "\\n\\n" + reply``."""
 
 
 def mixed_text(length: int) -> str:
@@ -841,6 +849,32 @@ class MockServer:
         pieces = [before] + [text[i:i + turn.step] for i in range(len(before), len(text), turn.step)]
         return [self._dump(piece)[1:-1] for piece in pieces]
 
+    def _snapshot_tool_use(self, turn: _Turn, now: float) -> Iterator[_Event]:
+        """A visible message, a call to a tool and the tool's answer, as snapshots: what
+        comes before the reply's own message when the model uses a tool."""
+
+        def snapshot(role: str, content: Dict[str, Any], status: str, recipient: str = "all",
+                     end_turn: Optional[bool] = None, message_id: str = "") -> _Event:
+            metadata = {"message_type": "next", "model_slug": turn.model} if role == "assistant" else {}
+            return _Event((self._dump({
+                "message": {"id": message_id or str(uuid.uuid4()),
+                            "author": {"role": role, "name": "browser" if role == "tool" else None, "metadata": {}},
+                            "create_time": now, "update_time": None, "content": content, "status": status,
+                            "end_turn": end_turn, "weight": 1.0, "metadata": metadata, "recipient": recipient},
+                "conversation_id": turn.conversation_id, "error": None}),), assistant=role == "assistant")
+
+        first = str(uuid.uuid4())
+        words = TOOL_USE_PREAMBLE.split(" ")
+        for count in range(1, len(words) + 1):
+            text = " ".join(words[:count])
+            yield snapshot("assistant", {"content_type": "text", "parts": [text]}, "in_progress", message_id=first)
+        yield snapshot("assistant", {"content_type": "text", "parts": [TOOL_USE_PREAMBLE]}, "finished_successfully",
+                       end_turn=False, message_id=first)
+        yield snapshot("assistant", {"content_type": "code", "language": "unknown", "text": "search(\"hello\")"},
+                       "finished_successfully", recipient="browser", end_turn=False)
+        yield snapshot("tool", {"content_type": "text", "parts": ["Search results: none worth quoting."]},
+                       "finished_successfully")
+
     def _snapshot_events(self, turn: _Turn, fault: _Fault) -> Iterator[_Event]:
         dump = self._dump
         conversation_id, now = turn.conversation_id, time.time()
@@ -857,6 +891,8 @@ class MockServer:
                             "status": "finished_successfully", "end_turn": None, "weight": 1.0,
                             "metadata": {"timestamp_": "absolute", "message_type": None}, "recipient": "all"},
                 "conversation_id": conversation_id, "error": None}),))
+            if self.options.tool_use:
+                yield from self._snapshot_tool_use(turn, now)
 
         def assistant(status: str, finished: bool) -> Tuple[bytes, bytes]:
             metadata: Dict[str, Any] = {"message_type": "next" if turn.user is not None else "continue",
@@ -953,6 +989,17 @@ class MockServer:
             channel="analysis", recipient="all")})
         yield delta({"p": "/message/content/thoughts", "o": "append",
                      "v": [{"summary": "Reading the question", "content": "The user wrote to me."}]})
+        tool_use = self.options.tool_use and turn.user is not None
+        if tool_use:  # a visible message before the tool's round trip, document 6
+            yield delta({"p": "", "o": "add", "c": 6, "v": message(
+                hidden_id(), "assistant", {"content_type": "text", "parts": [""]},
+                metadata={"message_type": "next", "model_slug": turn.model})}, assistant=True)
+            half = len(TOOL_USE_PREAMBLE) // 2
+            yield delta({"p": parts, "o": "append", "v": TOOL_USE_PREAMBLE[:half]}, assistant=True)
+            yield delta({"v": TOOL_USE_PREAMBLE[half:]}, assistant=True)
+            yield delta({"p": "", "o": "patch", "v": [
+                {"p": "/message/status", "o": "replace", "v": "finished_successfully"},
+                {"p": "/message/end_turn", "o": "replace", "v": False}]})
         # A tool round trip: a call addressed to the tool, and the tool's answer.
         yield delta({"p": "", "o": "add", "c": 3, "v": message(
             hidden_id(), "assistant", {"content_type": "code", "language": "unknown", "text": ""},
@@ -994,6 +1041,8 @@ class MockServer:
                 continue
             if sent - 1 == switch:  # back to the reasoning for a moment, then "c" returns
                 yield delta({"p": "/message/content/thoughts/0/content", "o": "append", "v": " Then answer.", "c": 2})
+                if tool_use:  # and to the visible message before the tool's, its text as it was
+                    yield delta({"p": "/message/metadata/search_done", "o": "add", "v": True, "c": 6})
                 yield delta({"p": parts, "o": "append", "v": piece, "c": 5}, assistant=True)
                 explicit = False
             elif sent - 1 == patch:  # a patch without a path

@@ -1809,11 +1809,12 @@ def test_property_delta_decoder_agrees_with_a_plain_reference_applier(steps: Lis
     assert (conversation.status, conversation.end_turn) == (visible["status"], visible["end_turn"])
 
 
-def mock_stream(fmt: str, text: str, *, step: int, seed: int, finish: str = "stop") -> bytes:
+def mock_stream(fmt: str, text: str, *, step: int, seed: int, finish: str = "stop", tool_use: bool = False,
+                framing: str = "chunked") -> bytes:
     """The raw HTTP response of one conversation with a mock of `fmt`, read by a plain socket."""
     async def run() -> bytes:
         async with mock_server.MockServer(profile="backend-api", stream_format=fmt, reply=text, step=step,
-                                          seed=seed, finish=finish) as server:
+                                          seed=seed, finish=finish, tool_use=tool_use, framing=framing) as server:
             reader, writer = await asyncio.open_connection(server.host, server.port)
             body = json.dumps({"action": "next", "messages": [{"id": "u1", "content": {"parts": ["Hi"]}}],
                                "parent_message_id": "p", "model": "m"}).encode()
@@ -1828,12 +1829,12 @@ def mock_stream(fmt: str, text: str, *, step: int, seed: int, finish: str = "sto
 
 @settings(PROPERTY, max_examples=40)
 @given(st.text(max_size=40), st.integers(1, 7), st.integers(0, 2**16), st.sampled_from(["stop", "max_tokens"]),
-       st.lists(st.integers(0, 5000), max_size=8))
+       st.lists(st.integers(0, 5000), max_size=8), st.booleans())
 def test_property_the_delta_format_gives_what_the_snapshots_give_for_any_reply_and_split(
-        text: str, step: int, seed: int, finish: str, cuts: List[int]) -> None:
+        text: str, step: int, seed: int, finish: str, cuts: List[int], tool_use: bool) -> None:
     outcomes = []
     for fmt in ("snapshots", "v1"):
-        raw = mock_stream(fmt, text, step=step, seed=seed, finish=finish)
+        raw = mock_stream(fmt, text, step=step, seed=seed, finish=finish, tool_use=tool_use)
         conversation, events = ConversationDecoder(), []
         reply = fakegpt._ReplyDecoder(conversation, Limits())
         for event in reader_events(split_at(raw, cuts)):
@@ -1842,8 +1843,56 @@ def test_property_the_delta_format_gives_what_the_snapshots_give_for_any_reply_a
         outcomes.append(("".join(e.delta for e in events), conversation.title, conversation.finish_reason,
                          conversation.complete, conversation.model))
     assert outcomes[0] == outcomes[1]
-    assert outcomes[0][0] == text and outcomes[0][3]
+    preamble = mock_server.TOOL_USE_PREAMBLE
+    assert outcomes[0][0] == ((preamble + "\n\n" + text if text else preamble) if tool_use else text) and outcomes[0][3]
     assert outcomes[0][2] == finish
+
+
+@pytest.mark.parametrize("fmt", ["snapshots", "v1"])
+def test_the_mocks_tool_use_is_two_visible_messages_around_a_tool_round_trip(fmt: str) -> None:
+    # Read without fakegpt's parsers: the body up to the close, its data lines, JSON.
+    raw = mock_stream(fmt, "The answer.", step=3, seed=5, tool_use=True, framing="close")
+    body = raw.split(b"\r\n\r\n", 1)[1].decode()
+    records = [json.loads(line[6:]) for line in body.split("\n") if line.startswith("data: {")]
+
+    def visible(message: Any) -> bool:
+        return (isinstance(message, dict) and message["author"]["role"] == "assistant" and message["recipient"] == "all"
+                and message["content"]["content_type"] == "text" and message.get("channel") in (None, "final")
+                and not message["metadata"].get("is_thinking_preamble_message"))
+
+    if fmt == "snapshots":
+        messages: Dict[str, Any] = {}
+        for record in records:
+            if visible(record.get("message")):
+                messages[record["message"]["id"]] = record["message"]  # in order of first appearance, the last kept
+        roles = [r["message"]["author"]["role"] for r in records if r.get("message")]
+        assert "tool" in roles and any(r["message"].get("recipient") == "browser" for r in records if r.get("message"))
+    else:
+        documents = reference_documents([r for r in records if "type" not in r])
+        messages = {d["message"]["id"]: d["message"] for _, d in sorted(documents.items(), key=lambda kv: kv[0] != 6)
+                    if visible(d.get("message"))}
+    first, last = messages.values()
+    assert [m["content"]["parts"][0] for m in (first, last)] == [mock_server.TOOL_USE_PREAMBLE, "The answer."]
+    assert (first["status"], first["end_turn"], last["status"], last["end_turn"]) == (
+        "finished_successfully", False, "finished_successfully", True)
+
+
+@pytest.mark.parametrize("fmt", ["snapshots", "v1"])
+def test_a_reply_around_a_tool_round_trip_reads_as_both_texts_and_the_next_turn_answers_it(fmt: str) -> None:
+    async def run() -> Tuple[str, str]:
+        async with mock_server.MockServer(tool_use=True, stream_format=fmt, write_size=7) as server:
+            provider = FakeGpt.isolated(server.url)
+            first = await provider.create_async("", [{"role": "user", "content": "Hi"}])
+            async with provider.stream("", [{"role": "user", "content": "Hi"}]) as reply:
+                async for _ in reply:
+                    pass
+            second = await provider.create_async("", [{"role": "user", "content": "Next"}], conversation_id=reply.conversation_id,
+                                                 parent_message_id=reply.message_id)
+            return first, second
+    first, second = asyncio.run(run())
+    preamble = mock_server.TOOL_USE_PREAMBLE + "\n\n"
+    assert first == preamble + mock_server.default_reply("Hi")
+    assert second.startswith(preamble + "Turn 2: before, you said “Hi”.")  # the reply's last message was the parent
 
 
 # ---------------------------------------------------------------------------------------
