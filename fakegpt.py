@@ -65,7 +65,7 @@ from typing import (
     Union,
 )
 
-__version__ = "1.7.2"
+__version__ = "1.8.0"
 __all__ = [
     "AsyncResult",
     "AuthenticationError",
