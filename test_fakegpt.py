@@ -40,7 +40,7 @@ import urllib.parse
 import urllib.request
 import warnings
 import zlib
-from typing import Any, Awaitable, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Awaitable, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
@@ -1641,6 +1641,72 @@ def test_an_earlier_message_that_changes_after_a_later_one_began_is_a_protocol_e
     again = records[0] if records[0][0] is None else delta({"p": "", "o": "add", "v": message_root("m1", text="One."), "c": 0})
     events, decoder = feed_records(records[:2] + [again])
     assert decoder.text == "One.\n\nTwo." == "".join(e.delta for e in events)  # as it was: nothing again
+
+
+def read_every_way(body: bytes, cuts: Sequence[int]) -> Set[Tuple[str, str]]:
+    """What the reply decoder makes of `body` cut at `cuts`, on the known-shape path and
+    the reference path, for events and for text only: (the pieces joined, the decoder's
+    text), or ("error", its message)."""
+    outcomes = set()
+    for fast_path in (True, False):
+        for text_only in (True, False):
+            conversation, pieces = ConversationDecoder(fast_path=fast_path), []
+            reply = fakegpt._ReplyDecoder(conversation, Limits(), text_only=text_only)
+            try:
+                for chunk in split_at(body, cuts):
+                    reply.feed(chunk, pieces)
+            except fakegpt.ProtocolError as exc:
+                outcomes.add(("error", str(exc)))
+                continue
+            outcomes.add(("".join(p if text_only else p.delta for p in pieces), conversation.text))
+    return outcomes
+
+
+@PROPERTY
+@given(st.lists(st.tuples(st.sampled_from(["m0", "m1", "m2", "tool"]), st.text('aб"\\ ', max_size=3), st.booleans()), max_size=16),
+       st.lists(st.integers(0, 3000), max_size=4))
+def test_property_snapshots_of_several_messages_read_alike_every_way_and_pieces_are_the_text(
+        steps: List[Tuple[str, str, bool]], cuts: List[int]) -> None:
+    texts: Dict[str, str] = {}
+    body = b""
+    for message_id, more, finished in steps:
+        texts[message_id] = texts.get(message_id, "") + more
+        root = message_root(message_id, role="tool" if message_id == "tool" else "assistant", text=texts[message_id],
+                            status="finished_successfully" if finished else "in_progress")
+        body += b"data: " + json.dumps(root, ensure_ascii=False).encode() + b"\n\n"
+    outcomes = read_every_way(body + b"data: [DONE]\n\n", cuts)
+    assert len(outcomes) == 1
+    pieces, text = next(iter(outcomes))
+    assert pieces == "error" or pieces == text
+
+
+@PROPERTY
+@given(st.lists(st.tuples(st.sampled_from(["add", "append", "terse", "status", "hide"]), st.sampled_from([0, 1, 2]),
+                          st.text("ab ", min_size=1, max_size=3)), max_size=14),
+       st.lists(st.integers(0, 2000), max_size=4))
+def test_property_deltas_of_several_messages_read_alike_every_way_and_pieces_are_the_text(
+        steps: List[Tuple[str, int, str]], cuts: List[int]) -> None:
+    records: List[Dict[str, Any]] = []
+    added: Set[int] = set()
+    for kind, document, text in steps:
+        if kind == "add":
+            records.append({"p": "", "o": "add", "v": message_root(f"m{document}", text=text), "c": document})
+            added.add(document)
+        elif document not in added:
+            continue
+        elif kind == "append":
+            records.append({"p": PARTS, "o": "append", "v": text, "c": document})
+        elif kind == "terse" and records[-1].get("p") == PARTS:
+            records.append({"v": text})  # c, p and o carried forward
+        elif kind == "status":
+            records.append({"p": "/message/status", "o": "replace", "v": "finished_successfully", "c": document})
+        elif kind == "hide":
+            records.append({"p": "/message/channel", "o": "replace", "v": "commentary", "c": document})
+    body = b"".join(b"event: delta\ndata: " + json.dumps(r).encode() + b"\n\n" for r in records)
+    outcomes = read_every_way(body + b"data: [DONE]\n\n", cuts)
+    assert len(outcomes) == 1
+    pieces, text = next(iter(outcomes))
+    assert pieces == "error" or pieces == text
 
 
 def test_a_continued_reply_of_several_messages_goes_on_in_its_last() -> None:
