@@ -1944,6 +1944,16 @@ def test_the_mocks_tool_use_is_two_visible_messages_around_a_tool_round_trip(fmt
 
 
 @pytest.mark.parametrize("fmt", ["snapshots", "v1"])
+def test_a_reply_around_a_tool_round_trip_cut_at_max_tokens_is_continued_in_its_last_message(fmt: str) -> None:
+    async def run() -> Tuple[str, int]:
+        async with mock_server.MockServer(tool_use=True, stream_format=fmt, max_tokens=30) as server:
+            text = await FakeGpt.isolated(server.url).create_async("", [{"role": "user", "content": "Hi"}], auto_continue=True)
+            return text, server.count("POST", "/api/conversation")
+    text, requests = asyncio.run(run())
+    assert text == mock_server.TOOL_USE_PREAMBLE + "\n\n" + mock_server.default_reply("Hi") and requests == 3
+
+
+@pytest.mark.parametrize("fmt", ["snapshots", "v1"])
 def test_a_reply_around_a_tool_round_trip_reads_as_both_texts_and_the_next_turn_answers_it(fmt: str) -> None:
     async def run() -> Tuple[str, str]:
         async with mock_server.MockServer(tool_use=True, stream_format=fmt, write_size=7) as server:
