@@ -486,6 +486,24 @@ class MockServer:
 
     # -- lifecycle ------------------------------------------------------------------
 
+    def _certificate_problem(self, error: OSError) -> str:
+        """What `error`, from loading the certificate, means: OpenSSL says "PEM lib" for
+        a certificate whose key is missing, as for a file that is no certificate."""
+        options = self.options
+        if isinstance(error, ssl.SSLError):
+            if error.reason == "KEY_VALUES_MISMATCH":
+                return f"the key in {options.keyfile or options.certfile} is not this certificate's"
+            try:
+                with open(options.certfile or "", "rb") as file:
+                    pem = file.read(1024 * 1024)
+            except OSError:
+                pem = None
+            if pem is not None and b"-----BEGIN CERTIFICATE-----" not in pem:
+                return "the file holds no certificate in PEM form"
+            if pem is not None and not options.keyfile and b"PRIVATE KEY-----" not in pem:
+                return "the file holds no private key: give its key file too (keyfile, --keyfile)"
+        return str(error.strerror or getattr(error, "reason", None) or error)
+
     async def start(self) -> "MockServer":
         context = None
         if self.options.certfile:
@@ -493,8 +511,9 @@ class MockServer:
             try:
                 context.load_cert_chain(self.options.certfile, self.options.keyfile)
             except OSError as exc:  # ssl.SSLError too
-                reason = exc.strerror or getattr(exc, "reason", None) or exc
-                raise ValueError(f"cannot load the certificate {self.options.certfile}: {reason}") from None
+                raise ValueError(
+                    f"cannot load the certificate {self.options.certfile}: {self._certificate_problem(exc)}"
+                ) from None
         self._server = await asyncio.start_server(
             self._serve_connection, self.host, self.port, ssl=context, backlog=4096,
             limit=256 * 1024,

@@ -5326,7 +5326,10 @@ def test_mock_command_line_says_what_is_wrong_with_its_port_or_certificate(mock:
         (["--port", "70000"], 2, "port must be a whole number from 0 to 65535, not 70000"),
         (["--port", "-1"], 2, "port must be a whole number from 0 to 65535"),
         (["--certfile", str(HERE / "no-such.pem")], 2, f"cannot load the certificate {HERE / 'no-such.pem'}: No such file"),
-        (["--certfile", str(HERE / "README.md")], 2, "cannot load the certificate"),
+        (["--certfile", str(HERE / "README.md")], 2, f"cannot load the certificate {HERE / 'README.md'}: the file holds no certificate in PEM form"),
+        (["--certfile", str(HERE / "testdata" / "server.pem")], 2, "holds no private key: give its key file too"),
+        (["--certfile", str(HERE / "testdata" / "server.pem"), "--keyfile", str(HERE / "testdata" / "wronghost.key")], 2,
+         "the key in " + str(HERE / "testdata" / "wronghost.key") + " is not this certificate's"),
         (["--port", str(mock.port)], 1, f"cannot listen on 127.0.0.1:{mock.port}"),  # in use
     ]:
         result = run(*args)
