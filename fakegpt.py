@@ -404,7 +404,9 @@ _BAD_FIELD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 # Each field line after a CRLF, up to the next CRLF, as `_parse_field_line` takes it (the
 # value's trailing spaces and tabs still to strip), in a head decoded as Latin-1.
 _FIELD_LINES = re.compile(r"\r\n([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*)(?=\r\n)")
-_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[^\x00-\x08\x0a-\x1f\x7f]*)?")
+# A chunk size, an extension after it or spaces and tabs (not in RFC 9112's grammar, but
+# sent by servers in the wild, and read by curl, Go and h11).
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[^\x00-\x08\x0a-\x1f\x7f]*|[ \t]*)")
 _HEX_DIGITS = b"0123456789abcdefABCDEF"
 _NEXT_CHUNK = re.compile(rb"\r\n([0-9A-Fa-f]{1,16})\r\n")  # a chunk's end and the next one's size
 _CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")

@@ -421,6 +421,8 @@ VALID_RESPONSES = {
     "chunk extensions and trailers": (
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5 ;name=value\r\nhello\r\n"
         b"0;last\r\nX-Trailer: 1\r\nX-Other: 2\r\n\r\n", b"hello"),
+    "chunk sizes followed by spaces and tabs, as some servers send them": (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5 \r\nhello\r\n6\t \r\n world\r\n0  \r\n\r\n", b"hello world"),
     "upper-case hex chunk size": (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nA\r\n0123456789\r\n0\r\n\r\n", b"0123456789"),
     "close-delimited": (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end", b"until the end"),
     "interim 100 and 103 skipped": (
@@ -474,7 +476,7 @@ def test_http_reader_keeps_headers_lower_cased_and_repeated() -> None:
 @pytest.mark.parametrize("data, words", [
     (b"HTTP/1.1 200 OK\r\nContent-Length : 2\r\n\r\nok", "invalid header name 'Content-Length '"),
     (b"HTTP/1.1  200 OK\r\n\r\n", "malformed status line 'HTTP/1.1  200 OK'"),
-    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1a \r\n", "malformed chunk size line '1a '"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n 1a\r\n", "malformed chunk size line ' 1a'"),
     (b"HTTP/1.1 200 OK\r\nNo  colon\r\n\r\n", "header line without a colon: 'No  colon'"),
 ])
 def test_http_reader_shows_a_malformed_line_as_it_came(data: bytes, words: str) -> None:
@@ -608,7 +610,7 @@ MALFORMED_RESPONSES = {
     "chunk size +1a": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n+1a\r\n",
     "chunk size -1": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-1\r\n",
     "chunk size with a leading space": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n 1a\r\n",
-    "chunk size with a trailing space": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1a \r\n",
+    "chunk size with a space inside": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1 a\r\n",
     "empty chunk size": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\r\n",
     "chunk data without CRLF": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nokXX0\r\n\r\n",
     "chunk data with a bare LF": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\n0\r\n\r\n",
