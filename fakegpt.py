@@ -4491,20 +4491,28 @@ class ChatStream:
                 await self._not_an_event_stream(response, [*session.secrets(), *client.secrets], f"POST {path}")
             decoder = self._decoder = ConversationDecoder(continues=continues)
             reply = _ReplyDecoder(decoder, options.limits, text_only=text_only)
-            while not decoder.done:
-                chunk = await response.next_chunk()
-                if chunk is None:
-                    break
-                batch: List[Any] = []
-                try:
-                    reply.feed(chunk, batch)
-                except FakeGptError as exc:
-                    _scrub(exc, [*session.secrets(), *client.secrets])
-                    if batch:  # what arrived before the error is delivered first
+            try:
+                while not decoder.done:
+                    chunk = await response.next_chunk()
+                    if chunk is None:
+                        break
+                    batch: List[Any] = []
+                    try:
+                        reply.feed(chunk, batch)
+                    except FakeGptError as exc:
+                        _scrub(exc, [*session.secrets(), *client.secrets])
+                        if batch:  # what arrived before the error is delivered first
+                            yield "".join(batch) if text_only else batch
+                        raise
+                    if batch:
                         yield "".join(batch) if text_only else batch
+            except (TruncatedStreamError, TransportError) as exc:
+                if not decoder.complete:
                     raise
-                if batch:
-                    yield "".join(batch) if text_only else batch
+                # The body was cut off, or the connection failed, after the reply was
+                # whole (its visible message had finished its turn): what was lost is
+                # notices and [DONE]. The reply stands; the connection is not kept.
+                _log.debug("the reply was whole when its body was cut off: %s", exc)
             if not decoder.done:
                 reply.close()
             elif decoder.complete and decoder.has_text:  # the body's last bytes, and the connection is kept

@@ -31,6 +31,7 @@ import signal
 import socket
 import ssl
 import stat
+import struct
 import subprocess
 import sys
 import threading
@@ -3302,6 +3303,43 @@ def test_a_stream_without_done_is_whole_only_if_the_visible_message_finished_its
         else:
             raised, pieces = failure(provider, access_token="t")
             assert isinstance(raised, fakegpt.TruncatedStreamError) and "".join(pieces) == "Hi there"
+
+
+def cut_off(body: bytes, how: str) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+    """A handler that sends the event stream `body` and ends the connection before the
+    body's end: mid-chunk (`chunked`), short of its Content-Length (`length`), or with a
+    reset after the last event (`reset`)."""
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+        if how == "length":
+            writer.write(head + b"Content-Length: %d\r\n\r\n" % (len(body) + 64) + body)
+        else:
+            writer.write(head + b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%b\r\n" % (len(body), body))
+        await writer.drain()
+        if how == "reset":
+            await asyncio.sleep(0.1)
+            writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+        else:
+            writer.close()
+    return handle
+
+
+@pytest.mark.parametrize("how", ["chunked", "length", "reset"])
+@pytest.mark.parametrize("whole", [True, False])
+def test_a_body_cut_off_after_the_reply_was_whole_leaves_the_reply(how: str, whole: bool) -> None:
+    # The visible message finished its turn: only notices and [DONE] were lost.
+    final = assistant_event("Hi there", status="finished_successfully", finish="stop")
+    final = final.replace(b'"end_turn": null', b'"end_turn": true') if whole else final
+    body = b"".join(b"data: " + d + b"\n\n" for d in (assistant_event("Hi"), final)) + b"data: {\"conversation_id\""
+    with thread_server(cut_off(body, how)) as (host, port):
+        provider = provider_for(f"http://{host}:{port}")
+        if whole:
+            assert "".join(pieces_of(provider, access_token="t", retries=0)) == "Hi there"
+        else:
+            raised, pieces = failure(provider, access_token="t", retries=0)
+            assert isinstance(raised, (fakegpt.TruncatedStreamError, fakegpt.TransportError)) and "".join(pieces) == "Hi there"
 
 
 @pytest.mark.parametrize("data", [
