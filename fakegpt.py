@@ -3654,6 +3654,8 @@ def _status_error(
         )
     if status == 429:
         retry_after = _retry_after(head.get("retry-after"))
+        if retry_after is None:
+            retry_after = _clears_in(body)
         if retry_after is not None:
             message += f" (retry after {retry_after:g} s)"
         return RateLimitError(message, retry_after=retry_after, **fields)
@@ -3722,6 +3724,23 @@ def _html_title(page: str) -> Optional[str]:
 
 
 _MAX_RETRY_AFTER = 86400.0  # a day: a longer Retry-After is taken as this
+
+
+def _clears_in(body: bytes) -> Optional[float]:
+    """The seconds a 429's JSON body says the limit clears in (``"clears_in"`` in its
+    ``detail`` or ``error``, as ChatGPT's usage caps say it), bounded; None if it does not."""
+    try:
+        payload = json.loads(body.decode("utf-8", "replace"))
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(payload, dict):
+        return None
+    for key in ("detail", "error"):
+        error = payload.get(key)
+        seconds = error.get("clears_in") if isinstance(error, dict) else None
+        if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and 0 <= seconds < math.inf:
+            return min(float(seconds), _MAX_RETRY_AFTER)
+    return None
 
 
 def _retry_after(value: Optional[str]) -> Optional[float]:

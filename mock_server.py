@@ -120,6 +120,8 @@ _FAULT_KINDS: Dict[str, _FaultKind] = {
     "status": _FaultKind((("CODE", _status_code), ("RETRY_AFTER", _count)), 1,
                          "answer the conversation with an upstream-shaped error: 401 token_expired, "
                          "403, 429 (with Retry-After), 500, 504 (a CDN's HTML page), or any other"),
+    "cap": _FaultKind((("SECONDS", _count),), 1,
+                      "a 429 usage cap whose JSON detail says when it clears (clears_in), with no Retry-After"),
     "expired200": _FaultKind((), 0, "a 200 whose JSON body says token_expired"),
     "content_type": _FaultKind((), 0, "a 200 text/html page instead of the event stream"),
     "challenge": _FaultKind((), 0, "a 403 Cloudflare challenge page"),
@@ -727,7 +729,7 @@ class MockServer:
         if fault.name == "hang":
             await _wait_for_close(reader)
             return False
-        if fault.name in ("status", "expired200", "content_type", "challenge"):
+        if fault.name in ("status", "cap", "expired200", "content_type", "challenge"):
             await self._send_error_fault(writer, fault, keep_alive)
             return keep_alive
         turn = self._turn(body, empty=fault.name == "empty")
@@ -833,6 +835,10 @@ class MockServer:
     async def _send_error_fault(self, writer: asyncio.StreamWriter, fault: _Fault, keep_alive: bool) -> None:
         if fault.name == "expired200":
             await _send_json(writer, 200, {"detail": _EXPIRED}, keep_alive=keep_alive)
+        elif fault.name == "cap":
+            await _send_json(writer, 429, {"detail": {
+                "message": "You've reached the current usage cap for this model. Please try again later.",
+                "code": "model_cap_exceeded", "clears_in": fault.arg(0)}}, keep_alive=keep_alive)
         elif fault.name == "content_type":
             await _send_body(writer, 200, "text/html; charset=utf-8", b"<html><body>Hi</body></html>", keep_alive)
         elif fault.name == "challenge":

@@ -2376,6 +2376,7 @@ FULL_REPLY = mock_server.default_reply("Hello")
 
 @pytest.mark.parametrize("fault, error, message", [
     ("status:429:7", fakegpt.RateLimitError, "HTTP 429: Too many requests in 1 hour. Try again later. (retry after 7 s)"),
+    ("cap:7", fakegpt.RateLimitError, "HTTP 429: You've reached the current usage cap for this model. Please try again later. (retry after 7 s)"),
     ("status:500", fakegpt.HTTPStatusError, "HTTP 500: Internal Server Error"),
     ("status:504", fakegpt.HTTPStatusError, "HTTP 504: 504 Gateway Time-out"),
     ("status:409", fakegpt.HTTPStatusError, "Only one message at a time"),
@@ -2388,6 +2389,24 @@ def test_server_errors_before_text(provider: "type[FakeGpt]", mock: mock_server.
     assert type(raised) is error and message in str(raised) and pieces == []
     if isinstance(raised, fakegpt.RateLimitError):
         assert raised.retry_after == 7 and raised.status == 429
+
+
+@pytest.mark.parametrize("body, retry_after", [
+    (b'{"detail": {"message": "capped", "clears_in": 90}}', 90.0),
+    (b'{"error": {"message": "capped", "clears_in": 2.5}}', 2.5),
+    (b'{"detail": {"message": "capped", "clears_in": 10000000}}', fakegpt._MAX_RETRY_AFTER),
+    (b'{"detail": {"message": "capped", "clears_in": -5}}', None),
+    (b'{"detail": {"message": "capped", "clears_in": "soon"}}', None),
+    (b'{"detail": {"message": "capped", "clears_in": true}}', None),
+    (b'{"detail": "clears_in 90"}', None),
+    (b"not json", None),
+])
+def test_a_429_says_when_to_try_again_in_its_detail_when_it_has_no_retry_after(body: bytes, retry_after: Optional[float]) -> None:
+    head = Response(429, "Too Many Requests", (("content-type", "application/json"),))
+    error = fakegpt._status_error(head, body, what="POST /api/conversation")
+    assert isinstance(error, fakegpt.RateLimitError) and error.retry_after == retry_after
+    with_header = Response(429, "Too Many Requests", (("retry-after", "3"),))
+    assert fakegpt._status_error(with_header, body, what="x").retry_after == 3.0  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("framing", ["chunked", "length", "close"])
