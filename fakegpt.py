@@ -1299,10 +1299,9 @@ class ConversationDecoder:
     `ProtocolError` otherwise, as does a delta op that would change it, a change to an
     earlier message after a later one began, or another message that starts with the
     text of the one before (its id changed, as far as one can tell). A truthy ``error``
-    raises `UpstreamError` (`TokenExpiredError`
-    for ``token_expired``); ``stream_handoff`` raises `ProtocolError`; ``[DONE]`` sets
-    ``done``, and ``complete`` is true once the reply is whole (``[DONE]``, or the visible
-    message finished with ``end_turn``).
+    raises `UpstreamError` (`TokenExpiredError` for ``token_expired``); ``stream_handoff``
+    raises `ProtocolError`; ``[DONE]`` sets ``done``, and ``complete`` is true once the
+    reply is whole (``[DONE]``, or the visible message finished with ``end_turn``).
 
     The reference path decodes every event in full. The known-shape path (on unless
     ``fast_path=False``) serves the usual snapshot, which repeats the whole text so far:
@@ -1638,8 +1637,10 @@ class ConversationDecoder:
                 self._visible = None
             return None
         text = reply.text
-        if document == self._visible and text is self._visible_text and isinstance(text, _Text) \
-                and not self._separator_due():
+        if (
+            document == self._visible and text is self._visible_text and isinstance(text, _Text)
+            and not self._separator_due()
+        ):
             delta = _valid_text(text.since(self._length - self._base))  # grown by appends only
             self._deliver(delta)
         else:
