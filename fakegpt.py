@@ -4507,13 +4507,17 @@ class ChatStream:
             headers.append(("ChatGPT-Account-ID", options.account_id))
         response = await client.request("POST", path, body=body, cookie_jar=session.cookie_jar, headers=headers)
         try:
+            first = b""  # the body's start, if it was read to tell what the body is
             if not response.is_event_stream:
-                await self._not_an_event_stream(response, [*session.secrets(), *client.secrets], f"POST {path}")
+                first = await self._unlabelled_stream_start(
+                    response, [*session.secrets(), *client.secrets], f"POST {path}"
+                )
             decoder = self._decoder = ConversationDecoder(continues=continues)
             reply = _ReplyDecoder(decoder, options.limits, text_only=text_only)
             try:
                 while not decoder.done:
-                    chunk = await response.next_chunk()
+                    chunk: Optional[bytes] = first or await response.next_chunk()
+                    first = b""
                     if chunk is None:
                         break
                     batch: List[Any] = []
@@ -4548,11 +4552,33 @@ class ChatStream:
         if not decoder.has_text:
             raise NoResponseError("No valid response: the reply finished without any text")
 
-    async def _not_an_event_stream(self, response: _HTTPResponse, redact: Sequence[str], what: str) -> NoReturn:
-        """Raise what a response that is not an event stream says: its error, or that."""
+    async def _unlabelled_stream_start(self, response: _HTTPResponse, redact: Sequence[str], what: str) -> bytes:
+        """The first line of a success whose body is an event stream though its
+        Content-Type does not say so (a proxy that drops it or calls it text/plain, as a
+        worker that builds a new response does); anything else raises what it says."""
+        start = b""
+        media_type = _media_type(response.head)
+        if response.status < 300 and not (media_type in _NOT_EVENT_STREAMS or media_type.endswith("+json")):
+            limit = self._options.limits.max_error_body_size
+            while len(start) < limit and _BODY_START.fullmatch(start) is not None:  # nothing to tell by yet
+                chunk = await response.next_chunk()
+                if chunk is None:
+                    break
+                start += chunk
+            if _EVENT_STREAM_START.match(start) is not None:
+                _log.debug("%s: an event stream, labelled %s", what, media_type or "nothing")
+                return start
+        await self._not_an_event_stream(response, redact, what, start)
+
+    async def _not_an_event_stream(
+        self, response: _HTTPResponse, redact: Sequence[str], what: str, start: bytes = b"",
+    ) -> NoReturn:
+        """Raise what a response that is not an event stream says: its error, or that.
+        `start`: the start of its body, already read."""
         head = response.head
         content_type = _media_type(head)
-        raw = await response.read(self._options.limits.max_error_body_size)
+        limit = self._options.limits.max_error_body_size
+        raw = (start + await response.read(limit - len(start)))[:limit] if len(start) < limit else start[:limit]
         if head.status >= 300 or _is_challenge(head, raw):
             raise _status_error(head, raw, what=what, redact=redact)
         text = raw.decode("utf-8", "replace")
@@ -4581,6 +4607,12 @@ class ChatStream:
 
 
 _RETRY_BASE, _RETRY_CAP = 0.5, 30.0  # seconds: the first backoff, and the longest wait
+
+# A success whose Content-Type is none of these, but whose body starts as an event stream
+# does (after a BOM and blank lines, a comment or a field), is read as one.
+_NOT_EVENT_STREAMS = frozenset({"application/json", "text/html", "application/xhtml+xml"})
+_BODY_START = re.compile(rb"(?:\xef(?:\xbb\xbf?)?)?[\r\n]*[^\r\n]{0,6}")  # not yet a whole first line
+_EVENT_STREAM_START = re.compile(rb"(?:\xef\xbb\xbf)?[\r\n]*(?::|(?:data|event|id|retry)[:\r\n])")
 
 
 def _retry_delay(error: FakeGptError, attempt: int) -> Optional[float]:

@@ -203,6 +203,9 @@ class MockOptions:
     framing: str = _option("chunked", "how the stream's body is framed", choices=("chunked", "length", "close"))
     newline: str = _option("\n", "line ending of the event stream: lf, crlf or cr (or the characters)",
                            choices=tuple(_NEWLINES))
+    stream_content_type: str = _option("text/event-stream; charset=utf-8",
+                                       "the stream's Content-Type, as a proxy in front may relabel it "
+                                       "(text/plain, say; empty: none)")
     data_space: bool = _option(True, 'write "data: x" rather than "data:x"')
     multiline: bool = _option(False, "spread each event's JSON over several data lines")
     comments: bool = _option(False, 'a ": keep-alive" comment before each event')
@@ -262,6 +265,8 @@ class MockOptions:
         for name in ("access_token", "certfile", "keyfile"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be a string")
+        if not isinstance(self.stream_content_type, str) or not re.fullmatch(r"[\x20-\x7e]*", self.stream_content_type):
+            raise ValueError("stream_content_type must be printable ASCII")
         if self.access_token is not None and not re.fullmatch(r"[\x21-\x7e]+", self.access_token):
             raise ValueError("access_token must be printable ASCII without spaces")
         if self.fault is not None:
@@ -1145,7 +1150,8 @@ class MockServer:
         if compressor is not None:
             wire = ((((compressor.compress(b"".join(pieces)) + compressor.flush(zlib.Z_SYNC_FLUSH)),), event)
                     for pieces, event in wire)
-        headers = [("Content-Type", "text/event-stream; charset=utf-8"), ("Cache-Control", "no-cache")]
+        headers = [("Content-Type", self.options.stream_content_type)] if self.options.stream_content_type else []
+        headers.append(("Cache-Control", "no-cache"))
         if compressor is not None:
             headers.append(("Content-Encoding", "gzip"))
         if framing == "length":

@@ -3324,6 +3324,32 @@ def test_a_stream_without_done_is_whole_only_if_the_visible_message_finished_its
             assert isinstance(raised, fakegpt.TruncatedStreamError) and "".join(pieces) == "Hi there"
 
 
+@pytest.mark.parametrize("content_type", ["text/plain;charset=UTF-8", "", "application/octet-stream"])
+@pytest.mark.parametrize("options", [{}, {"write_size": 1, "framing": "length"}, {"bom": True, "framing": "close"},
+                                     {"stream_format": "v1", "comments": True}])
+def test_an_event_stream_that_a_proxy_labels_otherwise_is_read_as_one(content_type: str, options: Dict[str, Any]) -> None:
+    # A worker that builds a new response says text/plain; some proxies drop the type.
+    with mock_server.serve_in_thread(stream_content_type=content_type, **options) as server:
+        assert "".join(pieces_of(provider_for(server.url))) == FULL_REPLY
+        assert server.requests[-1].path == "/api/conversation"
+
+
+@pytest.mark.parametrize("content_type, body, error, words", [
+    ("text/plain", b"hello, not a stream", fakegpt.ProtocolError, "expected an event stream, got text/plain: 'hello, not a stream'"),
+    ("text/plain", b"", fakegpt.ProtocolError, "expected an event stream, got text/plain: ''"),
+    ("text/plain", b"data", fakegpt.ProtocolError, "expected an event stream, got text/plain: 'data'"),
+    ("", b"<html><title>Oops</title></html>", fakegpt.ProtocolError, "expected an event stream, got no Content-Type"),
+    ("application/json", b'data: {"a": 1}', fakegpt.ProtocolError, "expected an event stream, got application/json"),
+    ("text/plain", b'{"detail": "rate limited."}', fakegpt.UpstreamError, "rate limited."),
+])
+def test_a_success_that_is_no_event_stream_is_still_an_error(content_type: str, body: bytes, error: type, words: str) -> None:
+    typed = b"Content-Type: " + content_type.encode() + b"\r\n" if content_type else b""
+    response = b"HTTP/1.1 200 OK\r\n" + typed + b"Content-Length: %d\r\n\r\n" % len(body) + body
+    with thread_server(answering(response)) as (host, port):
+        raised, pieces = failure(provider_for(f"http://{host}:{port}"), access_token="t", retries=0)
+    assert isinstance(raised, error) and words in str(raised) and pieces == []
+
+
 def cut_off(body: bytes, how: str) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
     """A handler that sends the event stream `body` and ends the connection before the
     body's end: mid-chunk (`chunked`), short of its Content-Length (`length`), or with a
@@ -5364,6 +5390,8 @@ def test_mock_framings_read_by_an_independent_reader(options: Dict[str, Any]) ->
     ({"step": 0}, "step must be a whole number of at least 1"), ({"delay": -1}, "delay must be a number of seconds"),
     ({"bom": "yes"}, "bom must be True or False"), ({"stream_format": "v2"}, "stream_format must be one of"),
     ({"profile": "aurora"}, "profile must be one of"), ({"access_token": "a b"}, "access_token must be printable"),
+    ({"stream_content_type": "text/plain\r\nX-A: 1"}, "stream_content_type must be printable ASCII"),
+    ({"stream_content_type": None}, "stream_content_type must be printable ASCII"),
 ])
 def test_mock_options_and_faults_are_checked_where_given(options: Dict[str, Any], words: Optional[str]) -> None:
     if words is None:
