@@ -4557,8 +4557,7 @@ class ChatStream:
         Content-Type does not say so (a proxy that drops it or calls it text/plain, as a
         worker that builds a new response does); anything else raises what it says."""
         start = b""
-        media_type = _media_type(response.head)
-        if response.status < 300 and not (media_type in _NOT_EVENT_STREAMS or media_type.endswith("+json")):
+        if response.status < 300:  # (no JSON or HTML body starts as an event stream does)
             limit = self._options.limits.max_error_body_size
             while len(start) < limit and _BODY_START.fullmatch(start) is not None:  # nothing to tell by yet
                 chunk = await response.next_chunk()
@@ -4566,7 +4565,7 @@ class ChatStream:
                     break
                 start += chunk
             if _EVENT_STREAM_START.match(start) is not None:
-                _log.debug("%s: an event stream, labelled %s", what, media_type or "nothing")
+                _log.debug("%s: an event stream, labelled %s", what, _media_type(response.head) or "nothing")
                 return start
         await self._not_an_event_stream(response, redact, what, start)
 
@@ -4608,9 +4607,8 @@ class ChatStream:
 
 _RETRY_BASE, _RETRY_CAP = 0.5, 30.0  # seconds: the first backoff, and the longest wait
 
-# A success whose Content-Type is none of these, but whose body starts as an event stream
-# does (after a BOM and blank lines, a comment or a field), is read as one.
-_NOT_EVENT_STREAMS = frozenset({"application/json", "text/html", "application/xhtml+xml"})
+# A success of another Content-Type whose body starts as an event stream does (after a BOM
+# and blank lines, a comment or a field) is read as one.
 _BODY_START = re.compile(rb"(?:\xef(?:\xbb\xbf?)?)?[\r\n]*[^\r\n]{0,6}")  # not yet a whole first line
 _EVENT_STREAM_START = re.compile(rb"(?:\xef\xbb\xbf)?[\r\n]*(?::|(?:data|event|id|retry)[:\r\n])")
 

@@ -3324,7 +3324,7 @@ def test_a_stream_without_done_is_whole_only_if_the_visible_message_finished_its
             assert isinstance(raised, fakegpt.TruncatedStreamError) and "".join(pieces) == "Hi there"
 
 
-@pytest.mark.parametrize("content_type", ["text/plain;charset=UTF-8", "", "application/octet-stream"])
+@pytest.mark.parametrize("content_type", ["text/plain;charset=UTF-8", "", "application/octet-stream", "application/json"])
 @pytest.mark.parametrize("options", [{}, {"write_size": 1, "framing": "length"}, {"bom": True, "framing": "close"},
                                      {"stream_format": "v1", "comments": True}])
 def test_an_event_stream_that_a_proxy_labels_otherwise_is_read_as_one(content_type: str, options: Dict[str, Any]) -> None:
@@ -3339,7 +3339,7 @@ def test_an_event_stream_that_a_proxy_labels_otherwise_is_read_as_one(content_ty
     ("text/plain", b"", fakegpt.ProtocolError, "expected an event stream, got text/plain: ''"),
     ("text/plain", b"data", fakegpt.ProtocolError, "expected an event stream, got text/plain: 'data'"),
     ("", b"<html><title>Oops</title></html>", fakegpt.ProtocolError, "expected an event stream, got no Content-Type"),
-    ("application/json", b'data: {"a": 1}', fakegpt.ProtocolError, "expected an event stream, got application/json"),
+    ("application/json", b'{"detail": {"message": "busy"}}', fakegpt.UpstreamError, "busy"),
     ("text/plain", b'{"detail": "rate limited."}', fakegpt.UpstreamError, "rate limited."),
 ])
 def test_a_success_that_is_no_event_stream_is_still_an_error(content_type: str, body: bytes, error: type, words: str) -> None:
