@@ -2228,8 +2228,8 @@ def _visible_reply(message: Any) -> Optional[_Reply]:
         raise ProtocolError("assistant message without content")
     if content.get("content_type", "text") != "text":
         return None
-    parts = content.get("parts")
-    if not isinstance(parts, list) or not parts or not isinstance(parts[0], (str, _Text)):
+    parts = content.get("parts", [])
+    if not isinstance(parts, list) or (parts and not isinstance(parts[0], (str, _Text))):
         raise ProtocolError("assistant message without text in content.parts[0]")
     finish = metadata.get("finish_details")
     finish_reason = finish.get("type") if isinstance(finish, dict) else None
@@ -2237,7 +2237,7 @@ def _visible_reply(message: Any) -> Optional[_Reply]:
     end_turn, model = message.get("end_turn"), metadata.get("model_slug")
     return _Reply(
         message_id if isinstance(message_id, str) else None,
-        parts[0],
+        parts[0] if parts else "",  # no parts yet: no text yet
         status if isinstance(status, str) else None,
         finish_reason if isinstance(finish_reason, str) else None,
         end_turn if isinstance(end_turn, bool) else None,

@@ -930,6 +930,28 @@ def test_conversation_malformed_events_raise_protocol_error(data: bytes) -> None
         decode([data])
 
 
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_an_assistant_message_without_parts_yet_has_no_text_yet(fast_path: bool) -> None:
+    # A message begun with no parts (or none at all) is not malformed: its text comes later.
+    without = message_root("m1")
+    del without["message"]["content"]["parts"]
+    empty = message_root("m1", text="")
+    empty["message"]["content"]["parts"] = []
+    records: List[Tuple[Optional[str], Any]] = [
+        delta({"p": "", "o": "add", "v": empty, "c": 0}), delta({"p": PARTS, "o": "add", "v": "Hel"}),
+        delta({"p": PARTS, "o": "append", "v": "lo"}), delta({"v": "!"})]
+    events, decoder = feed_records(records, ConversationDecoder(fast_path=fast_path))
+    assert decoder.text == "Hello!" == "".join(e.delta for e in events)
+    snapshots = [(None, without), (None, empty), (None, message_root("m1", text="Hi")), (None, message_root("m1", text="Hi there"))]
+    events, decoder = feed_records(snapshots, ConversationDecoder(fast_path=fast_path))
+    assert decoder.text == "Hi there" == "".join(e.delta for e in events)
+    for parts in ([1], "text", [None]):
+        bad = message_root("m1")
+        bad["message"]["content"]["parts"] = parts
+        with pytest.raises(fakegpt.ProtocolError, match="without text in content.parts"):
+            feed_records([(None, bad)])
+
+
 def test_conversation_split_surrogate_pair_is_decoded_like_the_full_json() -> None:
     first = assistant_event("a\ud83d", ensure_ascii=True)
     second = assistant_event("a\U0001F600", ensure_ascii=True)
