@@ -2170,8 +2170,8 @@ def _apply_op(parent: Any, key: str, op: str, value: Any, path: str) -> None:
         else:  # remove
             parent.pop(key, None)
     elif isinstance(parent, list):
-        index = _list_index(parent, key, path, end_allowed=op == "add")
-        if op == "add":
+        index = _list_index(parent, key, path, end_allowed=op in ("add", "append"))
+        if op == "add" or index == len(parent):  # (an append past the end: as to a missing key)
             parent.insert(index, value)
         elif op == "replace":
             parent[index] = value

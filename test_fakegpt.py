@@ -942,6 +942,10 @@ def test_an_assistant_message_without_parts_yet_has_no_text_yet(fast_path: bool)
         delta({"p": PARTS, "o": "append", "v": "lo"}), delta({"v": "!"})]
     events, decoder = feed_records(records, ConversationDecoder(fast_path=fast_path))
     assert decoder.text == "Hello!" == "".join(e.delta for e in events)
+    appended = [delta({"p": "", "o": "add", "v": empty, "c": 0}), delta({"p": PARTS, "o": "append", "v": "Hel"}),
+                delta({"v": "lo"})]  # an append past a list's end adds, as an append to a missing key does
+    events, decoder = feed_records(appended, ConversationDecoder(fast_path=fast_path))
+    assert decoder.text == "Hello" == "".join(e.delta for e in events)
     snapshots = [(None, without), (None, empty), (None, message_root("m1", text="Hi")), (None, message_root("m1", text="Hi there"))]
     events, decoder = feed_records(snapshots, ConversationDecoder(fast_path=fast_path))
     assert decoder.text == "Hi there" == "".join(e.delta for e in events)
@@ -1791,9 +1795,9 @@ def reference_documents(records: Sequence[Dict[str, Any]]) -> Dict[Any, Any]:
         node = documents[document]
         for key in route:
             node = node[int(key)] if isinstance(node, list) else node[key]
-        where: Any = int(last) if isinstance(node, list) else last
-        if op == "add" and isinstance(node, list):
-            node.insert(where, copy.deepcopy(value))
+        where: Any = int(last) if isinstance(node, list) and last != "-" else (len(node) if isinstance(node, list) else last)
+        if op in ("add", "append") and isinstance(node, list) and (op == "add" or where == len(node)):
+            node.insert(where, copy.deepcopy(value))  # an append past the end adds, as to a missing key
         elif op in ("add", "replace") or (op == "append" and isinstance(node, dict) and where not in node):
             node[where] = copy.deepcopy(value)
         elif op == "append":
