@@ -219,7 +219,7 @@ class MockOptions:
         "and the conversation)")
     finish: str = _option("stop", "finish_details.type of the last event", choices=("stop", "max_tokens"))
     tool_use: bool = _option(False, "answer a new turn in two visible messages around a tool's call and "
-                             "answer: TOOL_USE_PREAMBLE first, then the reply")
+                             "answer: TOOL_USE_PREAMBLE first, then the reply (if it has text)")
     max_tokens: int = _option(0, "stop a reply after this many characters with max_tokens, "
                               "for the client to continue (0: never)")
     ascii_json: bool = _option(False, "escape non-ASCII text as \\uXXXX")
@@ -921,7 +921,7 @@ class MockServer:
                             "status": "finished_successfully", "end_turn": None, "weight": 1.0,
                             "metadata": {"timestamp_": "absolute", "message_type": None}, "recipient": "all"},
                 "conversation_id": conversation_id, "error": None}),))
-            if self.options.tool_use:
+            if self.options.tool_use and turn.text:  # (an empty reply stays empty)
                 yield from self._snapshot_tool_use(turn, now)
 
         def assistant(status: str, finished: bool) -> Tuple[bytes, bytes]:
@@ -1019,7 +1019,7 @@ class MockServer:
             channel="analysis", recipient="all")})
         yield delta({"p": "/message/content/thoughts", "o": "append",
                      "v": [{"summary": "Reading the question", "content": "The user wrote to me."}]})
-        tool_use = self.options.tool_use and turn.user is not None
+        tool_use = self.options.tool_use and turn.user is not None and bool(turn.text)
         if tool_use:  # a visible message before the tool's round trip, document 6
             yield delta({"p": "", "o": "add", "c": 6, "v": message(
                 hidden_id(), "assistant", {"content_type": "text", "parts": [""]},

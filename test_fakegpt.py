@@ -1939,7 +1939,7 @@ def test_property_the_delta_format_gives_what_the_snapshots_give_for_any_reply_a
                          conversation.complete, conversation.model))
     assert outcomes[0] == outcomes[1]
     preamble = mock_server.TOOL_USE_PREAMBLE
-    assert outcomes[0][0] == ((preamble + "\n\n" + text if text else preamble) if tool_use else text) and outcomes[0][3]
+    assert outcomes[0][0] == (preamble + "\n\n" + text if tool_use and text else text) and outcomes[0][3]
     assert outcomes[0][2] == finish
 
 
@@ -1970,6 +1970,13 @@ def test_the_mocks_tool_use_is_two_visible_messages_around_a_tool_round_trip(fmt
     assert [m["content"]["parts"][0] for m in (first, last)] == [mock_server.TOOL_USE_PREAMBLE, "The answer."]
     assert (first["status"], first["end_turn"], last["status"], last["end_turn"]) == (
         "finished_successfully", False, "finished_successfully", True)
+
+
+@pytest.mark.parametrize("fmt", ["snapshots", "v1"])
+def test_an_empty_reply_has_no_tool_round_trip_before_it(fmt: str) -> None:
+    with mock_server.serve_in_thread(tool_use=True, stream_format=fmt, fault="empty") as server:
+        raised, pieces = failure(provider_for(server.url))
+    assert isinstance(raised, fakegpt.NoResponseError) and pieces == []
 
 
 @pytest.mark.parametrize("fmt", ["snapshots", "v1"])
