@@ -4106,13 +4106,17 @@ def _content_text(message: Any, index: int) -> str:
     texts = []
     for number, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind != "text" or not isinstance(part.get("text"), str):
-            what = f"a part of type {_cut(kind, 40)!r}" if isinstance(kind, str) else "a part that is not a text part"
-            raise UsageError(
-                f"messages[{index}]['content'][{number}] is {what}: only text parts "
-                "({'type': 'text', 'text': ...}) can be sent, the upstream takes text only"
-            )
-        texts.append(part["text"])
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+            continue
+        where = f"messages[{index}]['content'][{number}]"
+        if kind == "text":
+            raise UsageError(f"{where} is a text part whose 'text' is not a string")
+        what = f"a part of type {_cut(kind, 40)!r}" if isinstance(kind, str) else "a part that is not a text part"
+        raise UsageError(
+            f"{where} is {what}: only text parts ({{'type': 'text', 'text': ...}}) can be sent, "
+            "the upstream takes text only"
+        )
     return "".join(texts)
 
 

@@ -2256,7 +2256,7 @@ def test_a_content_of_text_parts_is_its_text_and_any_other_part_is_a_usage_error
     for content, says in (([parts[0], image], "['content'][1] is a part of type 'image_url'"),
                           ([{"text": "no type"}], "['content'][0] is a part that is not a text part"),
                           (["bare"], "['content'][0] is a part that is not a text part"),
-                          ([{"type": "text", "text": 5}], "['content'][0] is a part of type 'text'"),
+                          ([{"type": "text", "text": 5}], "['content'][0] is a text part whose 'text' is not a string"),
                           (None, "['content'] must be a string or a list of text parts, not NoneType"),
                           (7, "not int")):
         with pytest.raises(fakegpt.UsageError, match=re.escape(f"messages[1]{says}" if says.startswith("[") else says)):
