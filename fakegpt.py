@@ -4581,7 +4581,9 @@ class ChatStream:
         head = response.head
         content_type = _media_type(head)
         limit = self._options.limits.max_error_body_size
-        raw = (start + await response.read(limit - len(start)))[:limit] if len(start) < limit else start[:limit]
+        raw = start[:limit]
+        if len(raw) < limit:
+            raw += await response.read(limit - len(raw))
         if head.status >= 300 or _is_challenge(head, raw):
             raise _status_error(head, raw, what=what, redact=redact)
         text = raw.decode("utf-8", "replace")
