@@ -66,7 +66,7 @@ from typing import (
     Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Set, Tuple, Union,
 )
 
-__version__ = "1.6.0"
+__version__ = "1.7.0"
 __all__ = [
     "FAULTS",
     "MockOptions",
@@ -131,6 +131,8 @@ _FAULT_KINDS: Dict[str, _FaultKind] = {
                               "wait once, after the Nth assistant event"),
     "hang": _FaultKind((), 0, "never answer"),
     "hang_after": _FaultKind((("N", _count),), 1, "stop sending after N events, keeping the connection open"),
+    "hang_at_end": _FaultKind((), 0, "send every event but [DONE], then neither it nor the body's end, "
+                                     "keeping the connection open"),
     "cut": _FaultKind((("N", _count),), 1, "end the body cleanly after N events, without [DONE]"),
     "reset": _FaultKind((("N", _count),), 1, "reset the connection (RST) after N events"),
     "garbage": _FaultKind((("N", _count),), 1, "send seeded random bytes after N events, then close"),
@@ -1174,6 +1176,11 @@ class MockServer:
         count = assistant_count = 0
         for pieces, event in wire:
             if event is not None:
+                if fault.name == "hang_at_end" and event is _DONE:
+                    if batch:
+                        await self._write(writer, batch)
+                    await _wait_for_close(reader)
+                    return False
                 if fault.name in _BREAKS and count == fault.arg(0):
                     if batch:
                         await self._write(writer, batch)
