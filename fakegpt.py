@@ -65,7 +65,7 @@ from typing import (
     Union,
 )
 
-__version__ = "1.8.0"
+__version__ = "1.8.1"
 __all__ = [
     "AsyncResult",
     "AuthenticationError",
@@ -2302,6 +2302,9 @@ _PAUSE_READING_AT = 1024 * 1024  # bytes in the parser not yet parsed: more paus
 _IDLE_SECONDS, _IDLE_MAX_SECONDS, _IDLE_CONNECTIONS = 4.0, 60.0, 16
 _IDLE_EARLY_SECONDS = 0.05  # closed up to this early: connections kept in a burst close at one wake
 _END_WAIT_SECONDS = 0.25  # after a stream's last event, how long the end of its body is awaited
+# After the reply is whole (its visible message finished its turn), how long a read waits
+# for what may follow (notices, the title, [DONE]) before the reply stands without them.
+_AFTER_REPLY_SECONDS = 2.0
 _DRAIN_BYTES = 64 * 1024  # after the last wanted byte, how much more is read to reuse a connection
 _T = TypeVar("_T")
 
@@ -2373,11 +2376,12 @@ class _Clock:
         self._phase = "read"  # the wait's: "read", "connect" or "total"
         self._limit: Optional[float] = None  # its timeout
         self._expired: Optional[str] = None
+        self._read_limit = timeouts.read  # a read's timeout (`shorten_reads` lowers it)
 
     async def wait(self, awaitable: Awaitable[_T], phase: str = "read") -> _T:
         """`awaitable` under the `phase` timeout ("read": a read; "connect": opening a
         connection, or waiting for one; "total": only the call's) and the total one."""
-        limit = self.timeouts.read if phase == "read" else self.timeouts.connect if phase == "connect" else None
+        limit = self._read_limit if phase == "read" else self.timeouts.connect if phase == "connect" else None
         if limit is None and self._deadline is None:
             return await awaitable
         self._waiting_since = self._loop.time()
@@ -2398,6 +2402,11 @@ class _Clock:
             raise RequestTimeout(self._timeout_message(expired), phase=expired) from None
         finally:
             self._waiting = None
+
+    def shorten_reads(self, seconds: float) -> None:
+        """From now on a read waits at most `seconds` (the read timeout, if shorter)."""
+        read = self.timeouts.read
+        self._read_limit = seconds if read is None else min(read, seconds)
 
     def time_left(self) -> Optional[float]:
         """Seconds until the total timeout, None without one."""
@@ -2435,7 +2444,7 @@ class _Clock:
         if phase == "connect":
             return f"could not connect within {timeouts.connect:g} s (connect timeout)"
         if phase == "read":
-            return f"the upstream sent nothing for {timeouts.read:g} s (read timeout)"
+            return f"the upstream sent nothing for {self._read_limit:g} s (read timeout)"
         return f"the call took longer than {timeouts.total:g} s (total timeout)"
 
 
@@ -4520,6 +4529,8 @@ class ChatStream:
             reply = _ReplyDecoder(decoder, options.limits, text_only=text_only)
             try:
                 while not decoder.done:
+                    if decoder.complete:  # a server that neither sends [DONE] nor ends the body is not waited out
+                        client.clock.shorten_reads(_AFTER_REPLY_SECONDS)
                     chunk: Optional[bytes] = first or await response.next_chunk()
                     first = b""
                     if chunk is None:

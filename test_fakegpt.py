@@ -2490,6 +2490,57 @@ def test_read_timeout_on_a_stalled_server_is_close_to_the_configured_time(provid
     assert FULL_REPLY.startswith("".join(pieces))
 
 
+@pytest.mark.parametrize("fmt", ["snapshots", "v1"])
+@pytest.mark.parametrize("events", [False, True])
+def test_a_whole_reply_is_not_held_by_a_server_that_never_ends_the_body(
+    fmt: str, events: bool, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A server that sends the whole reply but neither [DONE] nor the body's end: the
+    call ends a short wait after the reply is whole, with all of it, instead of waiting
+    out the read or total timeout; the connection is not kept."""
+    monkeypatch.setattr(fakegpt, "_AFTER_REPLY_SECONDS", 0.3)
+    with mock_server.serve_in_thread(profile="backend-api", stream_format=fmt) as server:
+        provider = provider_for(server.url)
+        options: Dict[str, Any] = {"profile": "backend-api", "access_token": server.access_token, "timeout": 20}
+
+        async def run() -> Tuple[str, Optional[str], str]:
+            prompt = [{"role": "user", "content": "[[fault hang_at_end]] Hello"}]
+            if events:
+                async with provider.stream("", prompt, **options) as stream:
+                    text = "".join([event.delta async for event in stream])
+                    assert text == stream.text
+                finish = stream.finish_reason
+            else:
+                text, finish = "".join([p async for p in provider.create_async_generator("", prompt, **options)]), None
+            after = await provider.create_async("", USER, **options)  # the next call: a new connection
+            return text, finish, after
+
+        started = time.monotonic()
+        text, finish, after = asyncio.run(run())
+        elapsed = time.monotonic() - started
+    assert text == mock_server.default_reply("[[fault hang_at_end]] Hello") and after == FULL_REPLY
+    assert finish in (None, "stop")
+    assert elapsed < 5, f"the call waited {elapsed:.1f} s after the reply was whole"
+    assert server.accepted_connections == 2
+
+
+def test_the_wait_after_a_whole_reply_is_short_by_default() -> None:
+    """The default: long enough for the notices that follow a reply, short of a hang."""
+    assert 0.5 <= fakegpt._AFTER_REPLY_SECONDS <= 5
+    assert fakegpt._AFTER_REPLY_SECONDS < fakegpt.Timeouts().read
+
+
+def test_the_command_line_ends_soon_after_a_whole_reply_from_a_server_that_never_ends_the_body(
+    mock: mock_server.MockServer,
+) -> None:
+    started = time.monotonic()
+    result = run_cli("--url", mock.url, "--no-session-cache", "[[fault hang_at_end]] Hi")
+    elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.rstrip("\n") == mock_server.default_reply("[[fault hang_at_end]] Hi")
+    assert elapsed < fakegpt._AFTER_REPLY_SECONDS + 8
+
+
 def test_total_timeout_as_gpt4free_plain_seconds(provider: "type[FakeGpt]", mock: mock_server.MockServer) -> None:
     mock.fail_next("delay_events:0.2")
     started = time.monotonic()
@@ -5410,6 +5461,46 @@ def test_mock_framings_read_by_an_independent_reader(options: Dict[str, Any]) ->
             texts.append(message["content"]["parts"][0])
     assert texts and texts[-1] == mock_server.default_reply(prompt)
     assert all(later.startswith(earlier) for earlier, later in zip(texts, texts[1:]))  # cumulative
+
+
+@pytest.mark.parametrize("options", [{}, {"framing": "length", "profile": "backend-api"}])
+def test_mock_hang_at_end_sends_all_but_done_and_keeps_the_connection_open(options: Dict[str, Any]) -> None:
+    prompt = "[[fault hang_at_end]] Held open"
+    with mock_server.serve_in_thread(**options) as server:
+        body = json.dumps({"action": "next", "messages": [{"id": "u1", "author": {"role": "user"},
+                           "content": {"content_type": "text", "parts": [prompt]}}],
+                           "parent_message_id": "p0", "model": "m"}).encode()
+        path = "/backend-api/conversation" if options else "/api/conversation"
+        with socket.create_connection((server.host, server.port), timeout=1) as sock:
+            sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {server.access_token}\r\n"
+                         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+            received = b""
+            with pytest.raises(socket.timeout):  # the end never comes: the connection stays open
+                while True:
+                    data = sock.recv(65536)
+                    assert data, "the mock closed the connection"
+                    received += data
+    head, _, raw = received.partition(b"\r\n\r\n")
+    if b"chunked" in head.lower():
+        chunks, rest = [], raw
+        while rest:  # every chunk is whole, and none is the last (size 0)
+            size_line, _, rest = rest.partition(b"\r\n")
+            size = int(size_line, 16)
+            assert size > 0 and rest[size:size + 2] == b"\r\n"
+            chunks.append(rest[:size])
+            rest = rest[size + 2:]
+        raw = b"".join(chunks)
+    else:
+        declared = int(re.search(rb"(?i)content-length: *([0-9]+)", head)[1])  # type: ignore[index]
+        assert len(raw) < declared
+    events = split_events(raw)
+    assert events and all(data != "[DONE]" for _, data in events)
+    if options:  # the delta format: the reply's text is its appends, and the turn ends
+        assert any('{"p": "/message/end_turn", "o": "replace", "v": true}' in data for _, data in events)
+    else:
+        finals = [json.loads(data)["message"] for _, data in events if '"assistant"' in data]
+        assert finals[-1]["content"]["parts"][0] == mock_server.default_reply(prompt)
+        assert finals[-1]["status"] == "finished_successfully" and finals[-1]["end_turn"] is True
 
 
 @pytest.mark.parametrize("options, words", [
