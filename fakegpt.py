@@ -4219,6 +4219,8 @@ def _options(
     token = kwargs.get("access_token")
     if token is None:
         token = _environment_token()
+    if "media" in kwargs or "images" in kwargs or "image" in kwargs:
+        _refuse_media(kwargs)  # before the look-up: the key has these keywords' names only
     if "conversation" in kwargs:
         return _checked_options(url, token, model, proxy, kwargs)
     try:
@@ -4233,6 +4235,17 @@ def _options(
     if known is None:
         known = _memo_put(_known_options, key, _checked_options(url, token, model, proxy, kwargs))
     return known
+
+
+def _refuse_media(kwargs: Dict[str, Any]) -> None:
+    """gpt4free's ``media=`` (``images=``, ``image=``) with an image in it is a
+    `UsageError`, as an image part in a message is: sent without it, a question about the
+    image would be answered as if there were none. None or an empty list is no image."""
+    for name in ("media", "images", "image"):
+        value = kwargs.get(name)
+        if value is None or (isinstance(value, (list, tuple, dict, str, bytes)) and not value):
+            continue
+        raise UsageError(f"{name}= holds an image, which cannot be sent: the upstream takes text only")
 
 
 def _checked_options(

@@ -2269,6 +2269,24 @@ def test_a_reply_to_text_parts_is_the_reply_to_their_text(provider: "type[FakeGp
     assert "".join(asyncio.run(ask())) == mock_server.default_reply("Hello there")
 
 
+def test_gpt4free_media_with_an_image_is_a_usage_error_and_no_image_is_fine(
+    provider: "type[FakeGpt]", mock: mock_server.MockServer,
+) -> None:
+    image = ("data:image/png;base64,AAAA", "cat.png")
+
+    async def ask(**kwargs: Any) -> str:
+        return "".join([p async for p in provider.create_async_generator("", USER, **kwargs)])
+
+    for empty in ({"media": None}, {"media": []}, {"images": None, "image": None, "image_name": None}):
+        assert asyncio.run(ask(**empty)) == FULL_REPLY
+    requests = len(mock.requests)
+    # After a call with no image under the same keyword, so that remembered options do not hide it.
+    for keywords in ({"media": [image]}, {"images": [image]}, {"image": b"\x89PNG"}, {"image": "cat.png"}):
+        with pytest.raises(fakegpt.UsageError, match=f"{next(iter(keywords))}= holds an image.*takes text only"):
+            asyncio.run(ask(**keywords))
+    assert len(mock.requests) == requests  # refused before any request
+
+
 def test_random_strings_and_session_passwords() -> None:
     assert len(fakegpt.get_random_string()) == 10 and len(fakegpt.get_random_string(25)) == 25
     assert set(fakegpt.get_random_string(2000)) <= set("abcdefghijklmnopqrstuvwxyz0123456789")
