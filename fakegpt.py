@@ -5090,8 +5090,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _fail("--timeout must be a positive number of seconds", EXIT_USAGE)
     if args.mock and args.url is not None:
         return _fail("--mock and --url exclude each other: the mock is the upstream", EXIT_USAGE)
-    if args.url is not None and not args.url.strip():
-        return _fail("--url is empty (an unset shell variable?)", EXIT_USAGE)
+    for flag, value in (("--url", args.url), ("--conversation-id", args.conversation_id),
+                        ("--parent-message-id", args.parent_message_id)):
+        if value is not None and not value.strip():
+            return _fail(f"{flag} is empty (an unset shell variable?)", EXIT_USAGE)
+    if args.parent_message_id is not None and args.conversation_id is None:
+        return _fail("--parent-message-id answers a message of a conversation: give --conversation-id too", EXIT_USAGE)
     if args.verbose:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("fakegpt: %(message)s"))

@@ -5079,8 +5079,12 @@ def test_a_chat_turn_leaves_no_task_behind_for_the_next(caplog: pytest.LogCaptur
 @pytest.mark.parametrize("args, words", [
     (["--mock", "--url", "http://127.0.0.1:9", "Hi"], "--mock and --url exclude each other"),
     (["--url", "", "Hi"], "--url is empty"),
+    (["--mock", "--conversation-id", "", "Hi"], "--conversation-id is empty (an unset shell variable?)"),
+    (["--mock", "--conversation-id", "c1", "--parent-message-id", " ", "Hi"], "--parent-message-id is empty"),
+    (["--mock", "--parent-message-id", "m1", "Hi"], "give --conversation-id too"),
 ])
-def test_cli_url_mistakes_are_usage_errors(args: List[str], words: str) -> None:
+def test_cli_url_and_conversation_mistakes_are_usage_errors(args: List[str], words: str) -> None:
+    """An empty value (a shell variable not set) would start a new conversation unseen."""
     result = run_cli(*args)
     assert result.returncode == 2 and words in result.stderr and result.stdout == ""
 
