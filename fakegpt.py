@@ -2403,10 +2403,11 @@ class _Clock:
         finally:
             self._waiting = None
 
-    def shorten_reads(self, seconds: float) -> None:
-        """From now on a read waits at most `seconds` (the read timeout, if shorter)."""
+    def limit_reads(self, seconds: Optional[float]) -> None:
+        """From now on a read waits at most `seconds` (the read timeout, if shorter);
+        None: the read timeout again."""
         read = self.timeouts.read
-        self._read_limit = seconds if read is None else min(read, seconds)
+        self._read_limit = read if seconds is None else seconds if read is None else min(read, seconds)
 
     def time_left(self) -> Optional[float]:
         """Seconds until the total timeout, None without one."""
@@ -4543,7 +4544,7 @@ class ChatStream:
             try:
                 while not decoder.done:
                     if decoder.complete:  # a server that neither sends [DONE] nor ends the body is not waited out
-                        client.clock.shorten_reads(_AFTER_REPLY_SECONDS)
+                        client.clock.limit_reads(_AFTER_REPLY_SECONDS)
                     chunk: Optional[bytes] = first or await response.next_chunk()
                     first = b""
                     if chunk is None:
@@ -4575,6 +4576,7 @@ class ChatStream:
         finally:
             response.close()
             client.clock.stop()
+            client.clock.limit_reads(None)  # a continuation's reads wait as long as the first's
         if not decoder.complete:
             raise self._cut("the stream ended before [DONE]")
         if not decoder.has_text:

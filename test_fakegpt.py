@@ -3549,6 +3549,27 @@ def test_auto_continue_joins_a_max_tokens_reply_without_a_seam(fmt: str) -> None
     assert all(b["conversation_id"] == whole.conversation_id for b in continues)
 
 
+def test_the_short_wait_after_a_whole_reply_does_not_carry_over_to_its_continuation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The continued part's events are as slow as the first part's, and slower than the
+    wait after a whole reply: they are read under the read timeout, not that wait (the
+    clock is the call's, in either format)."""
+    monkeypatch.setattr(fakegpt, "_AFTER_REPLY_SECONDS", 0.05)
+    with mock_server.serve_in_thread(profile="backend-api", stream_format="snapshots", max_tokens=8, delay=0.12,
+                                     reply="Twelve chars, continued") as server:
+        stream = fakegpt.FakeGpt.stream("", USER, url=server.url, profile="backend-api", access_token=server.access_token,
+                                        auto_continue=True, timeout=30)
+
+        async def run() -> str:
+            async with stream:
+                return "".join([event.delta async for event in stream])
+
+        assert asyncio.run(run()) == "Twelve chars, continued" == stream.text
+    assert stream.finish_reason == "stop"
+    assert sum(r.json()["action"] == "continue" for r in server.requests) == 2
+
+
 def test_the_mock_remembers_conversations(provider: "type[FakeGpt]", mock: mock_server.MockServer) -> None:
     async def turn(content: str, **kwargs: Any) -> fakegpt.ChatStream:
         async with provider.stream("", [{"role": "user", "content": content}], **kwargs) as reply:
