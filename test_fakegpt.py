@@ -3034,12 +3034,12 @@ def test_a_calls_options_are_those_its_own_arguments_and_environment_give(monkey
     conversation.message_id = "m-2"
     assert FakeGpt.stream("", USER, url=url, conversation=conversation)._options.parent_message_id == "m-2"
     # A keyword the options ignore is kept by its name only: any value, never held on to.
-    for media in ([b"an image"], (b"an image",)):
-        assert FakeGpt.stream("", USER, url=url, media=media, tools=None)._options.retries == 0
-    assert "media" in {part for key in fakegpt._known_options for part in key}
-    assert not [part for key in fakegpt._known_options for part in key if isinstance(part, tuple) and part[0] == "media"]
+    for tools in ([{"name": "search"}], ({"name": "search"},)):
+        assert FakeGpt.stream("", USER, url=url, tools=tools, stop=None)._options.retries == 0
+    assert "tools" in {part for key in fakegpt._known_options for part in key}
+    assert not [part for key in fakegpt._known_options for part in key if isinstance(part, tuple) and part[0] == "tools"]
     with pytest.raises(fakegpt.UsageError, match="did you mean 'timeout'"):
-        FakeGpt.stream("", USER, url=url, media=media, timout=5)
+        FakeGpt.stream("", USER, url=url, tools=tools, timout=5)
 
 
 @pytest.mark.parametrize("keyword, suggestion", [("timout", "timeout"), ("conversation_ID", "conversation_id"),
