@@ -2302,8 +2302,8 @@ _PAUSE_READING_AT = 1024 * 1024  # bytes in the parser not yet parsed: more paus
 _IDLE_SECONDS, _IDLE_MAX_SECONDS, _IDLE_CONNECTIONS = 4.0, 60.0, 16
 _IDLE_EARLY_SECONDS = 0.05  # closed up to this early: connections kept in a burst close at one wake
 _END_WAIT_SECONDS = 0.25  # after a stream's last event, how long the end of its body is awaited
-# After the reply is whole (its visible message finished its turn), how long a read waits
-# for what may follow (notices, the title, [DONE]) before the reply stands without them.
+# After the reply is whole (its visible message finished its turn), how long in all what
+# may follow (notices, the title, [DONE]) is waited for before the reply stands without it.
 _AFTER_REPLY_SECONDS = 2.0
 _DRAIN_BYTES = 64 * 1024  # after the last wanted byte, how much more is read to reuse a connection
 _T = TypeVar("_T")
@@ -4541,10 +4541,17 @@ class ChatStream:
                 )
             decoder = self._decoder = ConversationDecoder(continues=continues)
             reply = _ReplyDecoder(decoder, options.limits, text_only=text_only)
+            after_reply: Optional[float] = None  # when waiting for what follows a whole reply ends
             try:
                 while not decoder.done:
-                    if decoder.complete:  # a server that neither sends [DONE] nor ends the body is not waited out
-                        client.clock.limit_reads(_AFTER_REPLY_SECONDS)
+                    if decoder.complete:
+                        # What follows a whole reply is waited for a little, in all: a server
+                        # that neither sends [DONE] nor ends the body (or trickles pings) is
+                        # not waited out.
+                        now = time.monotonic()
+                        if after_reply is None:
+                            after_reply = now + _AFTER_REPLY_SECONDS
+                        client.clock.limit_reads(max(after_reply - now, 0.0))
                     chunk: Optional[bytes] = first or await response.next_chunk()
                     first = b""
                     if chunk is None:

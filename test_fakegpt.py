@@ -2542,6 +2542,40 @@ def test_a_whole_reply_is_not_held_by_a_server_that_never_ends_the_body(
     assert server.accepted_connections == 2
 
 
+def test_pings_after_a_whole_reply_do_not_hold_the_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server that, after the whole reply, sends a ping every 50 ms and never [DONE]:
+    the wait after the reply is one span in all, not one per read."""
+    monkeypatch.setattr(fakegpt, "_AFTER_REPLY_SECONDS", 0.3)
+    event = {"message": {"id": "m1", "author": {"role": "assistant"}, "recipient": "all",
+                         "content": {"content_type": "text", "parts": ["Whole."]}, "status": "finished_successfully",
+                         "end_turn": True, "metadata": {}}, "conversation_id": "c1", "error": None}
+
+    async def pinging(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(re.search(rb"(?i)content-length: *([0-9]+)", head)[1])  # type: ignore[index]
+        await reader.readexactly(length)
+        data = b"data: " + json.dumps(event).encode() + b"\n\n"
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     + b"%x\r\n%b\r\n" % (len(data), data))
+        try:
+            while True:
+                writer.write(b"e\r\n: ping - now\n\n\r\n")
+                await writer.drain()
+                await asyncio.sleep(0.05)
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    with thread_server(pinging) as (host, port):
+        started = time.monotonic()
+        text = asyncio.run(provider_for(f"http://{host}:{port}").create_async(
+            "", USER, profile="backend-api", access_token=SENTINEL, timeout=10))
+        elapsed = time.monotonic() - started
+    assert text == "Whole."
+    assert elapsed < 3, f"the call went on for {elapsed:.1f} s after the reply was whole"
+
+
 def test_the_wait_after_a_whole_reply_is_short_by_default() -> None:
     """The default: long enough for the notices that follow a reply, short of a hang."""
     assert 0.5 <= fakegpt._AFTER_REPLY_SECONDS <= 5
