@@ -2376,7 +2376,7 @@ class _Clock:
         self._phase = "read"  # the wait's: "read", "connect" or "total"
         self._limit: Optional[float] = None  # its timeout
         self._expired: Optional[str] = None
-        self._read_limit = timeouts.read  # a read's timeout (`shorten_reads` lowers it)
+        self._read_limit = timeouts.read  # a read's timeout (`limit_reads` lowers it)
 
     async def wait(self, awaitable: Awaitable[_T], phase: str = "read") -> _T:
         """`awaitable` under the `phase` timeout ("read": a read; "connect": opening a
@@ -4569,10 +4569,14 @@ class ChatStream:
             except (TruncatedStreamError, TransportError) as exc:
                 if not decoder.complete:
                     raise
-                # The body was cut off, or the connection failed, after the reply was
-                # whole (its visible message had finished its turn): what was lost is
-                # notices and [DONE]. The reply stands; the connection is not kept.
-                _log.debug("the reply was whole when its body was cut off: %s", exc)
+                # The body was cut off, the connection failed, or nothing ended the body
+                # soon enough, after the reply was whole (its visible message had finished
+                # its turn): what was lost is notices and [DONE]. The reply stands; the
+                # connection is not kept.
+                if isinstance(exc, RequestTimeout) and exc.phase == "read" and after_reply is not None:
+                    _log.debug("the reply is whole; its body did not end within %g s of it", _AFTER_REPLY_SECONDS)
+                else:
+                    _log.debug("the reply was whole when its body was cut off: %s", exc)
             if not decoder.done:
                 reply.close()
             elif decoder.complete and decoder.has_text:  # the body's last bytes, and the connection is kept

@@ -2586,9 +2586,10 @@ def test_the_command_line_ends_soon_after_a_whole_reply_from_a_server_that_never
     mock: mock_server.MockServer,
 ) -> None:
     started = time.monotonic()
-    result = run_cli("--url", mock.url, "--no-session-cache", "[[fault hang_at_end]] Hi")
+    result = run_cli("--url", mock.url, "--no-session-cache", "--verbose", "[[fault hang_at_end]] Hi")
     elapsed = time.monotonic() - started
     assert result.returncode == 0, result.stderr
+    assert f"the reply is whole; its body did not end within {fakegpt._AFTER_REPLY_SECONDS:g} s of it" in result.stderr
     assert result.stdout.rstrip("\n") == mock_server.default_reply("[[fault hang_at_end]] Hi")
     assert elapsed < fakegpt._AFTER_REPLY_SECONDS + 8
 
