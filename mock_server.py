@@ -455,6 +455,7 @@ _MODEL_ERROR = "Something went wrong in the model."
 _BREAKS = ("cut", "reset", "garbage", "hang_after")
 _MAX_BODY = 16 * 1024 * 1024
 _MAX_HEAD = 64 * 1024
+_MAX_REQUEST_LINE = 8 * 1024  # nginx's and Apache's default
 
 
 class MockServer:
@@ -1298,8 +1299,16 @@ async def _read_request(reader: asyncio.StreamReader) -> Optional[RecordedReques
             raise _BadRequest(400, "Incomplete request.") from None
         return None
     except asyncio.LimitOverrunError:
-        raise _BadRequest(431, "Request Header Fields Too Large") from None
-    if len(head) > _MAX_HEAD:
+        head = b""  # too long to hold: the request line, or the fields after it?
+    line_end = head.find(b"\r\n")
+    if not head:
+        try:
+            line_end = len(first + await reader.readuntil(b"\r\n")) - 2
+        except (asyncio.LimitOverrunError, asyncio.IncompleteReadError):
+            line_end = _MAX_HEAD
+    if line_end > _MAX_REQUEST_LINE:  # as servers answer a request line over their limit
+        raise _BadRequest(414, "URI Too Long")
+    if not head or len(head) > _MAX_HEAD:
         raise _BadRequest(431, "Request Header Fields Too Large")
     lines = head[:-4].decode("latin-1").split("\r\n")
     request_line = lines[0].split(" ")

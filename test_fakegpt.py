@@ -5777,6 +5777,19 @@ def test_mock_answers_bad_requests_with_upstream_shaped_json(mock: mock_server.M
     assert got == status and ("detail" in payload or "message" in payload)
 
 
+@pytest.mark.parametrize("request_bytes, status", [
+    (b"GET /api/loads?t=" + b"1" * 9000 + b" HTTP/1.1\r\nConnection: close\r\n\r\n", 414),
+    (b"GET /api/loads?t=" + b"1" * 300_000 + b" HTTP/1.1\r\nConnection: close\r\n\r\n", 414),
+    (b"GET /api/loads HTTP/1.1\r\nConnection: close\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n", 431),
+    (b"GET /api/loads HTTP/1.1\r\nConnection: close\r\nX-Big: " + b"a" * 300_000 + b"\r\n\r\n", 431),
+    (b"GET /api/loads?t=" + b"1" * 8000 + b" HTTP/1.1\r\nConnection: close\r\n\r\n", 200),
+])
+def test_mock_says_which_part_of_a_request_head_is_too_long(mock: mock_server.MockServer, request_bytes: bytes,
+                                                             status: int) -> None:
+    """A request line over 8 KiB is 414, as servers answer it; the fields over 64 KiB, 431."""
+    assert raw_exchange(mock.url, request_bytes)[0] == status
+
+
 def test_mock_rejects_bad_json_and_weak_passwords(provider: "type[FakeGpt]", mock: mock_server.MockServer) -> None:
     pieces_of(provider)
     token = provider._access_token
