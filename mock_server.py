@@ -1300,12 +1300,12 @@ async def _read_request(reader: asyncio.StreamReader) -> Optional[RecordedReques
         return None
     except asyncio.LimitOverrunError:
         head = b""  # too long to hold: the request line, or the fields after it?
-    line_end = head.find(b"\r\n")
-    if not head:
         try:
             line_end = len(first + await reader.readuntil(b"\r\n")) - 2
         except (asyncio.LimitOverrunError, asyncio.IncompleteReadError):
             line_end = _MAX_HEAD
+    else:
+        line_end = head.find(b"\r\n")
     if line_end > _MAX_REQUEST_LINE:  # as servers answer a request line over their limit
         raise _BadRequest(414, "URI Too Long")
     if not head or len(head) > _MAX_HEAD:
