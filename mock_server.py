@@ -1329,9 +1329,11 @@ async def _read_request(reader: asyncio.StreamReader) -> Optional[RecordedReques
         body = await _read_chunked_body(reader)
     else:
         length_text = lookup.get("content-length", "0").strip()
-        if not (length_text.isdigit() and length_text.isascii() and int(length_text) <= _MAX_BODY):
+        if not (length_text.isdigit() and length_text.isascii()):
             raise _BadRequest(400, "Bad Content-Length.")
         length = int(length_text)
+        if length > _MAX_BODY:
+            raise _BadRequest(413, "Request body too large.")
         body = await reader.readexactly(length) if length else b""
     if target.startswith(("http://", "https://")):  # absolute form, as proxies forward it
         parts = urllib.parse.urlsplit(target)

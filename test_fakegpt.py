@@ -5771,6 +5771,7 @@ def raw_exchange(url: str, request: bytes) -> Tuple[int, Any]:
     (b"POST /api/conversation HTTP/1.1\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}", 401),
     (b"POST /api/conversation HTTP/1.1\r\nX-Authorization: Bearer nope\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}", 401),
     (b"POST /auth/login HTTP/1.1\r\nConnection: close\r\nContent-Length: 7\r\n\r\ntoken_k", 400),
+    (b"POST /auth/login HTTP/1.1\r\nConnection: close\r\nContent-Length: 99999999\r\n\r\n", 413),
 ])
 def test_mock_answers_bad_requests_with_upstream_shaped_json(mock: mock_server.MockServer, request_bytes: bytes, status: int) -> None:
     got, payload = raw_exchange(mock.url, request_bytes)
