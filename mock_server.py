@@ -456,6 +456,7 @@ _BREAKS = ("cut", "reset", "garbage", "hang_after")
 _MAX_BODY = 16 * 1024 * 1024
 _MAX_HEAD = 64 * 1024
 _MAX_REQUEST_LINE = 8 * 1024  # nginx's and Apache's default
+_LINGER_SECONDS = 5.0  # how long a refused request's rest is read and dropped: nginx's lingering_timeout
 
 
 class MockServer:
@@ -596,6 +597,7 @@ class MockServer:
                 except _BadRequest as exc:
                     await _send_json(writer, exc.status, {"detail": exc.detail}, keep_alive=False)
                     self._log_exchange("-", "-", exc.status, started)
+                    await _close_gently(reader, writer)
                     break
                 if request is None:
                     break
@@ -1340,6 +1342,22 @@ async def _read_request(reader: asyncio.StreamReader) -> Optional[RecordedReques
         target = urllib.parse.urlunsplit(("", "", parts.path, parts.query, parts.fragment))
     path, _, query = target.partition("?")
     return RecordedRequest(method, path, query, tuple(headers), body, version=version)
+
+
+async def _close_gently(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """End a connection whose request was refused before it was all read, as RFC 9112
+    (9.6) asks: close the sending side, then read and drop what the client still sends
+    until it closes too, for at most `_LINGER_SECONDS`. Closing at once with bytes unread
+    makes the kernel answer with a reset, which can destroy the answer before the client
+    reads it."""
+    if writer.can_write_eof():
+        writer.write_eof()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + _LINGER_SECONDS
+    with contextlib.suppress(asyncio.TimeoutError, ConnectionError):
+        while deadline > loop.time():
+            if not await asyncio.wait_for(reader.read(65536), deadline - loop.time()):
+                break
 
 
 def _wants_keep_alive(request: RecordedRequest) -> bool:

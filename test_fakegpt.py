@@ -5791,6 +5791,19 @@ def test_mock_says_which_part_of_a_request_head_is_too_long(mock: mock_server.Mo
     assert raw_exchange(mock.url, request_bytes)[0] == status
 
 
+@pytest.mark.parametrize("request_bytes, status", [
+    (b"GET /api/loads?t=" + b"1" * 4_000_000 + b" HTTP/1.1\r\nConnection: close\r\n\r\n", 414),
+    (b"POST /auth/login HTTP/1.1\r\nContent-Length: 40000000\r\n\r\n" + b"t" * 4_000_000, 413),
+], ids=["request line", "body"])
+def test_mock_answers_a_request_it_refuses_unread_without_a_reset(mock: mock_server.MockServer, request_bytes: bytes,
+                                                                   status: int) -> None:
+    """Closing a socket with bytes unread makes the kernel reset the connection, and the
+    reset can destroy the answer before the client reads it (RFC 9112, 9.6). The mock
+    stops reading a request it refuses; it must still read what follows until the client
+    is done, so that the client gets the answer and then the end, not a reset."""
+    assert raw_exchange(mock.url, request_bytes)[0] == status
+
+
 def test_mock_rejects_bad_json_and_weak_passwords(provider: "type[FakeGpt]", mock: mock_server.MockServer) -> None:
     pieces_of(provider)
     token = provider._access_token
