@@ -3194,13 +3194,20 @@ class _HTTPResponse:
                 return None
 
     async def read(self, limit: int) -> bytes:
-        """At most `limit` bytes of the body; the rest is left unread."""
+        """At most `limit` bytes of the body; the rest is left unread. The body of an
+        error status that is cut short (the connection closed, lost or silent before its
+        end) is what arrived: the status says more than how the body ended."""
         body = bytearray()
-        while len(body) < limit:
-            chunk = await self.next_chunk()
-            if chunk is None:
-                break
-            body += chunk
+        try:
+            while len(body) < limit:
+                chunk = await self.next_chunk()
+                if chunk is None:
+                    break
+                body += chunk
+        except (TruncatedStreamError, TransportError):
+            if self.status < 300:
+                raise
+            _log.debug("the body of the HTTP %d answer was cut short", self.status)
         return bytes(body[:limit])
 
     async def finish(self, seconds: float) -> None:
@@ -3562,6 +3569,15 @@ class _Client:
             assert isinstance(event, Response)
             return event
 
+    async def answer_body(self, response: _HTTPResponse, what: str) -> bytes:
+        """`response.read` for an answer read whole (JSON, an error): a body cut short
+        says which request's it was."""
+        try:
+            return await response.read(self.options.limits.max_error_body_size)
+        except (TruncatedStreamError, TransportError) as exc:
+            exc.args = (f"{what}: {exc}",)
+            raise
+
     def _keep(self, connection: _Connection, head: Response) -> None:
         self.pool.put(self.connection_key, connection, _keep_alive_seconds(head))
 
@@ -3580,7 +3596,7 @@ class _Client:
             headers=[("Accept", "application/json"), ("Accept-Encoding", "gzip, deflate"), *headers],
         )
         try:
-            raw = await response.read(self.options.limits.max_error_body_size)
+            raw = await self.answer_body(response, what)
             if response.status >= 300:  # an error, or a redirect, which is not followed
                 raise _status_error(response.head, raw, what=what, redact=[*redact, *self.secrets])
             try:
@@ -3902,7 +3918,7 @@ class _Session:
             ],
         )
         try:
-            answer = await response.read(client.options.limits.max_error_body_size)
+            answer = await client.answer_body(response, "POST /auth/login")
             _check_login(response.head, answer, redact=[*self.secrets(), *client.secrets])
             response.release()
         finally:

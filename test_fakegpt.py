@@ -3897,6 +3897,26 @@ def test_a_kept_connection_that_fails_after_response_bytes_is_not_tried_again(se
     assert server.requests == [(1, 1), (1, 2)]
 
 
+@pytest.mark.parametrize("status, error", [
+    (502, fakegpt.HTTPStatusError), (401, fakegpt.TokenExpiredError), (429, fakegpt.RateLimitError),
+])
+@pytest.mark.parametrize("login", [False, True], ids=["conversation", "login"])
+def test_an_error_answer_whose_body_is_cut_short_is_still_its_status(status: int, error: type, login: bool) -> None:
+    cut = b"HTTP/1.1 %d Oops\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"detail\": \"ov" % status
+    server = KeepAliveServer(lambda connection, request: cut)
+    with thread_server(server.handle) as (host, port):
+        raised, _ = failure(provider_for(f"http://{host}:{port}"), retries=0, **({} if login else {"access_token": "t"}))
+    assert isinstance(raised, error) and raised.status == status
+
+
+def test_a_success_whose_body_is_cut_short_is_not_taken_for_a_whole_one() -> None:
+    cut = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"loads\": []}"
+    server = KeepAliveServer(lambda connection, request: cut)
+    with thread_server(server.handle) as (host, port):
+        raised, _ = failure(provider_for(f"http://{host}:{port}"), retries=0)
+    assert isinstance(raised, (fakegpt.TransportError, fakegpt.TruncatedStreamError)) and "loads" in str(raised)
+
+
 @pytest.mark.parametrize("header, seconds", [
     ("timeout=5", 4.0), ("timeout=5, max=100", 4.0), ("max=9, timeout=1", 0.5), ('timeout="3"', 2.0),
     ("timeout=86400", fakegpt._IDLE_MAX_SECONDS), ("timeout=0", 0.0), (None, fakegpt._IDLE_SECONDS),
