@@ -2872,7 +2872,10 @@ class _Connection(asyncio.BufferedProtocol):
         if self._drain_waiter is not None:  # the socket's buffer is full: wait for room
             assert self._clock is not None, "send() outside an exchange"
             await self._clock.wait(self._drain_waiter)
-        if self._lost is not None:
+        if self._lost is not None and not self.answered:
+            # (A server may answer before it has read the whole request, an error as a
+            # rule, and close: then its answer is what the caller reads, as httpcore and
+            # curl do, not the failed send.)
             raise TransportError(f"connection lost while sending: {self._reason()}")
 
     async def receive(self) -> None:

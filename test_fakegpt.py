@@ -3897,6 +3897,28 @@ def test_a_kept_connection_that_fails_after_response_bytes_is_not_tried_again(se
     assert server.requests == [(1, 1), (1, 2)]
 
 
+@pytest.mark.parametrize("complete", [True, False], ids=["whole answer", "answer cut off"])
+def test_an_answer_that_comes_before_the_request_is_sent_is_what_the_caller_gets(complete: bool) -> None:
+    """A server may refuse a request before it has read it all (a body too large) and
+    close: the send then fails, and the error the caller gets is the server's answer,
+    not the failed send, even when the connection ends before the answer's body does."""
+    body = b'{"detail": "Request body too large."}'
+    answer = b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json\r\nConnection: close\r\n"
+    answer += b"Content-Length: %d\r\n\r\n%b" % (len(body), body if complete else body[:10])
+
+    async def answers_early(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer)
+        await writer.drain()
+        writer.close()  # with most of the request unread: the peer gets a reset
+
+    with thread_server(answers_early) as (host, port):
+        provider = provider_for(f"http://{host}:{port}")
+        raised, _ = failure(provider, "x" * 8_000_000, access_token="t", retries=0)
+    assert isinstance(raised, fakegpt.HTTPStatusError) and raised.status == 413
+    assert ("Request body too large" in str(raised)) is complete
+
+
 @pytest.mark.parametrize("status, error", [
     (502, fakegpt.HTTPStatusError), (401, fakegpt.TokenExpiredError), (429, fakegpt.RateLimitError),
 ])
