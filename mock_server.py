@@ -456,7 +456,7 @@ _BREAKS = ("cut", "reset", "garbage", "hang_after")
 _MAX_BODY = 16 * 1024 * 1024
 _MAX_HEAD = 64 * 1024
 _MAX_REQUEST_LINE = 8 * 1024  # nginx's and Apache's default
-_LINGER_SECONDS = 5.0  # how long a refused request's rest is read and dropped: nginx's lingering_timeout
+_LINGER_SECONDS = 5.0  # at most, to read and drop the rest of a refused request (nginx: lingering_timeout 5 s)
 
 
 class MockServer:
