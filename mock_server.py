@@ -1352,12 +1352,8 @@ async def _close_gently(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
     reads it."""
     if writer.can_write_eof():
         writer.write_eof()
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + _LINGER_SECONDS
     with contextlib.suppress(asyncio.TimeoutError, ConnectionError):
-        while deadline > loop.time():
-            if not await asyncio.wait_for(reader.read(65536), deadline - loop.time()):
-                break
+        await asyncio.wait_for(_wait_for_close(reader), _LINGER_SECONDS)
 
 
 def _wants_keep_alive(request: RecordedRequest) -> bool:
