@@ -3973,6 +3973,7 @@ class _SessionFile:
     replaced atomically). Never a proxy's password: a proxy is known by its address."""
 
     _MOST = 50  # upstreams kept; the least recently saved go first
+    _LOCK_WAIT = 2.0  # seconds
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -4017,19 +4018,80 @@ class _SessionFile:
              "path": c.path, "secure": c.secure, "expires": c.expires}
             for c in session.cookie_jar
         ]
-        data = self._read()
-        data.pop(key, None)
-        data[key] = {"access_token": session.access_token, "expires": session.expires, "cookies": cookies,
-                     "saved": time.time()}
-        self._write(dict(list(data.items())[-self._MOST:]))
+        entry = {"access_token": session.access_token, "expires": session.expires, "cookies": cookies,
+                 "saved": time.time()}
+
+        def put(data: Dict[str, Any]) -> Dict[str, Any]:
+            data.pop(key, None)
+            data[key] = entry
+            return dict(list(data.items())[-self._MOST:])
+
+        self._update(put)
 
     def drop(self, key: str, token: str) -> None:
         """Forget `key`'s session if it still holds `token` (the upstream refused it)."""
-        data = self._read()
-        entry = data.get(key)
-        if isinstance(entry, dict) and entry.get("access_token") == token:
+
+        def take_out(data: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+            entry = data.get(key)
+            if not (isinstance(entry, dict) and entry.get("access_token") == token):
+                return None  # a newer login is kept there already, or nothing
             del data[key]
-            self._write(data)
+            return data
+
+        self._update(take_out)
+
+    def _update(self, change: Callable[[Dict[str, Any]], Optional[Dict[str, Any]]]) -> None:
+        """Read the file, `change` what it holds, and replace it with what `change`
+        returns (None: leave it), holding the lock beside it throughout, so that two
+        commands keeping a session at the same moment keep both."""
+        directory = os.path.dirname(self.path)
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            os.chmod(directory, 0o700)
+        except OSError as exc:
+            _log.info("the session was not kept in %s: %s", self.path, exc.strerror or exc)
+            return
+        lock = self._lock(os.path.join(directory, ".sessions.lock"))
+        try:
+            data = change(self._read())
+            if data is not None:
+                self._write(data)
+        finally:
+            if lock is not None:
+                os.close(lock)  # and the lock with it
+
+    @classmethod
+    def _lock(cls, path: str) -> Optional[int]:
+        """A descriptor of the lock file at `path`, locked for us alone (closing it
+        unlocks); None where there is no such lock (not POSIX, a file system without
+        locks) or another process has held it for `_LOCK_WAIT` seconds: then the file is
+        replaced unlocked, as before there was a lock."""
+        try:
+            import fcntl  # here: POSIX only, and only a command that keeps a session needs it
+        except ImportError:
+            return None
+        try:
+            lock = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | os.O_NONBLOCK, 0o600)
+        except OSError as exc:
+            _log.info("the session file is replaced without its lock: %s", exc.strerror or exc)
+            return None
+        reason = "it is not a regular file"
+        deadline = time.monotonic() + cls._LOCK_WAIT
+        while stat.S_ISREG(os.fstat(lock).st_mode):
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return lock
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    reason = f"another process has held it for {cls._LOCK_WAIT:g} s"
+                    break
+                time.sleep(0.005)  # the holder reads and writes a small file: a few ms
+            except OSError as exc:
+                reason = exc.strerror or str(exc)
+                break
+        os.close(lock)
+        _log.info("the session file is replaced without its lock: %s", reason)
+        return None
 
     def _read(self) -> Dict[str, Any]:
         try:
@@ -4051,11 +4113,8 @@ class _SessionFile:
     def _write(self, data: Dict[str, Any]) -> None:
         import tempfile  # here: only a command that logged in needs it
 
-        directory = os.path.dirname(self.path)
         try:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
-            os.chmod(directory, 0o700)
-            fd, temporary = tempfile.mkstemp(dir=directory, prefix=".sessions-")  # mode 0600
+            fd, temporary = tempfile.mkstemp(dir=os.path.dirname(self.path), prefix=".sessions-")  # mode 0600
             try:
                 with os.fdopen(fd, "w", encoding="utf-8") as file:
                     json.dump(data, file)

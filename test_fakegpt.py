@@ -5488,6 +5488,61 @@ def test_concurrent_calls_of_a_session_write_its_file_once(mock: mock_server.Moc
     assert asyncio.run(calls()) == [FULL_REPLY] * 20 and len(saved) == 1
 
 
+SAVING_PROCESS = """
+import sys, fakegpt
+kept = fakegpt._SessionFile(sys.argv[1])
+for turn in range(40):
+    kept.save(sys.argv[2], fakegpt._Session("eyJ" + sys.argv[2] + str(turn)))
+"""
+
+
+def test_commands_that_keep_their_sessions_at_once_keep_each(tmp_path: pathlib.Path) -> None:
+    # Each process keeps its own upstream's session, over and over, all at once: the file
+    # ends holding every upstream's last session (no read, change and replace of one
+    # process lost in another's).
+    path = str(tmp_path / "fakegpt" / "sessions.json")
+    env = {**os.environ, "PYTHONPATH": str(HERE)}
+    savers = [subprocess.Popen([sys.executable, "-c", SAVING_PROCESS, path, f"upstream{i}"], env=env) for i in range(4)]
+    assert [saver.wait(60) for saver in savers] == [0] * 4
+    kept = json.loads(pathlib.Path(path).read_text())
+    assert {key: entry["access_token"] for key, entry in kept.items()} == {f"upstream{i}": f"eyJupstream{i}39" for i in range(4)}
+    assert sorted(os.listdir(tmp_path / "fakegpt")) == [".sessions.lock", "sessions.json"]
+    assert stat.S_IMODE((tmp_path / "fakegpt" / ".sessions.lock").stat().st_mode) == 0o600
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX locks, FIFOs")
+@pytest.mark.parametrize("lock", ["held", "fifo", "directory"])
+def test_a_session_lock_that_cannot_be_had_delays_the_file_at_most_briefly(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, lock: str,
+) -> None:
+    import fcntl
+
+    path = tmp_path / "fakegpt" / ".sessions.lock"
+    path.parent.mkdir(mode=0o700)
+    monkeypatch.setattr(fakegpt._SessionFile, "_LOCK_WAIT", 0.3)
+    holder = None
+    if lock == "held":  # by a process that stopped (here: this one, through another descriptor)
+        holder = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(holder, fcntl.LOCK_EX)
+    elif lock == "fifo":
+        os.mkfifo(path)
+    else:
+        path.mkdir()
+    try:
+        started = time.monotonic()
+        with caplog.at_level(logging.INFO, logger="fakegpt"):
+            fakegpt._SessionFile(str(path.parent / "sessions.json")).save("upstream", fakegpt._Session("eyJkept"))
+        waited = time.monotonic() - started
+    finally:
+        if holder is not None:
+            os.close(holder)
+    assert json.loads((path.parent / "sessions.json").read_text())["upstream"]["access_token"] == "eyJkept"
+    assert (0.3 <= waited < 5) if lock == "held" else waited < 0.3
+    reason = {"held": "another process has held it for 0.3 s", "fifo": "it is not a regular file",
+              "directory": "Is a directory"}[lock]
+    assert f"the session file is replaced without its lock: {reason}" in caplog.text
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
 def test_cli_says_when_standard_output_is_closed_or_refuses_the_reply(mock: mock_server.MockServer) -> None:
     env = {**os.environ, "PYTHONPATH": str(HERE)}
