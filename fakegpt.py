@@ -65,7 +65,7 @@ from typing import (
     Union,
 )
 
-__version__ = "1.8.2"
+__version__ = "1.8.3"
 __all__ = [
     "AsyncResult",
     "AuthenticationError",
