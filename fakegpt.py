@@ -4064,8 +4064,9 @@ class _SessionFile:
     def _lock(cls, path: str) -> Optional[int]:
         """A descriptor of the lock file at `path`, locked for us alone (closing it
         unlocks); None where there is no such lock (not POSIX, a file system without
-        locks) or another process has held it for `_LOCK_WAIT` seconds: then the file is
-        replaced unlocked, as before there was a lock."""
+        locks, something other than a file in its place) or another process has held it
+        for `_LOCK_WAIT` seconds: then the file is replaced unlocked, as before there was
+        a lock."""
         try:
             import fcntl  # here: POSIX only, and only a command that keeps a session needs it
         except ImportError:
