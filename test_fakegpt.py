@@ -4904,25 +4904,35 @@ def read_until(fd: int, marker: bytes, timeout: float = 10) -> bytes:
     return seen
 
 
-def fork_on_a_terminal() -> Tuple[int, int]:
-    """`pty.fork()` once this process runs no thread but the main one: a thread that has
-    ended for Python may still be ending for the system, and a fork then can deadlock the
-    child (Python 3.12 warns of it)."""
-    deadline = time.monotonic() + 5
-    while os.path.isdir("/proc/self/task") and len(os.listdir("/proc/self/task")) > 1 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return pty.fork()
+# Run in the child: the terminal on its standard input becomes its controlling terminal
+# (the child leads a session of its own), so that Ctrl-C there signals it; then the command.
+TAKE_THE_TERMINAL = (
+    "import fcntl, os, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); os.chdir(sys.argv[1]); "
+    "os.execv(sys.argv[2], sys.argv[2:])"
+)
+
+
+def spawn_on_a_terminal(args: Sequence[str], env: Dict[str, str]) -> Tuple[int, int]:
+    """`python -m fakegpt *args` on a new pseudo-terminal, its controlling terminal: the
+    child's id and the terminal's master end. Spawned, not forked: a fork of a process
+    that runs threads (pytest-xdist's, the mock's) can deadlock the child."""
+    master, slave = pty.openpty()  # neither is inherited: the child gets the slave as 0, 1 and 2
+    try:
+        pid = os.posix_spawn(
+            sys.executable,
+            [sys.executable, "-c", TAKE_THE_TERMINAL, str(HERE), sys.executable, "-m", "fakegpt", *args],
+            env, file_actions=[(os.POSIX_SPAWN_DUP2, slave, fd) for fd in (0, 1, 2)], setsid=True,
+        )
+    finally:
+        os.close(slave)
+    return pid, master
 
 
 def test_interactive_chat_in_a_real_terminal() -> None:
-    # The child is forked before the mock's thread starts: a fork in a process with threads
-    # can deadlock the child (Python 3.12 warns of it). It only connects once asked.
+    # The chat starts before its upstream does: it only connects once asked.
     port = free_port()
-    pid, fd = fork_on_a_terminal()
-    if pid == 0:  # the child: fakegpt on the terminal
-        os.chdir(HERE)
-        os.execve(sys.executable, [sys.executable, "-m", "fakegpt", "--url", f"http://127.0.0.1:{port}"],
-                  {**os.environ, "PYTHONPATH": str(HERE), "NO_COLOR": "1"})
+    pid, fd = spawn_on_a_terminal(["--url", f"http://127.0.0.1:{port}"],
+                                  {**os.environ, "PYTHONPATH": str(HERE), "NO_COLOR": "1"})
     try:
         with mock_server.serve_in_thread(port=port) as mock:
             assert b"Ctrl-D quits" in read_until(fd, b"you> ")
@@ -4966,11 +4976,8 @@ class Terminal:
     """fakegpt's chat on a pseudo-terminal: keys in, the screen out."""
 
     def __init__(self, url: str, *extra: str, env: Optional[Dict[str, str]] = None) -> None:
-        self.pid, self.fd = fork_on_a_terminal()
-        if self.pid == 0:  # the child: fakegpt on the terminal
-            os.chdir(HERE)
-            os.execve(sys.executable, [sys.executable, "-m", "fakegpt", "--url", url, *extra],
-                      {**os.environ, "PYTHONPATH": str(HERE), "TERM": "xterm", **(env or {})})
+        self.pid, self.fd = spawn_on_a_terminal(
+            ["--url", url, *extra], {**os.environ, "PYTHONPATH": str(HERE), "TERM": "xterm", **(env or {})})
         self.screen = ""
 
     def type(self, keys: str) -> None:
