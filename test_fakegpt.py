@@ -2855,19 +2855,30 @@ def test_property_a_new_turns_body_is_its_dictionary_as_json(
     assert sent["messages"][0]["content"]["parts"] == [prompt] and sent["model"] == options.model
 
 
+FORK_AFTER_AN_ID = """
+import os, fakegpt
+fakegpt._uuid4()  # random bytes fetched for the ids to come
+read_end, write_end = os.pipe()
+child = os.fork()
+if child == 0:
+    os.write(write_end, fakegpt._uuid4().encode())
+    os._exit(0)
+os.close(write_end)
+os.waitpid(child, 0)
+with os.fdopen(read_end, "rb") as pipe:
+    print(pipe.read().decode(), fakegpt._uuid4())
+"""
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX's")
 def test_a_forked_process_makes_message_ids_of_its_own() -> None:
-    fakegpt._uuid4()  # random bytes fetched for the ids to come
-    read_end, write_end = os.pipe()
-    child = os.fork()
-    if child == 0:  # pragma: no cover - the child
-        os.write(write_end, fakegpt._uuid4().encode())
-        os._exit(0)
-    os.close(write_end)
-    os.waitpid(child, 0)
-    with os.fdopen(read_end, "rb") as pipe:
-        in_child = pipe.read().decode()
-    assert in_child != fakegpt._uuid4()  # not the parent's next one
+    # Forked in a process of its own, which runs no other thread (this one may: a fork
+    # then can deadlock the child).
+    output = subprocess.run([sys.executable, "-c", FORK_AFTER_AN_ID], capture_output=True, text=True, check=True,
+                            cwd=HERE, env={**os.environ, "PYTHONPATH": str(HERE)}, timeout=30).stdout
+    in_child, in_parent = output.split()
+    assert re.fullmatch("[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", in_child)
+    assert in_child != in_parent  # not the parent's next one
 
 
 @pytest.mark.parametrize("name, value", [("X-Authorization", "Bearer a\r\nX-Evil: 1"), ("X-A", "a\nb"), ("X-A", "a\x00"),
