@@ -4940,12 +4940,9 @@ def spawn_on_a_terminal(args: Sequence[str], env: Dict[str, str]) -> Tuple[int, 
 
 
 def test_interactive_chat_in_a_real_terminal() -> None:
-    # The chat starts before its upstream does: it only connects once asked.
-    port = free_port()
-    pid, fd = spawn_on_a_terminal(["--url", f"http://127.0.0.1:{port}"],
-                                  {**os.environ, "PYTHONPATH": str(HERE), "NO_COLOR": "1"})
-    try:
-        with mock_server.serve_in_thread(port=port) as mock:
+    with mock_server.serve_in_thread() as mock:
+        pid, fd = spawn_on_a_terminal(["--url", mock.url], {**os.environ, "PYTHONPATH": str(HERE), "NO_COLOR": "1"})
+        try:
             assert b"Ctrl-D quits" in read_until(fd, b"you> ")
             os.write(fd, b"Hello\n")
             screen = read_until(fd, b"you> ").decode()
@@ -4959,11 +4956,11 @@ def test_interactive_chat_in_a_real_terminal() -> None:
             os.write(fd, b"\x04")  # Ctrl-D quits
             _, status = os.waitpid(pid, 0)
             assert os.waitstatus_to_exitcode(status) == 0
-    finally:
-        with contextlib.suppress(ProcessLookupError, ChildProcessError):
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-        os.close(fd)
+        finally:
+            with contextlib.suppress(ProcessLookupError, ChildProcessError):
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            os.close(fd)
     turns = [json.loads(r.body) for r in mock.requests if r.path == "/api/conversation"]
     assert "conversation_id" not in turns[0]
     assert turns[-1]["conversation_id"] and turns[-1]["messages"][0]["content"]["parts"] == ["Again"]
@@ -4972,7 +4969,7 @@ def test_interactive_chat_in_a_real_terminal() -> None:
 
 @pytest.fixture
 def mock_process() -> Iterator[str]:
-    """A mock upstream in a process of its own (a terminal test forks: no threads then)."""
+    """A mock upstream in a process of its own (`python -m mock_server`), as the chat's users run it."""
     process = subprocess.Popen([sys.executable, "-m", "mock_server", "--port", "0"], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, cwd=HERE)
     try:
