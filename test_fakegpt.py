@@ -24,6 +24,7 @@ import logging
 import os
 import pathlib
 import pty
+import random
 import re
 import select
 import shutil
@@ -427,11 +428,31 @@ def json_sizes(run: Callable[[], Any]) -> Tuple[Any, List[int]]:
         return run(), sizes
 
 
-def free_port() -> int:
-    """A loopback port that nothing listens on (for now)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+@contextlib.contextmanager
+def refused_port() -> Iterator[int]:
+    """A loopback port that refuses connections while the test runs: bound, never listening,
+    so that no other process (a server of another pytest-xdist worker) can take it meanwhile."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        yield int(held.getsockname()[1])
+
+
+def port_for_a_server() -> int:
+    """A free loopback port for a server that binds it later, below the kernel's ephemeral
+    range, where no bind to port 0 and no outgoing connection of another test lands meanwhile."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as ports:
+            ephemeral = int(ports.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32768  # Linux's default
+    for port in random.sample(range(10000, max(ephemeral, 10001)), 50):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port below the ephemeral range")
 
 
 # ---------------------------------------------------------------------------------------
@@ -2660,8 +2681,8 @@ def test_connect_timeout_covers_a_tls_handshake_that_never_answers() -> None:
 
 
 def test_a_refused_connection_is_a_connect_error() -> None:
-    port = free_port()
-    raised, _ = failure(provider_for(f"http://127.0.0.1:{port}"))
+    with refused_port() as port:
+        raised, _ = failure(provider_for(f"http://127.0.0.1:{port}"))
     assert isinstance(raised, fakegpt.ConnectError) and f"127.0.0.1:{port}" in str(raised)
 
 
@@ -4564,7 +4585,7 @@ def test_a_real_proxy_tinyproxy_for_http_and_https(tmp_path: pathlib.Path) -> No
     binary = shutil.which("tinyproxy")
     if binary is None:
         pytest.skip("tinyproxy is not installed here; .ci/run installs it (LoopbackProxy covers the same paths)")
-    port = free_port()
+    port = port_for_a_server()
     config = tmp_path / "tinyproxy.conf"
     config.write_text(f"Port {port}\nListen 127.0.0.1\nAllow 127.0.0.1\nTimeout 30\nLogLevel Critical\n")
     process = subprocess.Popen([binary, "-d", "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -4850,8 +4871,8 @@ def test_cli_errors_are_one_line_without_traceback(args: List[str], code: int, w
 
 
 def test_cli_unreachable_upstream_is_one_line_and_the_default_url_points_to_mock() -> None:
-    port = free_port()
-    result = run_cli("--url", f"http://127.0.0.1:{port}", "Hi")
+    with refused_port() as port:
+        result = run_cli("--url", f"http://127.0.0.1:{port}", "Hi")
     assert result.returncode == 1 and result.stderr.count("\n") == 1 and "cannot connect" in result.stderr
     hint = fakegpt._explain(fakegpt.ConnectError("cannot resolve the host name"), fakegpt.DEFAULT_URL)
     assert "shut down" in hint and "--mock" in hint and "--url" in hint
