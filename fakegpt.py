@@ -65,7 +65,7 @@ from typing import (
     Union,
 )
 
-__version__ = "1.8.3"
+__version__ = "1.8.4"
 __all__ = [
     "AsyncResult",
     "AuthenticationError",
@@ -2826,14 +2826,24 @@ class _Connection(asyncio.BufferedProtocol):
                     connecting.result().close()
             raise
         try:
+            transport, _ = await loop.create_connection(asyncio.Protocol, sock=sock)
+        except BaseException:
+            sock.close()  # (a transport that took it is closing it already, with nothing to send)
+            raise
+        # TLS set up on the TCP transport rather than by create_connection(ssl=...): that,
+        # cancelled as its handshake ends, closes its TLS transport politely and keeps the
+        # socket meanwhile (up to 30 s, for the peer's close_notify), out of this code's
+        # reach; start_tls closes the TCP transport at once, whatever stops it.
+        connection = factory()
+        try:
             # The name without the dot of a fully qualified one ("example.com."): servers
             # may refuse one sent with it (RFC 6066), and certificates never carry it.
-            _, connection = await loop.create_connection(
-                factory, sock=sock, ssl=context, server_hostname=endpoint.host.rstrip(".")
-            )
+            tls = await loop.start_tls(transport, connection, context, server_hostname=endpoint.host.rstrip("."))
         except BaseException:
-            sock.close()
+            transport.abort()  # at once, with what it had yet to send
             raise
+        assert tls is not None, "start_tls gave no transport"
+        connection.connection_made(tls)
         return connection
 
     @property

@@ -4613,6 +4613,45 @@ def test_tls_with_a_trusted_test_ca_works() -> None:
         assert "".join(pieces_of(provider_for(server.url), ssl=trusting_test_ca())) == FULL_REPLY
 
 
+def test_a_call_cancelled_as_its_tls_handshake_ends_leaves_no_socket_behind(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Cancelled there, asyncio's create_connection(ssl=...) closed its TLS transport
+    # gracefully (a close_notify, then up to 30 s for the peer's) and the client closed the
+    # socket under it: the next connection got the socket's number and failed with a
+    # RuntimeError ("File descriptor N is used by transport"), and the transport leaked.
+    # The cancel comes when the connection learns of its transport: as the handshake ends.
+    made = fakegpt._Connection.connection_made
+    victims: List["asyncio.Task[List[str]]"] = []
+
+    def cancelling(self: Any, transport: asyncio.BaseTransport) -> None:
+        made(self, transport)
+        if victims and not victims[0].done():
+            victims[0].cancel()
+
+    certs = {"certfile": str(TESTDATA / "server.pem"), "keyfile": str(TESTDATA / "server.key")}
+    with mock_server.serve_in_thread(**certs) as server:
+        provider, context = provider_for(server.url), trusting_test_ca()
+
+        async def main() -> None:
+            before = open_descriptors()
+            for content in ("the login's connection", "the conversation's"):
+                if content == "the conversation's":
+                    await gather_pieces(provider, ssl=context)  # logged in: the next connection is the conversation's
+                    await provider.aclose()
+                with monkeypatch.context() as patch:
+                    patch.setattr(fakegpt._Connection, "connection_made", cancelling)
+                    victims[:] = [asyncio.ensure_future(gather_pieces(provider, content, ssl=context))]
+                    with pytest.raises(asyncio.CancelledError):
+                        await victims[0]
+                assert "".join(await gather_pieces(provider, ssl=context)) == FULL_REPLY
+                await provider.aclose()
+            deadline = time.monotonic() + 5  # (the mock's thread closes its side as it sees ours close)
+            while open_descriptors() > before and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert open_descriptors() <= before
+
+        asyncio.run(main())
+
+
 def test_an_ip_address_needs_no_lookup_and_a_name_gets_one() -> None:
     assert fakegpt._numeric_address(fakegpt._Endpoint("https", "127.0.0.1", 443)) == [
         (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", ("127.0.0.1", 443))]
