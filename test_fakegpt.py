@@ -4880,15 +4880,15 @@ def test_cli_continues_a_max_tokens_reply(tmp_path: pathlib.Path) -> None:
 
 
 def test_cli_output_is_flushed_per_piece(mock: mock_server.MockServer) -> None:
-    process = subprocess.Popen([sys.executable, "-m", "fakegpt", "--url", mock.url, "[[fault pause_after:2:3]] Hi"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=HERE, env={**os.environ, "PYTHONPATH": str(HERE)})
-    try:
-        assert process.stdout is not None
-        ready, _, _ = select.select([process.stdout], [], [], 2.5)
-        assert ready and os.read(process.stdout.fileno(), 100).decode().startswith("Прив")
-    finally:
-        process.kill()
-        process.wait()
+    with subprocess.Popen([sys.executable, "-m", "fakegpt", "--url", mock.url, "[[fault pause_after:2:3]] Hi"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=HERE,
+                          env={**os.environ, "PYTHONPATH": str(HERE)}) as process:
+        try:
+            assert process.stdout is not None
+            ready, _, _ = select.select([process.stdout], [], [], 2.5)
+            assert ready and os.read(process.stdout.fileno(), 100).decode().startswith("Прив")
+        finally:
+            process.kill()
 
 
 @pytest.mark.parametrize("args, code, words", [
@@ -5329,20 +5329,19 @@ server.serve_forever()
 
 
 def test_a_terminal_shows_server_text_without_control_characters() -> None:
-    upstream = subprocess.Popen([sys.executable, "-c", HOSTILE_UPSTREAM], stdout=subprocess.PIPE, text=True)
-    try:
-        assert upstream.stdout is not None
-        url = f"http://127.0.0.1:{upstream.stdout.readline().strip()}"
-        term = Terminal(url, "--profile", "backend-api", "--retries", "0", "Hi", env={"FAKEGPT_ACCESS_TOKEN": "token-1"})
+    with subprocess.Popen([sys.executable, "-c", HOSTILE_UPSTREAM], stdout=subprocess.PIPE, text=True) as upstream:
         try:
-            screen = term.until("end")
-            _, status = os.waitpid(term.pid, 0)
-            assert os.waitstatus_to_exitcode(status) == 1
+            assert upstream.stdout is not None
+            url = f"http://127.0.0.1:{upstream.stdout.readline().strip()}"
+            term = Terminal(url, "--profile", "backend-api", "--retries", "0", "Hi", env={"FAKEGPT_ACCESS_TOKEN": "token-1"})
+            try:
+                screen = term.until("end")
+                _, status = os.waitpid(term.pid, 0)
+                assert os.waitstatus_to_exitcode(status) == 1
+            finally:
+                term.kill()
         finally:
-            term.kill()
-    finally:
-        upstream.terminate()
-        upstream.wait(10)
+            upstream.terminate()
     assert "HTTP 500: bad ]0;pwned[2J news 31m end" in screen  # the words, without what steers a terminal
     assert not any(sequence in screen for sequence in ("\x1b]", "\x07", "\x1b[2J", "\x9b"))
 
@@ -5668,8 +5667,9 @@ def test_mock_server_command_line_prints_its_url_and_stops_quietly_on_sigterm() 
         url = process.stdout.readline().strip()
         assert url.startswith("http://127.0.0.1:")
         connection = http.client.HTTPConnection(url[7:].split(":")[0], int(url.rsplit(":", 1)[1]), timeout=5)
-        connection.request("GET", "/api/loads?t=1")
-        loads = json.loads(connection.getresponse().read())["loads"]
+        with contextlib.closing(connection):
+            connection.request("GET", "/api/loads?t=1")
+            loads = json.loads(connection.getresponse().read())["loads"]
         assert len(loads) == 5 and all(len(entry["token_id"]) == 32 for entry in loads)
     finally:
         process.send_signal(signal.SIGTERM)
@@ -5822,10 +5822,11 @@ def test_mock_command_line_says_what_is_wrong_with_its_port_or_certificate(mock:
 def test_mock_answers_a_deeply_nested_json_body_with_a_400_and_stays_up(mock: mock_server.MockServer) -> None:
     parts = urllib.parse.urlsplit(mock.url)
     connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
-    connection.request("POST", "/api/conversation", b"[" * 200000 + b"]" * 200000,
-                       {"Authorization": f"Bearer {mock.access_token}"})
-    response = connection.getresponse()
-    assert response.status == 400 and json.loads(response.read())["detail"] == "Invalid JSON body."
+    with contextlib.closing(connection):
+        connection.request("POST", "/api/conversation", b"[" * 200000 + b"]" * 200000,
+                           {"Authorization": f"Bearer {mock.access_token}"})
+        response = connection.getresponse()
+        assert response.status == 400 and json.loads(response.read())["detail"] == "Invalid JSON body."
     assert "".join(pieces_of(provider_for(mock.url))) == FULL_REPLY  # still serving
 
 
@@ -5833,10 +5834,11 @@ def test_mock_fault_header_with_a_bad_fault_is_a_400(mock: mock_server.MockServe
     parts = urllib.parse.urlsplit(mock.url)
     connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
     body = {"action": "next", "messages": [{"id": "u", "content": {"parts": ["hi"]}}], "parent_message_id": "p", "model": "m"}
-    connection.request("POST", "/api/conversation", json.dumps(body),
-                       {"Authorization": f"Bearer {mock.access_token}", "X-Mock-Fault": "cut:many"})
-    response = connection.getresponse()
-    assert response.status == 400 and "N must be a whole number" in json.loads(response.read())["detail"]
+    with contextlib.closing(connection):
+        connection.request("POST", "/api/conversation", json.dumps(body),
+                           {"Authorization": f"Bearer {mock.access_token}", "X-Mock-Fault": "cut:many"})
+        response = connection.getresponse()
+        assert response.status == 400 and "N must be a whole number" in json.loads(response.read())["detail"]
 
 
 def test_mock_command_line_has_a_flag_with_help_for_every_option() -> None:
