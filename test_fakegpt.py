@@ -4631,8 +4631,7 @@ def test_a_call_cancelled_as_its_tls_handshake_ends_leaves_no_socket_behind(monk
     # gracefully (a close_notify, then up to 30 s for the peer's) and the client closed the
     # socket under it: the next connection got the socket's number and failed with a
     # RuntimeError ("File descriptor N is used by transport"), and the transport leaked.
-    # start_tls, cancelled there, leaves the TLS transport it made unclosed (CPython 3.9
-    # and 3.10 warn of it). The cancel comes as asyncio wakes the handshake's waiter.
+    # The cancel comes as asyncio wakes the handshake's waiter (on the client's side).
     wake = asyncio.sslproto.SSLProtocol._wakeup_waiter  # type: ignore[attr-defined]
     victims: List["asyncio.Task[List[str]]"] = []
 
@@ -4667,7 +4666,12 @@ def test_a_call_cancelled_as_its_tls_handshake_ends_leaves_no_socket_behind(monk
 
         asyncio.run(main())
         gc.collect()
-    assert [str(w.message) for w in caught if "unclosed" in str(w.message)] == []
+    unclosed = [str(w.message) for w in caught if "unclosed" in str(w.message)]
+    if sys.version_info < (3, 11):
+        # start_tls of CPython 3.9 and 3.10, cancelled there, closes the TCP transport and
+        # its socket but not the TLS transport object it made, which nothing else can reach.
+        unclosed = [message for message in unclosed if "sslproto._SSLProtocolTransport" not in message]
+    assert unclosed == []
 
 
 def test_an_ip_address_needs_no_lookup_and_a_name_gets_one() -> None:
