@@ -2650,12 +2650,28 @@ def thread_server(handler: Any, ssl_context: Optional[ssl.SSLContext] = None) ->
     """An asyncio server with `handler` on a thread; yields its (host, port)."""
     ready, holder = threading.Event(), {}
 
+    handlers: Set["asyncio.Task[Any]"] = set()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        handlers.add(task)
+        try:
+            await handler(reader, writer)
+        finally:  # also when the server stops before the handler ends: its connection closes with it
+            writer.close()
+            handlers.discard(task)
+
     async def run() -> None:
-        server = await asyncio.start_server(handler, "127.0.0.1", 0, ssl=ssl_context)
+        server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=ssl_context)
         holder["address"], holder["loop"], holder["stop"] = server.sockets[0].getsockname()[:2], asyncio.get_running_loop(), asyncio.Event()
         ready.set()
         async with server:
             await holder["stop"].wait()
+            for task in list(handlers):  # still waiting on a client that is done: stopped, so their sockets close now
+                task.cancel()
+            await asyncio.gather(*handlers, return_exceptions=True)
+            await asyncio.sleep(0)  # the closes they began
 
     thread = threading.Thread(target=asyncio.run, args=(run(),), daemon=True)
     thread.start()
