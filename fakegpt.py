@@ -3886,6 +3886,7 @@ class _Session:
         self.given = access_token is not None
         self.kept_token: Optional[str] = None  # the token last read from or written to the session file
         self._login: Optional["asyncio.Task[str]"] = None
+        self._login_timeouts = Timeouts()  # those the login runs by
 
     def secrets(self) -> List[str]:
         """Values that must never be shown: the access token and the cookies."""
@@ -3894,19 +3895,34 @@ class _Session:
 
     async def token(self, client: _Client) -> str:
         """The access token, logging in first if there is none; concurrent callers share
-        one login."""
+        one login. A login runs by the connect and read timeouts of the call that began
+        it: a call that joined it, and whose own timeout of the kind it ran out of is
+        longer, logs in again by its own."""
         if self.access_token:
             if not self.expired:
                 return self.access_token
             _log.info("the session has expired, or is about to: logging in again")
             self.invalidate(self.access_token)
         loop = asyncio.get_running_loop()
-        task = self._login
-        if task is None or task.done() or task.get_loop() is not loop:
-            task = loop.create_task(self._log_in(client.for_shared_work()))
-            task.add_done_callback(_consume_outcome)
-            self._login = task
-        return await client.clock.wait(asyncio.shield(task), "total")
+        retried = False
+        while True:
+            task, timeouts = self._login, self._login_timeouts
+            joined = task is not None and not task.done() and task.get_loop() is loop
+            if task is None or not joined:
+                shared = client.for_shared_work()
+                task = self._login = loop.create_task(self._log_in(shared))
+                task.add_done_callback(_consume_outcome)
+                timeouts = self._login_timeouts = shared.clock.timeouts
+            try:
+                return await client.clock.wait(asyncio.shield(task), "total")
+            except RequestTimeout as exc:  # this call's total, or the login's connect or read
+                if not joined or retried or exc.phase not in ("connect", "read"):
+                    raise
+                ours, theirs = getattr(client.clock.timeouts, exc.phase), getattr(timeouts, exc.phase)
+                if theirs is None or (ours is not None and ours <= theirs):
+                    raise
+                _log.info("the login another call began ran out of its %s timeout: logging in by this call's", exc.phase)
+                retried = True
 
     @property
     def expired(self) -> bool:

@@ -3382,6 +3382,36 @@ def test_a_shared_login_respects_each_callers_own_timeout() -> None:
     assert len(sessions) == 1  # one login, shared
 
 
+def test_a_call_that_joins_a_login_is_not_failed_by_the_timeouts_of_the_call_that_began_it(
+    mock: mock_server.MockServer,
+) -> None:
+    # The login runs by the connect and read timeouts of the call that began it (capped by
+    # that call's total, when it gave a plain number): a call that joined it got that
+    # call's RequestTimeout ("the upstream sent nothing for 0.02 s"), though its own
+    # timeouts were far from over. It logs in again by its own.
+    provider = provider_for(mock.url)
+
+    async def main() -> List[Any]:
+        hasty = gather_pieces(provider, "hasty", timeout=fakegpt.Timeouts(read=1e-6))  # begins the login
+        patient = gather_pieces(provider, "patient")  # joins it
+        return await asyncio.gather(hasty, patient, return_exceptions=True)
+
+    hasty, patient = asyncio.run(main())
+    assert isinstance(hasty, fakegpt.RequestTimeout) and hasty.phase == "read"
+    assert not isinstance(patient, BaseException), patient
+    assert "".join(patient) == mock_server.default_reply("patient")
+    assert mock.count("POST", "/auth/login") == 1  # the patient's own (the hasty login ran out at its first read)
+
+    async def alike() -> List[Any]:  # no longer than the login's: the login's error is the joiner's too
+        hasty = fakegpt.Timeouts(read=1e-6)
+        return await asyncio.gather(gather_pieces(other, "one", timeout=hasty), gather_pieces(other, "two", timeout=hasty),
+                                    return_exceptions=True)
+
+    other = provider_for(mock.url)
+    one, two = asyncio.run(alike())
+    assert one is two and isinstance(one, fakegpt.RequestTimeout)  # the one login's error, not a second login's
+
+
 def test_a_connection_closed_before_any_response_is_a_transport_error() -> None:
     async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
