@@ -2660,6 +2660,8 @@ def thread_server(handler: Any, ssl_context: Optional[ssl.SSLContext] = None) ->
             await handler(reader, writer)
         finally:  # also when the server stops before the handler ends: its connection closes with it
             writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()  # (its transport's last callback run while the loop still is)
             handlers.discard(task)
 
     async def run() -> None:
