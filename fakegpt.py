@@ -1290,7 +1290,8 @@ class ConversationDecoder:
     (``title_generation``, ``server_ste_metadata``, ...).
 
     Only visible text is text: an assistant message addressed to everyone, of text
-    content, not on the ``commentary`` or ``analysis`` channel, not a thinking preamble.
+    content, not on the ``commentary`` or ``analysis`` channel, not a thinking preamble,
+    not marked ``is_visually_hidden_from_conversation`` (the web page does not show it).
     Reasoning (``thoughts`` content, the ``analysis`` channel) comes separately, in
     ``ChatEvent.reasoning``. A reply may hold several visible messages (text, a tool's
     round trip, more text): told apart by their ids, each one's text goes on after a
@@ -2209,7 +2210,8 @@ def _truncated(target: Any, length: Any, path: str) -> Any:
 
 def _visible_reply(message: Any) -> Optional[_Reply]:
     """The reply's fields if `message` is one the user sees: by the assistant, to
-    everyone, of text content, on no channel or the final one, not a thinking preamble."""
+    everyone, of text content, on no channel or the final one, not a thinking preamble,
+    not one the web page hides."""
     if not isinstance(message, dict):
         return None
     author = message.get("author")
@@ -2221,7 +2223,7 @@ def _visible_reply(message: Any) -> Optional[_Reply]:
         return None
     metadata = message.get("metadata")
     metadata = metadata if isinstance(metadata, dict) else {}
-    if metadata.get("is_thinking_preamble_message"):
+    if metadata.get("is_thinking_preamble_message") or metadata.get("is_visually_hidden_from_conversation"):
         return None
     content = message.get("content")
     if not isinstance(content, dict):

@@ -1524,6 +1524,7 @@ def test_delta_documents_interleave_and_c_switches_back() -> None:
     (message_root("h", channel="commentary"), "commentary, even addressed to all"),
     (message_root("h", channel="analysis"), "the analysis channel is reasoning"),
     (message_root("h", metadata={"is_thinking_preamble_message": True}), "a thinking preamble"),
+    (message_root("h", metadata={"is_visually_hidden_from_conversation": True}), "the page does not show it"),
     (message_root("h", recipient="web.run"), "addressed to a tool"),
     (message_root("h", role="tool"), "a tool's answer"),
     (message_root("h", role="user"), "the user's echo"),
