@@ -65,7 +65,7 @@ from typing import (
     Union,
 )
 
-__version__ = "1.8.4"
+__version__ = "1.8.5"
 __all__ = [
     "AsyncResult",
     "AuthenticationError",
