@@ -66,7 +66,7 @@ from typing import (
     Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Set, Tuple, Union,
 )
 
-__version__ = "1.7.1"
+__version__ = "1.7.2"
 __all__ = [
     "FAULTS",
     "MockOptions",
@@ -1234,15 +1234,19 @@ class MockServer:
         return False
 
     async def _write(self, writer: asyncio.StreamWriter, data: Union[bytes, bytearray]) -> None:
-        size = self.options.write_size
+        """Write `data` (in pieces of `write_size`), each piece drained; raises `_Closed`
+        when the client is gone. Each piece also lets the loop run: over TLS, the stream
+        learns of a lost connection only then (`drain` waits only when the buffer is
+        full), and a stream written on regardless went into the dead connection whole,
+        with asyncio logging a warning for each write."""
+        size = self.options.write_size if self.options.write_size > 0 else max(len(data), 1)
         try:
-            if size <= 0:
-                writer.write(data)
-                await writer.drain()
-                return
             for start in range(0, len(data), size):
-                writer.write(data[start:start + size])
+                writer.write(data[start:start + size] if size < len(data) else data)
                 await writer.drain()
+                await asyncio.sleep(0)
+                if writer.is_closing():
+                    raise _Closed()
         except ConnectionError:
             raise _Closed() from None
 

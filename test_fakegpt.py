@@ -5847,6 +5847,33 @@ def test_mock_hang_at_end_sends_all_but_done_and_keeps_the_connection_open(optio
         assert finals[-1]["status"] == "finished_successfully" and finals[-1]["end_turn"] is True
 
 
+@pytest.mark.parametrize("options", [{}, {"write_size": 100}, {"fault": "delay_events:0"}])
+@pytest.mark.parametrize("tls", [False, True])
+def test_mock_stops_writing_to_a_client_that_reset_its_connection(options: Dict[str, Any], tls: bool,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    # Over TLS, asyncio tells the stream of a lost connection only once the loop runs: a
+    # mock that wrote on without yielding wrote the whole reply into the dead connection,
+    # logging "socket.send() raised exception." for each write (millions of lines).
+    certs = {"certfile": str(TESTDATA / "server.pem"), "keyfile": str(TESTDATA / "server.key")} if tls else {}
+    body = json.dumps({"action": "next", "messages": [{"id": "u1", "content": {"parts": ["Long one"]}}],
+                       "parent_message_id": "p0", "model": "m"}).encode()
+    caplog.set_level(logging.WARNING, logger="asyncio")
+    with mock_server.serve_in_thread(reply="x" * 6000, step=3, **certs, **options) as server:
+        for _ in range(3):
+            raw = socket.create_connection((server.host, server.port), timeout=5)
+            sock = ssl.create_default_context(cafile=str(TESTDATA / "ca.pem")).wrap_socket(
+                raw, server_hostname="127.0.0.1") if tls else raw
+            with sock:
+                sock.sendall(f"POST /api/conversation HTTP/1.1\r\nHost: x\r\nX-Authorization: Bearer {server.access_token}\r\n"
+                             f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+                assert sock.recv(100).startswith(b"HTTP/1.1 200")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # a reset, at once
+        context = ssl.create_default_context(cafile=str(TESTDATA / "ca.pem")) if tls else None
+        with urllib.request.urlopen(server.url + "/api/loads", timeout=5, context=context) as answer:
+            assert answer.status == 200  # the mock is still up, and answers
+    assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
+
+
 @pytest.mark.parametrize("options, words", [
     ({"fault": "nonsense"}, "unknown fault 'nonsense'"), ({"fault": "status:1e3"}, "CODE must be an HTTP error status"),
     ({"fault": "cut:1.5"}, "N must be a whole number"), ({"fault": "cut"}, "write it as cut:N"),
