@@ -2707,6 +2707,14 @@ async def _open_tunnel(proxy: _Proxy, endpoint: _Endpoint, limits: Limits) -> so
         raise
 
 
+def _abort_made_transport(handshake: "asyncio.Future[Optional[asyncio.Transport]]") -> None:
+    """Abort the transport a TLS handshake made after all, once no one wanted it."""
+    if not handshake.cancelled() and handshake.exception() is None:
+        made = handshake.result()
+        if made is not None:
+            made.abort()
+
+
 def _proxy_wants_credentials(proxy: _Proxy) -> ProxyError:
     """What a 407 from `proxy` means, to a CONNECT or to a request sent through it."""
     where = f"the proxy {proxy.endpoint.authority}"
@@ -2835,14 +2843,21 @@ class _Connection(asyncio.BufferedProtocol):
         # TLS set up on the TCP transport rather than by create_connection(ssl=...): that,
         # cancelled as its handshake ends, closes its TLS transport politely and keeps the
         # socket meanwhile (up to 30 s, for the peer's close_notify), out of this code's
-        # reach; start_tls closes the TCP transport at once, whatever stops it.
+        # reach. start_tls runs in a task of its own, never cancelled: cancelled as the
+        # handshake ends, CPython 3.9 and 3.10's leaves the TLS transport it made unclosed
+        # (a ResourceWarning). A cancel here aborts the TCP transport, which ends the
+        # handshake, and a TLS transport made all the same is aborted as it comes.
         connection = factory()
+        # The name without the dot of a fully qualified one ("example.com."): servers may
+        # refuse one sent with it (RFC 6066), and certificates never carry it.
+        handshake = asyncio.ensure_future(
+            loop.start_tls(transport, connection, context, server_hostname=endpoint.host.rstrip("."))
+        )
         try:
-            # The name without the dot of a fully qualified one ("example.com."): servers
-            # may refuse one sent with it (RFC 6066), and certificates never carry it.
-            tls = await loop.start_tls(transport, connection, context, server_hostname=endpoint.host.rstrip("."))
+            tls = await asyncio.shield(handshake)
         except BaseException:
             transport.abort()  # at once, with what it had yet to send
+            handshake.add_done_callback(_abort_made_transport)
             raise
         if tls is None:  # the peer closed the connection during the handshake, at an end of stream
             transport.abort()
