@@ -8,9 +8,11 @@ at once here, so what it sends first is held until a real handshake would have l
 arrive (three one-way trips after the connect). TLS and HTTP pass through untouched.
 
 Each direction of a connection is two threads: one reads and notes when each piece
-arrived, the other sends it when its time comes. `time.sleep` wakes within a few tens of
-microseconds of the time asked; an event loop's timers wake up to a millisecond late
-(epoll counts in milliseconds), which made the 50 ms round trip 52.3 ms.
+arrived, the other sends it when its time comes, sleeping until a millisecond before and
+polling the clock for the rest. `time.sleep` wakes a fifth of a millisecond late on
+these VMs, and an event loop's timers up to a millisecond late (epoll counts in
+milliseconds): the asyncio forwarder before this one made an echo's 50 ms round trip
+take 51.8 ms; this one, 50.6-50.7 (`bench/run.py` prints it).
 """
 
 from __future__ import annotations
