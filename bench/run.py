@@ -166,7 +166,7 @@ def link_round_trips() -> Tuple[float, float]:
     listener = socket.create_server(("127.0.0.1", 0))
 
     def echo() -> None:
-        while True:
+        for _ in range(2):  # the forwarder's connection, then the direct one
             conn, _ = listener.accept()
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with conn:
@@ -176,7 +176,8 @@ def link_round_trips() -> Tuple[float, float]:
                         break
                     conn.sendall(data)
 
-    threading.Thread(target=echo, daemon=True).start()
+    echoing = threading.Thread(target=echo, daemon=True)
+    echoing.start()
     port = listener.getsockname()[1]
     forwarder = subprocess.Popen([sys.executable, os.path.join(HERE, "forwarder.py"), "127.0.0.1", str(port), str(ONE_WAY_MS)],
                                  stdout=subprocess.PIPE, text=True)
@@ -187,6 +188,8 @@ def link_round_trips() -> Tuple[float, float]:
     finally:
         forwarder.terminate()
         forwarder.wait(10)
+    echoing.join(10)
+    listener.close()
     return through, direct
 
 
