@@ -1569,12 +1569,12 @@ class ConversationDecoder:
             self._apply(document, "", "patch", value, 0)
         else:
             path, op = record.get("p", path), record.get("o", op)
-            if path is None or op is None:
+            if op is None or (path is None and op != "patch"):  # (a patch's ops have their own paths)
                 raise ProtocolError("a delta record without a path or an op, and none to carry forward")
             self._cursor = (document, path, op)
             if "v" not in record and op != "remove":
                 raise ProtocolError(f"a delta record without a value: {_excerpt(json.dumps(record))!r}")
-            self._apply(document, path, op, value, 0)
+            self._apply(document, "" if path is None else path, op, value, 0)
         event = self._look_at(document)
         self._append_to = None
         document, path, op = self._cursor

@@ -1505,6 +1505,20 @@ def test_delta_format_carries_c_p_and_o_forward_and_applies_every_op() -> None:
     assert decoder.finish_reason == "stop"  # finished, no finish_details: "stop"
 
 
+@pytest.mark.parametrize("opening", [
+    [delta({"o": "patch", "v": [{"p": "", "o": "add", "v": message_root("m1")}], "c": 0})],  # a patch first: no path yet
+    [delta({"v": [{"p": "", "o": "add", "v": message_root("m1")}], "c": 0}),  # a bare batch carries no path either,
+     delta({"o": "patch", "v": [{"p": PARTS, "o": "append", "v": ""}]})],  # and a patch after it needs none
+])
+def test_a_patch_without_a_path_needs_none_carried(opening: List[Tuple[str, Dict[str, Any]]]) -> None:
+    records = [*opening, delta({"o": "patch", "v": [{"p": PARTS, "o": "append", "v": "Hi"}]}),
+               delta({"p": PARTS, "o": "append", "v": " there"}), delta({"v": "!"})]
+    events, decoder = feed_records(records)
+    assert "".join(e.delta for e in events) == decoder.text == "Hi there!"
+    with pytest.raises(fakegpt.ProtocolError, match="none to carry forward"):  # an op needs a path, though
+        feed_records([delta({"o": "append", "v": "x", "c": 0})])
+
+
 def test_delta_documents_interleave_and_c_switches_back() -> None:
     records = [
         delta({"p": "", "o": "add", "v": message_root("m1"), "c": 0}),
