@@ -1899,15 +1899,24 @@ op_step = st.one_of(
 
 @settings(PROPERTY, max_examples=300)
 @example([(("text", "Hi"), "plain", False), (("commentary", "x"), "plain", False), (("commentary", "y"), "plain", True)],
-         [0, 1, 2], [])  # a terse append to a hidden document right after the reply's
+         [0, 1, 2], [], "add")  # a terse append to a hidden document right after the reply's
+@example([(("text", "Hi"), "patch", False)], [0, 1, 2], [], "batch")  # a patch with no path, and none carried
 @given(st.lists(st.tuples(op_step, st.sampled_from(["plain"] * 4 + ["patch", "batch", "nested"]),
                           st.sampled_from([True, True, False])), max_size=25),
-       st.permutations([0, 1, 2]), st.lists(st.integers(0, 400), max_size=6))
-def test_property_delta_decoder_agrees_with_a_plain_reference_applier(steps: List[Tuple[Any, str, bool]], order: List[int], cuts: List[int]) -> None:
+       st.permutations([0, 1, 2]), st.lists(st.integers(0, 400), max_size=6), st.sampled_from(["add", "patch", "batch"]))
+def test_property_delta_decoder_agrees_with_a_plain_reference_applier(steps: List[Tuple[Any, str, bool]], order: List[int],
+                                                                      cuts: List[int], opening: str) -> None:
     roots = {0: message_root("m1", metadata={"k": 0}), 1: message_root("h1", channel="commentary", metadata={"k": 0}),
              2: message_root("t1", content_type="thoughts", text=[{"summary": "s", "content": ""}], metadata={"k": 0})}
-    records: List[Dict[str, Any]] = [{"p": "", "o": "add", "v": roots[c], "c": c} if c else {"v": roots[c], "c": c} for c in order]
-    cursor: Dict[str, Any] = {"c": order[-1], "p": "", "o": "add"}
+    # The documents begin as plain records, or inside a patch with no path or a bare batch,
+    # neither of which gives a path to carry forward.
+    if opening == "add":
+        records: List[Dict[str, Any]] = [{"p": "", "o": "add", "v": roots[c], "c": c} if c else {"v": roots[c], "c": c} for c in order]
+        cursor: Dict[str, Any] = {"c": order[-1], "p": "", "o": "add"}
+    else:
+        batch = {"o": "patch"} if opening == "patch" else {}
+        records = [{**batch, "v": [{"p": "", "o": "add", "v": roots[c]}], "c": c} for c in order]
+        cursor = {"c": order[-1], "p": None, "o": "patch" if opening == "patch" else None}
     carried_c = order[-1]
     for step, form, terse in steps:
         kind = step[0]
