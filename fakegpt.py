@@ -1501,10 +1501,10 @@ class ConversationDecoder:
         """The new text of the visible message `message_id`, whose text is now `text`,
         delivered; None if it is an earlier message of the reply, unchanged. A reply may
         hold several (text, a tool's round trip, more text): another message's text
-        goes on after a blank line (unless it starts with the text of the one before, which
-        would then be delivered twice), and an earlier one must not change. `repeats`: a
-        text that is a prefix of what was delivered is a repeat (snapshots) rather than a
-        rewrite."""
+        goes on after a blank line (unless the one before had not finished and it starts
+        with that one's text, which would then be delivered twice), and an earlier one
+        must not change. `repeats`: a text that is a prefix of what was delivered is a
+        repeat (snapshots) rather than a rewrite."""
         if message_id != self.message_id:
             earlier = self._earlier.get(message_id)
             if earlier is not None:  # an earlier visible message again: its place is gone
@@ -1516,11 +1516,10 @@ class ConversationDecoder:
                     f"(at character {earlier[0] + _common_prefix(given, text)})"
                 )
             if self._length > self._base:
-                current = self.text[self._base:]
-                if text.startswith(current):
-                    # The text delivered, sent again as another message: a server that
-                    # changed the message's id, as far as one can tell. Going on after a
-                    # blank line would deliver it twice.
+                if self.status != "finished_successfully" and text.startswith(self.text[self._base:]):
+                    # The text delivered, sent again as another message before the one
+                    # that had it finished: a server that changed the message's id, as far
+                    # as one can tell. Going on after a blank line would deliver it twice.
                     raise ProtocolError("the upstream switched to another message in mid-reply")
                 self._earlier[self.message_id] = (self._base, self._length)
             self.message_id, self._base = message_id, self._length

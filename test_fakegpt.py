@@ -1094,6 +1094,22 @@ def test_another_message_id_after_the_text_is_caught_whichever_way_the_event_is_
     assert decoder_outcome(ConversationDecoder(), datas)[1] == "ProtocolError: the upstream switched to another message in mid-reply"
 
 
+@pytest.mark.parametrize("form", ["snapshots", "deltas"])
+def test_a_message_after_a_finished_one_is_another_even_if_it_starts_with_its_text(form: str) -> None:
+    # A reply of two messages around a tool's call, the second beginning with the whole
+    # text of the first: the first had finished, so the second is not the first under a
+    # new id (which raises, as the test above shows), but more text after a blank line.
+    first, tool = message_root("m1", text="1", status="finished_successfully", end_turn=False), message_root("t", role="tool", text="x")
+    second = message_root("m2", text="1. First", status="finished_successfully", end_turn=True)
+    if form == "snapshots":
+        records: List[Tuple[Optional[str], Any]] = [(None, first), (None, tool), (None, second)]
+    else:
+        records = [delta({"p": "", "o": "add", "v": first, "c": 0}), delta({"p": "", "o": "add", "v": tool, "c": 1}),
+                   delta({"p": "", "o": "add", "v": second, "c": 2})]
+    events, decoder = feed_records(records)
+    assert "".join(e.delta for e in events) == decoder.text == "1\n\n1. First" and decoder.complete
+
+
 def test_a_later_duplicate_message_key_decides_the_text_on_every_path() -> None:
     # JSON's last duplicate key wins: a second "message" whose text is "" makes the reply
     # "" (nothing new), although the first message's string sits where the text was.
