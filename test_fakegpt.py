@@ -1781,6 +1781,31 @@ def test_property_snapshots_of_several_messages_read_alike_every_way_and_pieces_
 
 
 @PROPERTY
+@given(st.lists(st.tuples(st.lists(st.text('1aб"\\ .', min_size=1, max_size=3), min_size=1, max_size=4), st.booleans()),
+                min_size=1, max_size=4),
+       st.lists(st.integers(0, 3000), max_size=4))
+def test_property_a_reply_of_messages_each_finished_before_the_next_reads_as_their_texts(
+        messages: List[Tuple[List[str], bool]], cuts: List[int]) -> None:
+    # Each message grows by snapshots and finishes before the next begins (a tool's call
+    # and answer between them, or not); whatever their texts (one may begin with the whole
+    # text of the one before), the reply is theirs joined by blank lines, never an error.
+    body, finals = b"", []
+    for index, (growth, tool_between) in enumerate(messages):
+        if index and tool_between:
+            body += b"data: " + json.dumps(message_root(f"t{index}", role="tool", text="result")).encode() + b"\n\n"
+        text = ""
+        for more in growth:
+            text += more
+            body += b"data: " + json.dumps(message_root(f"m{index}", text=text), ensure_ascii=False).encode() + b"\n\n"
+        last = index == len(messages) - 1
+        body += b"data: " + json.dumps(message_root(f"m{index}", text=text, status="finished_successfully",
+                                                    end_turn=last), ensure_ascii=False).encode() + b"\n\n"
+        finals.append(text)
+    expected = "\n\n".join(finals)
+    assert read_every_way(body + b"data: [DONE]\n\n", cuts) == {(expected, expected)}
+
+
+@PROPERTY
 @given(st.lists(st.tuples(st.sampled_from(["add", "append", "terse", "status", "hide"]), st.sampled_from([0, 1, 2]),
                           st.text("ab ", min_size=1, max_size=3)), max_size=14),
        st.lists(st.integers(0, 2000), max_size=4))
