@@ -1245,7 +1245,7 @@ def _plain(value: Any) -> Any:
 _DELTA_OPS = frozenset({"add", "replace", "append", "truncate", "remove", "patch"})
 _MAX_PATCH_DEPTH = 32
 _VISIBLE_CHANNELS = (None, "final")
-_VISIBLE_SEPARATOR = "\n\n"  # between two visible messages of one reply (delta format)
+_VISIBLE_SEPARATOR = "\n\n"  # between two visible messages of one reply, and their reasoning
 _VISIBLE_TEXT_PATH = "/message/content/parts/0"
 
 
@@ -1316,7 +1316,8 @@ class ConversationDecoder:
     __slots__ = (
         "done", "conversation_id", "message_id", "status", "finish_reason", "end_turn", "title",
         "model", "_fast_path", "_pieces", "_length", "_reasoning", "_event_finish_reason",
-        "_documents", "_cursor", "_visible", "_visible_text", "_base", "_earlier", "_doc_reasoning", "_append_to",
+        "_documents", "_cursor", "_visible", "_visible_text", "_base", "_earlier", "_doc_reasoning", "_reasoning_from",
+        "_append_to",
         "_head", "_tail", "_one_line", "_escaped_text", "_buffer", "_buffer_view",
     )
 
@@ -1353,6 +1354,7 @@ class ConversationDecoder:
         self._base = len(given) - len(continues.message_text) if continues else 0
         self._earlier: Dict[Optional[str], Tuple[int, int]] = {}
         self._doc_reasoning: Dict[Any, str] = {}
+        self._reasoning_from: Any = None  # the message whose reasoning was delivered last
         # While the carried op appends to the visible text: that message's parts list,
         # for the known-shape path's {"v": "..."} records.
         self._append_to: Optional[List[Any]] = None
@@ -1548,6 +1550,9 @@ class ConversationDecoder:
             return None
         self._doc_reasoning[document] = reasoning
         added = reasoning[len(seen):]
+        if document != self._reasoning_from and self._reasoning:
+            added = _VISIBLE_SEPARATOR + added  # another message's reasoning: after a blank line
+        self._reasoning_from = document
         self._reasoning.append(added)
         return self.event("", added)
 

@@ -1535,6 +1535,25 @@ def test_a_patch_without_a_path_needs_none_carried(opening: List[Tuple[str, Dict
         feed_records([delta({"o": "append", "v": "x", "c": 0})])
 
 
+@pytest.mark.parametrize("form", ["snapshots", "deltas"])
+def test_the_reasoning_of_several_messages_is_kept_apart_by_blank_lines(form: str) -> None:
+    thoughts = [message_root("t1", content_type="thoughts", text=[{"summary": "s", "content": "First thought."}]),
+                message_root("t2", content_type="thoughts", text=[{"summary": "s", "content": "Second"}]),
+                message_root("a1", channel="analysis", text="Analysis.")]
+    if form == "snapshots":
+        second_grows = message_root("t2", content_type="thoughts", text=[{"summary": "s", "content": "Second thought."}])
+        records: List[Tuple[Optional[str], Any]] = [(None, thoughts[0]), (None, thoughts[1]), (None, second_grows),
+                                                    (None, thoughts[2]), (None, message_root("m", text="Answer"))]
+    else:
+        records = [delta({"p": "", "o": "add", "v": thoughts[0], "c": 0}), delta({"p": "", "o": "add", "v": thoughts[1], "c": 1}),
+                   delta({"p": "/message/content/thoughts/0/content", "o": "append", "v": " thought."}),
+                   delta({"p": "", "o": "add", "v": thoughts[2], "c": 2}),
+                   delta({"p": "", "o": "add", "v": message_root("m", text="Answer"), "c": 3})]
+    events, decoder = feed_records(records)
+    assert decoder.reasoning == "First thought.\n\nSecond thought.\n\nAnalysis." == "".join(e.reasoning for e in events)
+    assert decoder.text == "Answer"
+
+
 def test_delta_documents_interleave_and_c_switches_back() -> None:
     records = [
         delta({"p": "", "o": "add", "v": message_root("m1"), "c": 0}),
