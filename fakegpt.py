@@ -1245,7 +1245,7 @@ def _plain(value: Any) -> Any:
 _DELTA_OPS = frozenset({"add", "replace", "append", "truncate", "remove", "patch"})
 _MAX_PATCH_DEPTH = 32
 _VISIBLE_CHANNELS = (None, "final")
-_VISIBLE_SEPARATOR = "\n\n"  # between two visible messages of one reply, and their reasoning
+_MESSAGE_SEPARATOR = "\n\n"  # between two messages of one reply: their texts, and their reasoning
 _VISIBLE_TEXT_PATH = "/message/content/parts/0"
 
 
@@ -1536,8 +1536,8 @@ class ConversationDecoder:
                 f"the reply rewrote text already delivered (at character {self._base + _common_prefix(given, text)})"
             )
         if delta and due:
-            delta = _VISIBLE_SEPARATOR + delta
-            self._base += len(_VISIBLE_SEPARATOR)
+            delta = _MESSAGE_SEPARATOR + delta
+            self._base += len(_MESSAGE_SEPARATOR)
         self._deliver(delta)
         return delta
 
@@ -1551,7 +1551,7 @@ class ConversationDecoder:
         self._doc_reasoning[document] = reasoning
         added = reasoning[len(seen):]
         if document != self._reasoning_from and self._reasoning:
-            added = _VISIBLE_SEPARATOR + added  # another message's reasoning: after a blank line
+            added = _MESSAGE_SEPARATOR + added  # another message's reasoning: after a blank line
         self._reasoning_from = document
         self._reasoning.append(added)
         return self.event("", added)
