@@ -208,7 +208,7 @@ class MockOptions:
     stream_content_type: str = _option("text/event-stream; charset=utf-8",
                                        "the stream's Content-Type, as a proxy in front may relabel it "
                                        "(text/plain, say; empty: none)")
-    data_space: bool = _option(True, 'write "data: x" rather than "data:x"')
+    data_space: bool = _option(True, 'put a space after "data:"')
     multiline: bool = _option(False, "spread each event's JSON over several data lines")
     comments: bool = _option(False, 'a ": keep-alive" comment before each event')
     pings: bool = _option(False, 'an "event: ping" event before each event')
@@ -590,7 +590,7 @@ class MockServer:
                 started = time.perf_counter()
                 try:
                     request = await asyncio.wait_for(
-                        _read_request(reader), self.options.keep_alive_timeout or None
+                        _read_request(reader, writer), self.options.keep_alive_timeout or None
                     )
                 except asyncio.TimeoutError:
                     break  # idle too long: close, as servers do
@@ -1291,8 +1291,9 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else "?" for c in text)[:200]
 
 
-async def _read_request(reader: asyncio.StreamReader) -> Optional[RecordedRequest]:
-    """The next request on the connection, None when the client closed it."""
+async def _read_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Optional[RecordedRequest]:
+    """The next request on the connection, None when the client closed it. A client that
+    sends ``Expect: 100-continue`` is told to go on before its body is read."""
     first = await reader.read(1)
     if not first:
         return None
@@ -1329,17 +1330,27 @@ async def _read_request(reader: asyncio.StreamReader) -> Optional[RecordedReques
         headers.append((name, value.strip()))
     lookup = {k.lower(): v for k, v in headers}
     coding = lookup.get("transfer-encoding")
+    lengths = {value.strip() for key, value in headers if key.lower() == "content-length" for value in value.split(",")}
+    length = 0
     if coding is not None:
-        if coding.strip().lower() != "chunked" or "content-length" in lookup:
+        if coding.strip().lower() != "chunked" or lengths:
             raise _BadRequest(400, "Only a chunked Transfer-Encoding, without Content-Length, is understood.")
-        body = await _read_chunked_body(reader)
     else:
-        length_text = lookup.get("content-length", "0").strip()
+        length_text = lengths.pop() if len(lengths) == 1 else "0" if not lengths else ""  # (RFC 9112: "5, 5" is 5)
         if not (length_text.isdigit() and length_text.isascii()):
             raise _BadRequest(400, "Bad Content-Length.")
         length = int(length_text)
         if length > _MAX_BODY:
             raise _BadRequest(413, "Request body too large.")
+    expectation = lookup.get("expect")
+    if expectation is not None and version == "HTTP/1.1":
+        if expectation.strip().lower() != "100-continue":
+            raise _BadRequest(417, "Expectation Failed")
+        if coding is not None or length:  # the client waits for this before it sends the body
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    if coding is not None:
+        body = await _read_chunked_body(reader)
+    else:
         body = await reader.readexactly(length) if length else b""
     if target.startswith(("http://", "https://")):  # absolute form, as proxies forward it
         parts = urllib.parse.urlsplit(target)
