@@ -29,7 +29,7 @@ Run it three ways:
 
     python -m mock_server [--host 127.0.0.1] [--port 0] [options]   # prints its URL first
     async with MockServer() as server: ...                          # in-process, .url, .requests
-    with serve_in_thread() as server: ...                            # from synchronous code
+    with MockServer() as server: ...                                # from synchronous code (a thread)
 
 Options choose the framing of the stream (chunked, Content-Length or connection close;
 LF, CRLF or CR; multi-line data, comments, pings, writes of N bytes) and faults, for
@@ -460,7 +460,9 @@ _LINGER_SECONDS = 5.0  # at most, to read and drop the rest of a refused request
 
 
 class MockServer:
-    """The mock upstream on an asyncio server; ``async with MockServer() as server``.
+    """The mock upstream on an asyncio server: ``async with MockServer() as server`` in
+    an event loop, or ``with MockServer() as server`` from synchronous code (it then runs
+    on a thread and event loop of its own until the block ends).
 
     ``log``, if given, is called with one access-log line per request (method, path,
     status, milliseconds; never a header or a body).
@@ -494,6 +496,8 @@ class MockServer:
         self._connections: Set["asyncio.Task[None]"] = set()
         self.accepted_connections = 0
         """Connections accepted so far (a client that keeps its connections opens few)."""
+        self._thread: Optional[threading.Thread] = None  # ``with``'s: its loop, and what stops it
+        self._thread_stop: Optional[Callable[[], object]] = None
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -550,6 +554,43 @@ class MockServer:
 
     async def __aexit__(self, *exc_info: Any) -> None:
         await self.stop()
+
+    def __enter__(self) -> "MockServer":
+        if self._thread is not None:
+            raise RuntimeError("this MockServer is already running on a thread")
+        ready = threading.Event()
+        failed: List[Exception] = []
+
+        async def run() -> None:
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            self._thread_stop = lambda: loop.call_soon_threadsafe(stop.set)
+            try:
+                async with self:
+                    ready.set()
+                    await stop.wait()
+            except Exception as exc:  # noqa: BLE001 - raised again in the thread that waits for `ready`
+                failed.append(exc)
+                ready.set()
+
+        self._thread = threading.Thread(target=asyncio.run, args=(run(),), name="mock_server", daemon=True)
+        self._thread.start()
+        ready.wait()
+        if failed:
+            self._join()
+            raise failed[0]
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self._thread_stop is not None:
+            with contextlib.suppress(RuntimeError):  # (a loop that has ended already)
+                self._thread_stop()
+        self._join()
+
+    def _join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+        self._thread = self._thread_stop = None
 
     # -- test controls --------------------------------------------------------------
 
@@ -1454,33 +1495,10 @@ async def _send_json(
 
 @contextlib.contextmanager
 def serve_in_thread(options: Optional[MockOptions] = None, **overrides: Any) -> Iterator[MockServer]:
-    """Run a `MockServer` on its own thread and event loop for the ``with`` block."""
-    ready = threading.Event()
-    holder: Dict[str, Any] = {}
-
-    async def run() -> None:
-        stop = asyncio.Event()
-        holder["loop"], holder["stop"] = asyncio.get_running_loop(), stop
-        try:
-            async with MockServer(options, **overrides) as server:
-                holder["server"] = server
-                ready.set()
-                await stop.wait()
-        except Exception as exc:  # noqa: BLE001 - re-raised in the thread that waits for `ready`
-            holder["error"] = exc
-            ready.set()
-
-    thread = threading.Thread(target=asyncio.run, args=(run(),), name="mock_server", daemon=True)
-    thread.start()
-    ready.wait()
-    if "error" in holder:
-        thread.join()
-        raise holder["error"]
-    try:
-        yield holder["server"]
-    finally:
-        holder["loop"].call_soon_threadsafe(holder["stop"].set)
-        thread.join()
+    """Run a `MockServer` on its own thread and event loop for the ``with`` block (as
+    ``with MockServer(...)`` does)."""
+    with MockServer(options, **overrides) as server:
+        yield server
 
 
 # ---------------------------------------------------------------------------------------

@@ -5810,6 +5810,30 @@ def test_cli_honours_proxy_environment_and_no_proxy(mock: mock_server.MockServer
 # ---------------------------------------------------------------------------------------
 
 
+def test_mock_server_runs_on_a_thread_of_its_own_in_a_plain_with_block() -> None:
+    server = mock_server.MockServer()
+    with server as same:
+        assert same is server and server.url.startswith("http://127.0.0.1:")
+        with pytest.raises(RuntimeError, match="already running"):
+            server.__enter__()
+        server.fail_next("cut:2")
+        with pytest.raises(fakegpt.TruncatedStreamError):
+            FakeGpt.isolated(server.url).create_completion("", USER, stream=False)
+        assert server.count("POST", "/api/conversation") == 1
+        address = (server.host, server.port)
+    with pytest.raises(ConnectionRefusedError):  # stopped when the block ends
+        socket.create_connection(address, timeout=2).close()
+    with server:  # and can run again
+        assert FakeGpt.isolated(server.url).create_completion("", USER, stream=False) == FULL_REPLY
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(OSError):  # a failure to start is the caller's, not the thread's
+            with mock_server.MockServer(port=taken.getsockname()[1]):
+                pass
+    assert not [t for t in threading.enumerate() if t.name == "mock_server"]
+
+
 def test_mock_server_command_line_prints_its_url_and_stops_quietly_on_sigterm() -> None:
     process = subprocess.Popen([sys.executable, "-m", "mock_server", "--port", "0", "--quiet"], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, cwd=HERE)
