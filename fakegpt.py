@@ -4462,7 +4462,7 @@ class ChatStream:
 
     def __init__(
         self, provider: "type[FakeGpt]", model: Optional[str], messages: Messages,
-        proxy: Optional[str] = None, *, sessions: Dict[Any, _Session], pools: _Pools, **kwargs: Any,
+        proxy: Optional[str] = None, /, *, sessions: Dict[Any, _Session], pools: _Pools, **kwargs: Any,
     ) -> None:
         self.prompt = _unicode(format_prompt(messages), "the prompt")
         self._provider = provider
@@ -4967,6 +4967,9 @@ class FakeGpt:
     supports_gpt_4 = False
     supports_message_history = True
     needs_auth = False
+    # What gpt4free's client (g4f 7 and later) reads of a provider besides the above.
+    live = 0  # its count of the calls that went well (it adds and takes away)
+    use_stream_timeout = True  # a stream's timeout is its stream_timeout keyword's
     _access_token: Optional[str] = None
     _cookie_jar: Optional[http.cookiejar.CookieJar] = None
     _sessions: Dict[Any, _Session] = {}
@@ -5046,6 +5049,10 @@ class FakeGpt:
     @classmethod
     def get_dict(cls) -> Dict[str, Any]:
         return {"name": cls.__name__, "url": cls.url, "label": cls.label}
+
+    @classmethod
+    def get_parent(cls) -> str:
+        return cls.__name__
 
     @_ClassProperty
     def params(cls: "type[FakeGpt]") -> str:  # noqa: N805 - a class property

@@ -3185,6 +3185,34 @@ def test_the_class_works_where_gpt4free_expects_a_provider(provider: "type[FakeG
     assert provider.params.startswith("fakegpt.Provider supports: (")
 
 
+def test_the_class_works_where_todays_gpt4free_client_expects_a_provider(provider: "type[FakeGpt]") -> None:
+    # g4f's client (7.x, 8.x: iter_run_tools and async_iter_run_tools), reduced to what it
+    # asks of a provider: every argument by keyword, the provider itself among them, and
+    # class attributes it reads and counts with.
+    def iter_run_tools(provider: Any, model: str, messages: fakegpt.Messages, **kwargs: Any) -> Iterator[Any]:
+        name, parent = provider.__name__, provider.get_parent()
+        try:
+            yield from provider.create_completion(model=model, messages=messages, provider=provider, **kwargs)
+            provider.live += 1
+        except Exception:
+            provider.live -= 1
+            raise
+        assert name == parent == "Provider" and provider.get_dict()["url"] == provider.url
+
+    async def async_iter_run_tools(provider: Any, model: str, messages: fakegpt.Messages, **kwargs: Any) -> List[Any]:
+        assert provider.supports_stream
+        response = provider.create_async_generator(model=model, messages=messages, provider=provider, **kwargs)
+        timeout = kwargs.get("stream_timeout") if provider.use_stream_timeout else kwargs.get("timeout")
+        assert timeout == 30
+        pieces = [piece async for piece in response]
+        provider.live += 1
+        return pieces
+
+    assert "".join(iter_run_tools(provider, model="", messages=USER, stream=True, proxy=None, api_key=None)) == FULL_REPLY
+    assert "".join(asyncio.run(async_iter_run_tools(provider, "", USER, stream=True, stream_timeout=30))) == FULL_REPLY
+    assert provider.live == 2 and FakeGpt.live == 0  # (an attribute of the subclass, once set there)
+
+
 def test_the_library_reads_fakegpt_url_and_a_call_or_a_subclass_url_wins(mock: mock_server.MockServer, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FAKEGPT_URL", mock.url)
     assert "".join(pieces_of(FakeGpt.isolated())) == FULL_REPLY  # FakeGpt's own url: the variable
