@@ -312,6 +312,13 @@ class UpstreamError(FakeGptError):
 # ---------------------------------------------------------------------------------------
 
 
+def _bytes_given(data: Any, where: str) -> None:
+    """A `UsageError` unless `data` is bytes (a bytearray, a memoryview): what the
+    protocol layer's readers take."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise UsageError(f"{where} takes bytes, not {type(data).__name__}")
+
+
 class Limits(NamedTuple):
     """Size limits on what the upstream may send (going over raises `LimitExceeded`), and
     how many connections to it are in use at once.
@@ -428,6 +435,8 @@ class ResponseReader:
     def __init__(
         self, *, method: str = "GET", limits: Limits = _DEFAULT_LIMITS, decode_content: bool = True
     ) -> None:
+        if not isinstance(method, str):
+            raise UsageError(f"method must be a string, not {type(method).__name__}")
         self._buf = bytearray()
         self._eof = False
         self._method = method.upper()
@@ -454,6 +463,7 @@ class ResponseReader:
 
     def feed(self, data: Union[bytes, bytearray, memoryview]) -> None:
         """Add received bytes (copied); ``b""`` marks the end of the connection."""
+        _bytes_given(data, "ResponseReader.feed")
         if self._eof and data:
             raise ProtocolError("bytes fed after the end of the connection")
         if not data:
@@ -987,6 +997,7 @@ class SSEDecoder:
         An error is raised in the call that meets it, once the events completed before
         it have been appended; every later call raises it again.
         """
+        _bytes_given(chunk, "SSEDecoder.feed")
         if self._error is not None:
             raise self._error
         try:
@@ -1400,11 +1411,15 @@ class ConversationDecoder:
 
     def feed(self, event: ServerSentEvent) -> Optional[ChatEvent]:
         """The `ChatEvent` this event makes, or None if it carries no reply."""
+        if not isinstance(event, ServerSentEvent):
+            raise UsageError(f"ConversationDecoder.feed takes a ServerSentEvent, not {type(event).__name__}")
         return self.feed_data(event.raw, event.event)
 
     def feed_data(self, raw: bytes, kind: str = "message", *, extends: bool = True) -> Optional[ChatEvent]:
         """`feed` for an event given as its data and type; ``extends=False`` says that
         `extend` would not take it, which is then not asked."""
+        if not isinstance(raw, (bytes, bytearray)):
+            raise UsageError(f"ConversationDecoder.feed_data takes bytes, not {type(raw).__name__}")
         if kind == "message" and len(raw) < 16 and raw.strip() == b"[DONE]":
             self.done = True
             return None

@@ -3428,6 +3428,19 @@ def test_bad_arguments_of_any_type_are_usage_errors(kwargs: Dict[str, Any], word
         FakeGpt.stream("" if "model" not in kwargs else kwargs.pop("model"), USER, url="http://127.0.0.1:9", **kwargs)
 
 
+@pytest.mark.parametrize("call, words", [
+    (lambda: fakegpt.ResponseReader().feed("HTTP/1.1 200 OK\r\n"), "ResponseReader.feed takes bytes, not str"),
+    (lambda: fakegpt.ResponseReader(method=None), "method must be a string, not NoneType"),
+    (lambda: fakegpt.SSEDecoder().feed("data: x\n\n"), "SSEDecoder.feed takes bytes, not str"),
+    (lambda: fakegpt.SSEDecoder().feed_into(None, []), "SSEDecoder.feed takes bytes, not NoneType"),
+    (lambda: fakegpt.ConversationDecoder().feed(b"data: {}"), "ConversationDecoder.feed takes a ServerSentEvent, not bytes"),
+    (lambda: fakegpt.ConversationDecoder().feed_data("{}"), "ConversationDecoder.feed_data takes bytes, not str"),
+], ids=["reader str", "reader method", "sse str", "sse None", "conversation bytes", "conversation str"])
+def test_the_protocol_layers_readers_say_what_they_take(call: Callable[[], Any], words: str) -> None:
+    with pytest.raises(fakegpt.UsageError, match=re.escape(words)):
+        call()
+
+
 def test_gzip_replies_of_several_members_or_on_a_kept_open_connection_arrive_whole() -> None:
     reply = "Hello, мир! " * 30
     events = b"".join(b"data: " + assistant_event(reply[:i]) + b"\n\n" for i in range(0, len(reply) + 1, 40))
