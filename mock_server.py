@@ -472,9 +472,15 @@ class MockServer:
         self, options: Optional[MockOptions] = None, *, host: str = "127.0.0.1", port: int = 0,
         log: Optional[Callable[[str], None]] = None, **overrides: Any,
     ) -> None:
+        if options is not None and not isinstance(options, MockOptions):
+            raise ValueError(f"options must be a MockOptions, not {type(options).__name__}")
         self.options = dataclasses.replace(options or MockOptions(), **overrides)
         if not (isinstance(port, int) and not isinstance(port, bool) and 0 <= port <= 65535):
             raise ValueError(f"port must be a whole number from 0 to 65535, not {port!r}")
+        if not isinstance(host, str) or not host:
+            raise ValueError(f"host must be an address or a host name, not {host!r}")
+        if log is not None and not callable(log):
+            raise ValueError("log must be a function of one line of text, or None")
         self.host = host
         self.port = port
         self.url = ""
@@ -596,6 +602,8 @@ class MockServer:
 
     def fail_next(self, fault: str, times: int = 1) -> None:
         """Apply `fault` to the next `times` conversations (ValueError if it is unknown)."""
+        if not isinstance(times, int) or isinstance(times, bool) or times < 1:
+            raise ValueError(f"times must be a whole number of at least 1, not {times!r}")
         self._queued_faults.extend([_parse_fault(fault)] * times)
 
     def expire_tokens(self) -> None:
