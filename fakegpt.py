@@ -2618,9 +2618,16 @@ def _proxy_from_environment(endpoint: _Endpoint) -> Optional[_Proxy]:
 
 
 def _bypasses_proxy(endpoint: _Endpoint, no_proxy: str) -> bool:
-    """Whether NO_PROXY names the host: "*", the host, a parent domain, or host:port."""
+    """Whether NO_PROXY names the host: "*", the host, a parent domain, or host:port;
+    an IP address also by a network that holds it ("10.0.0.0/8", as curl, Go and
+    requests read it), and an IPv6 one in brackets too ("[::1]:8443")."""
     host = endpoint.host.lower().rstrip(".")
+    address = _ip_address(host)
     for entry in (e.strip().lower() for e in no_proxy.split(",")):
+        if address is not None and entry != "*":
+            if _names_address(entry, address, endpoint.port):
+                return True
+            continue
         name, _, port = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
         name = name.lstrip(".").rstrip(".")
         ascii_name = _ascii_name(name)  # the host is in its IDNA form (`_wire_host`): the entry too
@@ -2631,6 +2638,39 @@ def _bypasses_proxy(endpoint: _Endpoint, no_proxy: str) -> bool:
                             and (not port or port == str(endpoint.port))):
             return True
     return False
+
+
+def _ip_address(text: str) -> Any:
+    """`text` as an `ipaddress` address, or None if it is a host name."""
+    import ipaddress  # here: only an upstream given by its address needs it
+
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def _names_address(entry: str, address: Any, port: int) -> bool:
+    """Whether a NO_PROXY entry names `address` (on `port`): the address, the address
+    and the port (an IPv6 one in brackets), or a network that holds it."""
+    import ipaddress
+
+    given_port = ""
+    if entry.startswith("["):  # [IPv6] or [IPv6]:port
+        entry, _, rest = entry[1:].partition("]")
+        if rest and not rest.startswith(":"):
+            return False
+        given_port = rest[1:]
+    elif entry.count(":") == 1:  # IPv4:port (an IPv6 address has two colons at least)
+        entry, _, given_port = entry.partition(":")
+    if given_port and given_port != str(port):
+        return False
+    try:
+        if "/" in entry:
+            return address in ipaddress.ip_network(entry, strict=False)
+        return bool(address == ipaddress.ip_address(entry))
+    except ValueError:  # (and a network of the other IP version: not this one's)
+        return False
 
 
 _default_ssl_context: Optional[ssl.SSLContext] = None

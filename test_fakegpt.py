@@ -4908,6 +4908,20 @@ def test_no_proxy_matching(no_proxy: str, bypassed: bool) -> None:
     assert fakegpt._bypasses_proxy(fakegpt._Endpoint("https", "api.example.com", 443), no_proxy) is bypassed
 
 
+@pytest.mark.parametrize("url, no_proxy, bypassed", [
+    # As curl, Go and requests read NO_PROXY: a network in CIDR form holds an address.
+    ("http://127.0.0.1:8080", "localhost,127.0.0.0/8", True), ("http://10.1.2.3", "10.0.0.0/8", True),
+    ("http://10.1.2.3", "10.0.0.0/16", False), ("http://127.0.0.1:8080", "127.0.0.1:8080", True),
+    ("http://127.0.0.1:8080", "127.0.0.1:9", False), ("http://127.0.0.1", "::1/128,127.0.0.1/33", False),
+    ("http://[::1]:8443", "[::1]:8443", True), ("http://[::1]:8443", "[::1]", True), ("http://[::1]", "::1", True),
+    ("http://[::1]", "0:0:0:0:0:0:0:1", True), ("http://[fd00::5]", "fd00::/8", True), ("http://[::1]", "[::1]:9", False),
+    ("http://[::1]", "127.0.0.0/8", False), ("http://example.com", "93.0.0.0/8", False),
+])
+def test_no_proxy_names_an_address_by_a_network_or_in_brackets(url: str, no_proxy: str, bypassed: bool) -> None:
+    endpoint, _ = fakegpt._parse_url(url)
+    assert fakegpt._bypasses_proxy(endpoint, no_proxy) is bypassed
+
+
 @pytest.mark.parametrize("no_proxy, bypassed", [
     ("bücher.example", True), (".BÜCHER.example", True), ("xn--bcher-kva.example", True), ("bucher.example", False),
     ("a..b,bücher.example", True), ("\u2024.example", False),
@@ -5842,6 +5856,8 @@ def test_cli_honours_proxy_environment_and_no_proxy(mock: mock_server.MockServer
         assert proxied.stdout == FULL_REPLY + "\n" and len(proxy.seen) == 4
         bypassed = run_cli("--url", mock.url, "Hello", env={"HTTP_PROXY": f"http://{host}:{port}", "NO_PROXY": "localhost,127.0.0.1"})
         assert bypassed.stdout == FULL_REPLY + "\n" and len(proxy.seen) == 4
+        network = run_cli("--url", mock.url, "Hello", env={"HTTP_PROXY": f"http://{host}:{port}", "NO_PROXY": "127.0.0.0/8"})
+        assert network.stdout == FULL_REPLY + "\n" and len(proxy.seen) == 4
         schemeless = run_cli("--url", mock.url, "Hello", env={"HTTP_PROXY": f"{host}:{port}", "NO_PROXY": ""})
         assert schemeless.stdout == FULL_REPLY + "\n" and len(proxy.seen) == 8  # host:port, as curl and pip take it
 
