@@ -2618,7 +2618,8 @@ def _proxy_from_environment(endpoint: _Endpoint) -> Optional[_Proxy]:
 
 
 def _bypasses_proxy(endpoint: _Endpoint, no_proxy: str) -> bool:
-    """Whether NO_PROXY names the host: "*", the host, a parent domain, or host:port;
+    """Whether NO_PROXY names the host: "*", the host, a parent domain (".example.com"
+    or "*.example.com" too), or host:port;
     an IP address also by a network that holds it ("10.0.0.0/8", as curl, Go and
     requests read it), and an IPv6 one in brackets too ("[::1]:8443")."""
     host = endpoint.host.lower().rstrip(".")
@@ -2629,7 +2630,7 @@ def _bypasses_proxy(endpoint: _Endpoint, no_proxy: str) -> bool:
                 return True
             continue
         name, _, port = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
-        name = name.lstrip(".").rstrip(".")
+        name = name.removeprefix("*").lstrip(".").rstrip(".")  # ("*.example.com", as Go reads it, is ".example.com")
         ascii_name = _ascii_name(name)  # the host is in its IDNA form (`_wire_host`): the entry too
         if ascii_name is None:
             continue

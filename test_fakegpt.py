@@ -4901,7 +4901,8 @@ def test_cli_honours_ssl_cert_file() -> None:
 
 
 @pytest.mark.parametrize("no_proxy, bypassed", [
-    ("*", True), ("example.com", True), (".example.com", True), ("api.example.com:443", True),
+    ("*", True), ("example.com", True), (".example.com", True), ("*.example.com", True), ("api.example.com:443", True),
+    ("*.other.com", False), ("*ample.com", False),
     ("api.example.com:8443", False), ("other.com", False), ("ample.com", False), ("", False),
 ])
 def test_no_proxy_matching(no_proxy: str, bypassed: bool) -> None:
