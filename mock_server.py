@@ -21,8 +21,8 @@ profile's default) or in the delta format (``"v1"``, the backend-api default), w
 uses every construct of the format: carried-forward paths and ops, patches with and
 without a path, bare batches, hidden documents (a commentary preamble, reasoning, a
 tool round trip) interleaved with the reply, notices, a late title, pings, padding.
-The mock remembers its conversations: a later turn's reply depends on the turns
-before, an unknown parent message is refused, and ``"action": "continue"`` goes on
+The mock remembers its conversations (the 10,000 most recently used): a later turn's
+reply depends on the turns before, an unknown conversation or parent message is refused, and ``"action": "continue"`` goes on
 with a reply that stopped at ``max_tokens``.
 
 Run it three ways:
@@ -454,6 +454,7 @@ _EXPIRED = {
 _MODEL_ERROR = "Something went wrong in the model."
 _BREAKS = ("cut", "reset", "garbage", "hang_after")
 _MAX_BODY = 16 * 1024 * 1024
+_MAX_CONVERSATIONS = 10_000  # remembered, the most recently used kept: an older one is "not found"
 _MAX_HEAD = 64 * 1024
 _MAX_REQUEST_LINE = 8 * 1024  # nginx's and Apache's default
 _LINGER_SECONDS = 5.0  # at most, to read and drop the rest of a refused request (nginx: lingering_timeout 5 s)
@@ -836,12 +837,14 @@ class MockServer:
                 raise _BadRequest(400, "continue needs a conversation_id.")
             conversation = _Conversation(str(uuid.UUID(int=self._random.getrandbits(128))))
             self._conversations[conversation.id] = conversation
+            if len(self._conversations) > _MAX_CONVERSATIONS:
+                del self._conversations[next(iter(self._conversations))]
         else:
-            found = self._conversations.get(conversation_id)
+            found = self._conversations.pop(conversation_id, None)
             if found is None:
                 raise _BadRequest(404, {"message": f"Conversation {conversation_id} not found.",
                                         "code": "conversation_not_found"})
-            conversation = found
+            conversation = self._conversations[conversation_id] = found  # the most recently used: the last to go
             if parent not in conversation.parents:
                 raise _BadRequest(400, {"message": f"Parent message {parent} is not in this conversation.",
                                         "code": "invalid_parent_message"})

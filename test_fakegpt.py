@@ -6168,6 +6168,29 @@ def test_mock_keeps_a_bounded_request_log_and_closes_idle_connections() -> None:
         connection.close()
 
 
+def test_mock_remembers_a_bounded_number_of_conversations_the_most_recently_used(
+        provider: "type[FakeGpt]", mock: mock_server.MockServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(mock_server, "_MAX_CONVERSATIONS", 3)  # (10,000 in earnest)
+
+    def turn(stream: Optional[fakegpt.ChatStream] = None) -> fakegpt.ChatStream:
+        ids = {} if stream is None else {"conversation_id": stream.conversation_id, "parent_message_id": stream.message_id}
+        async def read() -> fakegpt.ChatStream:
+            async with provider.stream("", USER, **ids) as reply:
+                async for _ in reply:
+                    pass
+            return reply
+
+        return asyncio.run(read())
+
+    first, second, third = turn(), turn(), turn()
+    turn(first)  # used: the second is now the least recently used
+    turn()  # a fourth: the second goes
+    with pytest.raises(fakegpt.HTTPStatusError, match="not found") as raised:
+        turn(second)
+    assert raised.value.status == 404
+    assert turn(turn(third)).conversation_id == third.conversation_id and turn(first).conversation_id == first.conversation_id
+
+
 def test_mock_accepts_a_chunked_request_body(mock: mock_server.MockServer) -> None:
     body = json.dumps({"action": "next", "messages": [{"id": "u", "content": {"parts": ["chunked"]}}],
                        "parent_message_id": "p", "model": "m"}).encode()
