@@ -22,8 +22,8 @@ uses every construct of the format: carried-forward paths and ops, patches with 
 without a path, bare batches, hidden documents (a commentary preamble, reasoning, a
 tool round trip) interleaved with the reply, notices, a late title, pings, padding.
 The mock remembers its conversations (the 10,000 most recently used): a later turn's
-reply depends on the turns before, an unknown conversation or parent message is refused, and ``"action": "continue"`` goes on
-with a reply that stopped at ``max_tokens``.
+reply depends on the turns before, an unknown conversation or parent message is
+refused, and ``"action": "continue"`` goes on with a reply that stopped at ``max_tokens``.
 
 Run it three ways:
 
