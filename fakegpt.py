@@ -2864,7 +2864,7 @@ class _Connection(asyncio.BufferedProtocol):
         except socket.gaierror:
             raise ConnectError(f"cannot resolve the host name of {where}") from None
         except OSError as exc:
-            reason = exc.strerror or str(exc)
+            reason = _connect_failure(exc)
             if not reason:  # an end of stream carries no words: say what it was
                 closed = "the connection was closed"
                 reason = f"{closed} during the TLS handshake" if endpoint.tls else f"{closed} ({type(exc).__name__})"
@@ -3048,6 +3048,18 @@ class _Connection(asyncio.BufferedProtocol):
     def _wake(waiter: Optional["asyncio.Future[None]"]) -> None:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+
+def _connect_failure(exc: OSError) -> str:
+    """Why a connection could not be made, in the system's words ("Connection refused"):
+    asyncio's own ("Connect call failed ('127.0.0.1', 9)", or "Multiple exceptions: ..."
+    for a host of several addresses) repeat the address and leave the reason out."""
+    if exc.errno:
+        return os.strerror(exc.errno)
+    codes = sorted({int(code) for code in re.findall(r"\[Errno (\d+)\]", str(exc))})
+    if codes:
+        return "; ".join(os.strerror(code) for code in codes)
+    return exc.strerror or str(exc)
 
 
 def _input_pending(fileno: int) -> bool:

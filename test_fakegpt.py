@@ -13,6 +13,7 @@ import contextlib
 import copy
 import dataclasses
 import datetime
+import errno
 import functools
 import gc
 import http.client
@@ -4729,6 +4730,23 @@ def test_a_tls_handshake_ended_by_the_peers_close_is_a_connect_error(monkeypatch
         raised, _ = failure(provider_for(f"https://{host}:{port}"), access_token="t")
     assert isinstance(raised, fakegpt.ConnectError)
     assert str(raised).endswith(f"cannot connect to {host}:{port}: the connection was closed during the TLS handshake")
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_a_refused_connection_says_so_in_the_systems_words(scheme: str) -> None:
+    port = port_for_a_server()  # free: nothing listens there
+    raised, _ = failure(provider_for(f"{scheme}://127.0.0.1:{port}"), access_token="t", retries=0)
+    refused = os.strerror(errno.ECONNREFUSED)
+    assert isinstance(raised, fakegpt.ConnectError) and str(raised) == f"cannot connect to 127.0.0.1:{port}: {refused}"
+
+
+def test_a_connect_failure_of_several_addresses_gives_each_reason_once() -> None:
+    # asyncio's words for a host of several addresses, each refused or unreachable
+    several = OSError("Multiple exceptions: [Errno 111] Connect call failed ('::1', 9, 0, 0), "
+                      "[Errno 111] Connect call failed ('127.0.0.1', 9), [Errno 101] Connect call failed ('::2', 9)")
+    assert fakegpt._connect_failure(several) == f"{os.strerror(101)}; {os.strerror(111)}"
+    assert fakegpt._connect_failure(OSError(111, "Connect call failed ('127.0.0.1', 9)")) == os.strerror(111)
+    assert fakegpt._connect_failure(OSError("no address for x")) == "no address for x"
 
 
 @pytest.mark.parametrize("answer, words", [
