@@ -2619,9 +2619,9 @@ def _proxy_from_environment(endpoint: _Endpoint) -> Optional[_Proxy]:
 
 def _bypasses_proxy(endpoint: _Endpoint, no_proxy: str) -> bool:
     """Whether NO_PROXY names the host: "*", the host, a parent domain (".example.com"
-    or "*.example.com" too), or host:port;
-    an IP address also by a network that holds it ("10.0.0.0/8", as curl, Go and
-    requests read it), and an IPv6 one in brackets too ("[::1]:8443")."""
+    or "*.example.com" too), or host:port; an IP address also by a network that holds
+    it ("10.0.0.0/8", as curl, Go and requests read it), an IPv6 one in brackets too
+    ("[::1]:8443")."""
     host = endpoint.host.lower().rstrip(".")
     address = _ip_address(host)
     for entry in (e.strip().lower() for e in no_proxy.split(",")):

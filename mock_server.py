@@ -1388,7 +1388,9 @@ async def _read_request(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
         if coding.strip().lower() != "chunked" or lengths:
             raise _BadRequest(400, "Only a chunked Transfer-Encoding, without Content-Length, is understood.")
     else:
-        length_text = lengths.pop() if len(lengths) == 1 else "0" if not lengths else ""  # (RFC 9112: "5, 5" is 5)
+        if len(lengths) > 1:  # which one frames the body is anyone's guess (a list of one value is that value)
+            raise _BadRequest(400, "Content-Length values that disagree.")
+        length_text = lengths.pop() if lengths else "0"
         if not (length_text.isdigit() and length_text.isascii()):
             raise _BadRequest(400, "Bad Content-Length.")
         length = int(length_text)
