@@ -835,7 +835,7 @@ class MockServer:
         if conversation_id is None:
             if body["action"] == "continue":
                 raise _BadRequest(400, "continue needs a conversation_id.")
-            conversation = _Conversation(str(uuid.UUID(int=self._random.getrandbits(128))))
+            conversation = _Conversation(_uuid4(self._random))
             self._conversations[conversation.id] = conversation
             if len(self._conversations) > _MAX_CONVERSATIONS:
                 del self._conversations[next(iter(self._conversations))]
@@ -860,7 +860,7 @@ class MockServer:
             prompt = _prompt_of(body)
             turns, earlier = conversation.history(parent)
             whole = self._reply_text(prompt, turns + 1, earlier)
-            sent, message_id = 0, str(uuid.UUID(int=self._random.getrandbits(128)))
+            sent, message_id = 0, _uuid4(self._random)
             conversation.parents[str(user.get("id"))] = parent
             conversation.parents[message_id] = str(user.get("id"))
             conversation.prompts[str(user.get("id"))] = prompt
@@ -1051,7 +1051,7 @@ class MockServer:
             return _Event((b" ping - " + time.strftime("%Y-%m-%d %H:%M:%S").encode(),), ":")
 
         def hidden_id() -> str:
-            return str(uuid.UUID(int=schedule.getrandbits(128)))
+            return _uuid4(schedule)
 
         parts = "/message/content/parts/0"
         yield _Event((b'"v1"',), "delta_encoding")
@@ -1337,6 +1337,11 @@ def _cookie(request: RecordedRequest, name: str) -> Optional[str]:
         if key == name:
             return value
     return None
+
+
+def _uuid4(source: random.Random) -> str:
+    """A random id in UUID version 4 form, as the upstream's, from a seeded source."""
+    return str(uuid.UUID(int=source.getrandbits(128), version=4))
 
 
 def _printable(text: str) -> str:

@@ -41,6 +41,7 @@ import time
 import tracemalloc
 import urllib.parse
 import urllib.request
+import uuid
 import warnings
 import zlib
 from typing import Any, Awaitable, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
@@ -6207,6 +6208,20 @@ def test_mock_remembers_a_bounded_number_of_conversations_the_most_recently_used
         turn(second)
     assert raised.value.status == 404
     assert turn(turn(third)).conversation_id == third.conversation_id and turn(first).conversation_id == first.conversation_id
+
+
+@pytest.mark.parametrize("stream_format", ["snapshots", "v1"])
+def test_mock_ids_are_version_4_uuids_as_the_upstreams(stream_format: str) -> None:
+    body = json.dumps({"action": "next", "parent_message_id": str(uuid.uuid4()), "model": "m", "messages": [
+        {"id": str(uuid.uuid4()), "author": {"role": "user"}, "content": {"content_type": "text", "parts": ["Hi"]}}]})
+    with mock_server.MockServer(stream_format=stream_format, tool_use=True) as server:
+        connection = http.client.HTTPConnection(server.host, server.port, timeout=5)
+        connection.request("POST", "/api/conversation", body, {"X-Authorization": f"Bearer {server.access_token}"})
+        stream = connection.getresponse().read().decode()
+        connection.close()
+    ids = set(re.findall(r'"(?:id|conversation_id|message_id)": "([^"]*)"', stream))
+    assert len(ids) >= 4  # the conversation's, the user's and at least two messages'
+    assert all(uuid.UUID(value).version == 4 and str(uuid.UUID(value)) == value for value in ids)
 
 
 def test_mock_accepts_a_chunked_request_body(mock: mock_server.MockServer) -> None:
