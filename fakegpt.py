@@ -65,7 +65,7 @@ from typing import (
     Union,
 )
 
-__version__ = "1.8.5"
+__version__ = "1.8.6"
 __all__ = [
     "AsyncResult",
     "AuthenticationError",
