@@ -1268,6 +1268,12 @@ _PARTS_MARKERS = (b'"parts": ["', b'"parts":["')
 _PROBE_WORTH_BYTES = 4096
 # A JSON string's bytes that are its text as they stand: no escapes, no control characters.
 _NEEDS_JSON = re.compile(rb"[\x00-\x1f\\]")
+# A delta record that appends text to the carried path, an event of one data line (after
+# "event: delta", or none), padding allowed: its data, and its string's content (plain
+# bytes and escapes, which are checked when decoded).
+_DELTA_TEXT_RECORD = re.compile(
+    rb'(?:event: delta\n)?data: (\{"v": ?"([^"\\\x00-\x1f]*(?:\\[^\n][^"\\\x00-\x1f]*)*)"\} *)\n\n'
+)
 # JSON string content of plain bytes and escapes of whole characters (none of half a
 # surrogate pair). Matched from a token boundary, it stops where the string ends, or at
 # what needs a closer look: a surrogate's escape, a control character, a bad escape.
@@ -1830,6 +1836,48 @@ class ConversationDecoder:
             self._length += len(text)
         return text
 
+    def extend_delta_run(self, buffer: bytes, pos: int, max_data: int) -> Tuple[int, str]:
+        """`extend` for a run of delta records, when only their text is wanted: takes in
+        the events from `pos` on that are each ``data: {"v": "<text>"}`` (after ``event:
+        delta`` or not, padding allowed) and a blank line, their data of at most
+        `max_data` bytes, while the carried op appends to the visible text; returns where
+        the last it took ends (-1 if none) and their text. That is the text `extend` gives
+        taking them one by one: a record whose text does not decode (a bad escape, invalid
+        UTF-8) ends the run before it, for the event's own reading to say what is wrong."""
+        if self._head is not None or self._append_to is None:
+            return -1, ""
+        texts: List[str] = []
+        taken_to = -1
+        match = _DELTA_TEXT_RECORD.match
+        found = match(buffer, pos)
+        while found is not None:
+            data_start, data_end = found.span(1)
+            if data_end - data_start > max_data:
+                break
+            content = found[2]
+            if b"\\" in content:
+                text = _json_escaped(content)
+                if text is None:
+                    break
+            else:
+                try:
+                    text = content.decode("utf-8")
+                except UnicodeDecodeError:
+                    break
+            texts.append(text)
+            taken_to = found.end()
+            found = match(buffer, taken_to)
+        if taken_to < 0:
+            return -1, ""
+        text = "".join(texts)
+        parts = self._append_to
+        current = parts[0]
+        parts[0] = self._visible_text = current = _appended(current, text, _VISIBLE_TEXT_PATH)
+        if text:
+            self._pieces.append(text)
+            self._length += len(text)
+        return taken_to, text
+
     def detach(self) -> None:
         """Let go of the buffers given to `extend`: the text so far is copied out of them."""
         if isinstance(self._escaped_text, memoryview):
@@ -2091,6 +2139,8 @@ class _ReplyDecoder:
             return pos
         if self.text_only:
             run_end, run_text = conversation.extend_run(chunk, pos, b"data: ", b"\n\n", self._max_run_data)
+            if run_end < 0:
+                run_end, run_text = conversation.extend_delta_run(chunk, pos, self._max_run_data)
             if run_text:
                 events.append(run_text)
             if run_end >= 0:

@@ -1459,6 +1459,40 @@ def test_extend_run_takes_a_run_however_its_events_are_framed(before: bytes, aft
         assert (text, decoder.text) == (texts[taken][len(texts[0]):], texts[taken])
 
 
+DELTA_START = (b'event: delta_encoding\ndata: "v1"\n\nevent: delta\ndata: {"p": "", "o": "add", "v": {"message": '
+               b'{"id": "m1", "author": {"role": "assistant"}, "content": {"content_type": "text", "parts": [""]}, '
+               b'"status": "in_progress", "recipient": "all", "metadata": {}}, "conversation_id": "c1", "error": null}, '
+               b'"c": 0}\n\nevent: delta\ndata: {"p": "/message/content/parts/0", "o": "append", "v": "Hi"}\n\n')
+
+
+def test_extend_delta_run_takes_the_text_of_a_run_of_appends_as_extend_would() -> None:
+    records = [b'event: delta\ndata: {"v": " th\xc3\xa9re"}   \n\n', b'data: {"v":"\\n\\"q\\" \\u00e9"}\n\n',
+               b'event: delta\ndata: {"v": ""}\n\n', b'event: delta\ndata: {"v": "!"}\n\n']
+    texts = [" thére", '\n"q" é', "", "!"]
+    for stop, taken, max_data in ((b'event: delta\ndata: {"v": "\\x"}\n\n', 4, 10**6),  # a bad escape
+                                  (b'event: delta\ndata: {"v": "\xff"}\n\n', 4, 10**6),  # not UTF-8
+                                  (b'event: delta\ndata: {"v": "x" }\n\n', 4, 10**6),  # not this shape
+                                  (b"", 1, len(records[1]) - 9)):  # the limit stops the run before the second
+        decoder = ConversationDecoder()
+        for event in SSEDecoder().feed(DELTA_START):
+            decoder.feed(event)
+        buffer = b"".join(records) + stop
+        end, text = decoder.extend_delta_run(buffer, 0, max_data)
+        assert end == sum(map(len, records[:taken]))
+        assert (text, decoder.text) == ("".join(texts[:taken]), "Hi" + "".join(texts[:taken]))
+    assert ConversationDecoder().extend_delta_run(b"".join(records), 0, 10**6) == (-1, "")  # no text to append to
+
+
+@pytest.mark.parametrize("text_only", [True, False])
+def test_reply_decoder_refuses_a_delta_record_over_the_event_limit(text_only: bool) -> None:
+    reply = fakegpt._ReplyDecoder(ConversationDecoder(), Limits(max_event_size=400), text_only=text_only)
+    events: List[Any] = []
+    with pytest.raises(fakegpt.LimitExceeded):
+        reply.feed(DELTA_START + b'event: delta\ndata: {"v": " there"}\n\n'
+                   + b'event: delta\ndata: {"v": "' + b"x" * 500 + b'"}\n\n', events)
+    assert "".join(events if text_only else [e.delta for e in events]) == "Hi there"
+
+
 def test_reply_decoder_raises_in_the_call_that_meets_the_error() -> None:
     # The events before it first, and then at once: the next bytes may never come.
     reply, events = fakegpt._ReplyDecoder(ConversationDecoder(), Limits(max_sse_line_size=1000)), []
