@@ -5453,7 +5453,7 @@ def _run(args: argparse.Namespace, url: str, token: Optional[str], *, trust_env:
     except UsageError as exc:
         return _fail(str(exc), EXIT_USAGE, json_too=args.json)
     except FakeGptError as exc:
-        return _fail(_explain(exc, url), EXIT_ERROR, json_too=args.json, kind=type(exc).__name__)
+        return _fail(_explain(exc, url, args.profile), EXIT_ERROR, json_too=args.json, kind=type(exc).__name__)
     if reply.finish_reason == "max_tokens" and not args.json:
         _note("the reply stopped at the upstream's max_tokens: it is incomplete")
     return EXIT_OK
@@ -5709,7 +5709,7 @@ class _Chat:
             self.transcript.append({"role": "assistant", "content": text, "stopped": True})
             return
         except FakeGptError as exc:
-            print(f"fakegpt: error: {_printable(_explain(exc, self.options['url']))}", file=sys.stderr)
+            print(f"fakegpt: error: {_printable(_explain(exc, self.options['url'], self.args.profile))}", file=sys.stderr)
             self.transcript.pop()
             return
         self.transcript.append({
@@ -5872,7 +5872,8 @@ def _printable(text: str) -> str:
     return _CONTROL.sub("", text)
 
 
-def _explain(exc: FakeGptError, url: str) -> str:
+def _explain(exc: FakeGptError, url: str, profile: str = "shared") -> str:
+    """The error's message, with a hint where the command line's choices likely caused it."""
     message = str(exc)
     unreachable = isinstance(exc, ConnectError) or (
         isinstance(exc, RequestTimeout) and exc.phase == "connect"
@@ -5882,6 +5883,18 @@ def _explain(exc: FakeGptError, url: str) -> str:
             f" - the public service at {DEFAULT_URL} shut down in January 2024;"
             " use --url for another upstream, or --mock for the bundled mock"
         )
+    elif isinstance(exc, HTTPStatusError) and exc.status == 404 and "conversation" not in exc.detail.lower():
+        # No such route (not an unknown conversation): likely the other profile's server.
+        if profile == "shared" and message.startswith("GET /api/loads:"):
+            message += (
+                " - the upstream has no shared-token login: for a ChatGPT-web gateway"
+                " (/backend-api/conversation), use --profile backend-api and its access token"
+            )
+        elif profile == "backend-api" and message.startswith("POST /backend-api/conversation:"):
+            message += (
+                " - the upstream has no /backend-api/conversation: for a shared-token or"
+                " FakeOpen-style server (/api/conversation), use --profile shared"
+            )
     return message
 
 

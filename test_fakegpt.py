@@ -5177,6 +5177,18 @@ def test_cli_unreachable_upstream_is_one_line_and_the_default_url_points_to_mock
     assert "shut down" in hint and "--mock" in hint and "--url" in hint
 
 
+def test_cli_hints_at_the_other_profile_when_the_upstream_has_no_such_route() -> None:
+    with mock_server.MockServer(profile="backend-api") as gateway, mock_server.MockServer() as shared:
+        login_missing = run_cli("--url", gateway.url, "Hi")
+        conversation_missing = run_cli("--url", shared.url, "--profile", "backend-api", "Hi",
+                                       env={"FAKEGPT_ACCESS_TOKEN": shared.access_token})
+        unknown = run_cli("--url", shared.url, "--conversation-id", "no-such-conversation", "Hi")
+    assert login_missing.returncode == 1 and "HTTP 404" in login_missing.stderr
+    assert "use --profile backend-api and its access token" in login_missing.stderr
+    assert conversation_missing.returncode == 1 and "use --profile shared" in conversation_missing.stderr
+    assert unknown.returncode == 1 and "not found" in unknown.stderr and "--profile" not in unknown.stderr
+
+
 def test_cli_version_and_help() -> None:
     assert run_cli("--version").stdout.strip() == f"fakegpt {fakegpt.__version__}"
     help_text = run_cli("--help").stdout
