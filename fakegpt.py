@@ -5085,7 +5085,7 @@ class FakeGpt:
     supports_gpt_4 = False
     supports_message_history = True
     needs_auth = False
-    # What gpt4free's client (g4f 7 and later) reads of a provider besides the above.
+    # What gpt4free's own client reads of a provider besides the above (g4f 8.8.6, say).
     live = 0  # its count of the calls that went well (it adds and takes away)
     use_stream_timeout = True  # a stream's timeout is its stream_timeout keyword's
     _access_token: Optional[str] = None

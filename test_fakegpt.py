@@ -3222,7 +3222,7 @@ def test_the_class_works_where_gpt4free_expects_a_provider(provider: "type[FakeG
 
 
 def test_the_class_works_where_todays_gpt4free_client_expects_a_provider(provider: "type[FakeGpt]") -> None:
-    # g4f's client (7.x, 8.x: iter_run_tools and async_iter_run_tools), reduced to what it
+    # g4f's client (8.8.6: iter_run_tools and async_iter_run_tools), reduced to what it
     # asks of a provider: every argument by keyword, the provider itself among them, and
     # class attributes it reads and counts with.
     def iter_run_tools(provider: Any, model: str, messages: fakegpt.Messages, **kwargs: Any) -> Iterator[Any]:
