@@ -475,6 +475,14 @@ class MockServer:
     ) -> None:
         if options is not None and not isinstance(options, MockOptions):
             raise ValueError(f"options must be a MockOptions, not {type(options).__name__}")
+        known = [field.name for field in dataclasses.fields(MockOptions)]
+        for name in overrides:
+            if name not in known:
+                import difflib  # here: only a mistake needs it
+
+                close = difflib.get_close_matches(name, known, n=1)
+                raise ValueError(f"unknown option {name!r}" + (f": did you mean {close[0]!r}?" if close else
+                                                               f"; the options: {', '.join(known)}"))
         self.options = dataclasses.replace(options or MockOptions(), **overrides)
         if not (isinstance(port, int) and not isinstance(port, bool) and 0 <= port <= 65535):
             raise ValueError(f"port must be a whole number from 0 to 65535, not {port!r}")

@@ -6126,10 +6126,12 @@ def test_mock_options_and_faults_are_checked_where_given(options: Dict[str, Any]
 @pytest.mark.parametrize("call, words", [
     (lambda: mock_server.MockServer("cut:3"), "options must be a MockOptions, not str"),  # (a fault meant as fault=)
     (lambda: mock_server.MockServer(host=None), "host must be an address or a host name"),
+    (lambda: mock_server.MockServer(framng="close"), "unknown option 'framng': did you mean 'framing'?"),
+    (lambda: mock_server.MockServer(bogus=1), "unknown option 'bogus'; the options: profile, stream_format,"),
     (lambda: mock_server.MockServer(log="access.log"), "log must be a function"),
     (lambda: mock_server.MockServer().fail_next("cut:1", times=0), "times must be a whole number of at least 1"),
     (lambda: mock_server.MockServer().fail_next("cut:1", times="2"), "times must be a whole number of at least 1"),
-], ids=["options", "host", "log", "times 0", "times str"])
+], ids=["options", "host", "typo", "unknown", "log", "times 0", "times str"])
 def test_mock_server_arguments_are_checked_where_given(call: Callable[[], Any], words: str) -> None:
     with pytest.raises(ValueError, match=re.escape(words)):
         call()
