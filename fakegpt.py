@@ -63,6 +63,7 @@ from typing import (
     Tuple,
     TypeVar,
     Union,
+    cast,
 )
 
 __version__ = "1.8.6"
@@ -2441,7 +2442,10 @@ class _Clock:
         self.timeouts = timeouts
         self._loop = loop
         self._deadline = None if timeouts.total is None else loop.time() + timeouts.total
-        self._watchdog: Optional[asyncio.TimerHandle] = None
+        # The timer, and when it is due (kept here: uvloop's call_at gives a timer due
+        # now as a plain Handle, which cannot say when).
+        self._watchdog: Optional[asyncio.Handle] = None
+        self._watchdog_at = 0.0
         self._waiting: Optional["asyncio.Task[Any]"] = None  # the task in a wait
         self._waiting_since = 0.0
         self._phase = "read"  # the wait's: "read", "connect" or "total"
@@ -2459,7 +2463,7 @@ class _Clock:
         self._phase, self._limit = phase, limit
         self._waiting = task = asyncio.current_task(self._loop)
         watchdog = self._watchdog
-        if watchdog is None or (limit is not None and self._waiting_since + limit < watchdog.when()):
+        if watchdog is None or (limit is not None and self._waiting_since + limit < self._watchdog_at):
             if watchdog is not None:
                 watchdog.cancel()
             self._arm()
@@ -2495,7 +2499,7 @@ class _Clock:
             wait_end = self._waiting_since + self._limit
             when = wait_end if when is None else min(when, wait_end)
         assert when is not None
-        self._watchdog = self._loop.call_at(when, self._check)
+        self._watchdog, self._watchdog_at = self._loop.call_at(when, self._check), when
 
     def _check(self) -> None:
         self._watchdog = None
@@ -2817,6 +2821,17 @@ async def _open_tunnel(proxy: _Proxy, endpoint: _Endpoint, limits: Limits) -> so
         raise
 
 
+async def _start_tls(
+    transport: asyncio.Transport, protocol: asyncio.BaseProtocol, context: ssl.SSLContext, host: str,
+) -> Optional[asyncio.Transport]:
+    """``loop.start_tls``, unless the peer has closed the connection already (a proxy that
+    hangs up after its 200, say): uvloop's would start the handshake on it all the same,
+    fail to write, and never end."""
+    if transport.is_closing():
+        return None  # as start_tls says an end of stream during the handshake
+    return await asyncio.get_running_loop().start_tls(transport, protocol, context, server_hostname=host)
+
+
 def _abort_made_transport(handshake: "asyncio.Future[Optional[asyncio.Transport]]") -> None:
     """Abort the transport a TLS handshake made after all, once no one wanted it."""
     if not handshake.cancelled() and handshake.exception() is None:
@@ -2961,7 +2976,7 @@ class _Connection(asyncio.BufferedProtocol):
         # The name without the dot of a fully qualified one ("example.com."): servers may
         # refuse one sent with it (RFC 6066), and certificates never carry it.
         handshake = asyncio.ensure_future(
-            loop.start_tls(transport, connection, context, server_hostname=endpoint.host.rstrip("."))
+            _start_tls(transport, connection, context, endpoint.host.rstrip("."))
         )
         try:
             tls = await asyncio.shield(handshake)
@@ -3052,8 +3067,9 @@ class _Connection(asyncio.BufferedProtocol):
     # -- asyncio's protocol callbacks --------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # A stream transport, though not always an asyncio.Transport by class: uvloop's
+        # are its own.
+        self._transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             self._fileno = sock.fileno()
@@ -3156,7 +3172,8 @@ class _Pool:
         self.loop = asyncio.get_running_loop()  # its connections', and its calls' (`_Clock`)
         self._idle: Dict[Any, List[_Connection]] = {}  # by key, the most recent last
         self._due: Dict[_Connection, Tuple[Any, float]] = {}  # key and end of idle time, the oldest first
-        self._sweep: Optional[asyncio.TimerHandle] = None
+        self._sweep: Optional[asyncio.Handle] = None  # and when it is due (see `_Clock`)
+        self._sweep_at = 0.0
         self._in_use: Dict[Any, int] = {}  # places taken, by key
         self._waiting: Dict[Any, "collections.deque[asyncio.Future[None]]"] = {}  # for a place, by key
         self.closed = False
@@ -3224,10 +3241,10 @@ class _Pool:
         self._idle.setdefault(key, []).append(connection)
         self._due[connection] = (key, due)
         sweep = self._sweep
-        if sweep is None or due < sweep.when():
+        if sweep is None or due < self._sweep_at:
             if sweep is not None:
                 sweep.cancel()
-            self._sweep = self.loop.call_at(due, self._close_due, due)
+            self._sweep, self._sweep_at = self.loop.call_at(due, self._close_due, due), due
 
     def close(self) -> None:
         """Close every idle connection; a connection put afterwards is closed at once."""
@@ -3249,7 +3266,7 @@ class _Pool:
             self._forget(connection)
         if self._due:
             due = min(due for _, due in self._due.values())
-            self._sweep = self.loop.call_at(due, self._close_due, due)
+            self._sweep, self._sweep_at = self.loop.call_at(due, self._close_due, due), due
 
     def _forget(self, connection: _Connection) -> None:
         key = self._due.pop(connection)[0]

@@ -3937,6 +3937,113 @@ def wait_until(condition: Callable[[], bool], seconds: float = 2.0) -> bool:
     return True
 
 
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_the_client_works_on_uvloops_event_loop(tls: bool, recwarn: pytest.WarningsRecorder) -> None:
+    # uvloop (uvicorn's loop, and many applications') has transports of its own, not
+    # asyncio.Transport by class.
+    uvloop = pytest.importorskip("uvloop")  # (installed with the test extra where it builds)
+    certs = {"certfile": str(TESTDATA / "server.pem"), "keyfile": str(TESTDATA / "server.key")} if tls else {}
+    ssl_context = {"ssl": trusting_test_ca()} if tls else {}
+
+    async def calls(provider: "type[FakeGpt]") -> List[Any]:
+        first = await provider.create_async("", USER, **ssl_context)
+        many = await asyncio.gather(*(provider.create_async("", prompted(f"c{n}"), **ssl_context) for n in range(20)))
+        pieces = provider.create_async_generator("", prompted("[[chars 3000]] long"), **ssl_context)
+        async for _ in pieces:
+            break
+        await pieces.aclose()
+        with pytest.raises(fakegpt.RequestTimeout):
+            await provider.create_async("", prompted("[[fault hang]] x"), timeout=0.3, **ssl_context)
+        # A login begun by a call whose timer is due at once (uvloop gives such a timer as
+        # a plain Handle, which cannot say when it is due), joined by another call.
+        fresh, hasty = FakeGpt.isolated(provider.url), fakegpt.Timeouts(read=1e-6)
+        one, two = await asyncio.gather(gather_pieces(fresh, "one", timeout=hasty, **ssl_context),
+                                        gather_pieces(fresh, "two", timeout=hasty, **ssl_context), return_exceptions=True)
+        assert one is two and isinstance(one, fakegpt.RequestTimeout) and one.phase == "read"
+        await fresh.aclose()
+        late = await provider.create_async("", USER, **ssl_context)
+        await provider.aclose()
+        return [first, many, late]
+
+    with mock_server.MockServer(**certs) as server:
+        first, many, late = uvloop.run(calls(FakeGpt.isolated(server.url)))
+    assert first == late == FULL_REPLY
+    assert many == [mock_server.default_reply(f"c{n}") for n in range(20)]
+    gc.collect()
+    assert not [w for w in recwarn if issubclass(w.category, ResourceWarning)]
+
+
+def event_loops() -> List[Any]:
+    """asyncio's loop, and uvloop's where it is installed."""
+    try:
+        import uvloop
+    except ImportError:
+        return [asyncio.new_event_loop]
+    return [asyncio.new_event_loop, uvloop.new_event_loop]
+
+
+class IdleConnection:
+    """What a pool asks of a connection it keeps."""
+
+    alive = usable = True
+
+    def rest(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.alive = self.usable = False
+
+
+@pytest.mark.parametrize("new_loop", event_loops(), ids=lambda f: f.__module__)
+def test_timers_due_at_once_are_kept_track_of_on_any_event_loop(new_loop: Callable[[], Any]) -> None:
+    # uvloop's call_at gives a timer due now or earlier as a plain Handle, without when().
+    async def waits_and_keeps() -> Tuple[List[int], List[bool]]:
+        loop = asyncio.get_running_loop()
+        clock = fakegpt._Clock(fakegpt.Timeouts(read=1e-9), loop)
+        done = loop.create_future()
+        done.set_result(1)
+        values = [await clock.wait(done), await clock.wait(done)]  # the second asks when the first's timer is due
+        pool, first, second = fakegpt._Pool(), IdleConnection(), IdleConnection()
+        pool.reserve("key", 2)
+        pool.reserve("key", 2)
+        pool.put("key", first, 1e-9)  # due at once
+        pool.put("key", second, 60)
+        await asyncio.sleep(0.1)
+        kept = [first.alive, second.alive]
+        pool.close()
+        return values, kept
+
+    loop = new_loop()
+    try:
+        values, kept = loop.run_until_complete(waits_and_keeps())
+    finally:
+        loop.close()
+    assert values == [1, 1] and kept == [False, True]
+
+
+def test_on_uvloop_a_proxy_that_hangs_up_after_its_200_is_a_connect_error_at_once() -> None:
+    # uvloop's start_tls on a connection the peer has closed fails to write its hello and
+    # never ends: the call waited out its connect timeout.
+    uvloop = pytest.importorskip("uvloop")
+
+    async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        writer.close()
+
+    async def call(url: str) -> BaseException:
+        with pytest.raises(fakegpt.FakeGptError) as raised:
+            await FakeGpt.isolated("https://example.invalid").create_async(
+                "", USER, proxy=url, access_token="t", retries=0, timeout=fakegpt.Timeouts(connect=3))
+        return raised.value
+
+    with thread_server(proxy) as (host, port):
+        started = time.monotonic()
+        error = uvloop.run(call(f"http://{host}:{port}"))
+    assert isinstance(error, fakegpt.ConnectError) and "example.invalid through the proxy" in str(error)
+    assert time.monotonic() - started < 2
+
+
 def test_the_login_and_later_calls_share_one_connection(provider: "type[FakeGpt]", mock: mock_server.MockServer) -> None:
     async def three() -> List[str]:
         return [await provider.create_async("", prompted(f"call {n}")) for n in range(3)]
