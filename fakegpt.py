@@ -1823,6 +1823,11 @@ class ConversationDecoder:
             if decoded is None:
                 return None
             text = decoded
+        self._append_visible(text)
+        return text
+
+    def _append_visible(self, text: str) -> None:
+        """Append `text` to the visible message, as the carried op does, and deliver it."""
         parts = self._append_to
         assert parts is not None
         current = parts[0]
@@ -1835,7 +1840,6 @@ class ConversationDecoder:
         if text:
             self._pieces.append(text)
             self._length += len(text)
-        return text
 
     def extend_delta_run(self, buffer: bytes, pos: int, max_data: int) -> Tuple[int, str]:
         """`extend` for a run of delta records, when only their text is wanted: takes in
@@ -1871,12 +1875,7 @@ class ConversationDecoder:
         if taken_to < 0:
             return -1, ""
         text = "".join(texts)
-        parts = self._append_to
-        current = parts[0]
-        parts[0] = self._visible_text = current = _appended(current, text, _VISIBLE_TEXT_PATH)
-        if text:
-            self._pieces.append(text)
-            self._length += len(text)
+        self._append_visible(text)
         return taken_to, text
 
     def detach(self) -> None:
