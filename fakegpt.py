@@ -5584,8 +5584,18 @@ _CHAT_HELP = """\
 /quit, /exit     leave (so do Ctrl-D, and exit or quit alone on a line)
 //text           send "/text" (a message that starts with a slash)
 A line ending in \\ goes on in the next line; a block between two lines of three
-double quotes (\"\"\") is sent as one message. Ctrl-C stops a reply: its text stays in
-the transcript, marked stopped, and the next turn answers the last complete reply."""
+double quotes (\"\"\") is sent as one message; Ctrl-D in either sends it too. Ctrl-C
+stops a reply: its text stays in the transcript, marked stopped, and the next turn
+answers the last complete reply."""
+
+
+def _input_or_none(prompt: str) -> Optional[str]:
+    """A line typed after `prompt`, or None at Ctrl-D (the end of input)."""
+    try:
+        return input(prompt)
+    except EOFError:
+        print(file=sys.stderr)  # the terminal's cursor to a line of its own
+        return None
 
 
 class _Chat:
@@ -5645,17 +5655,23 @@ class _Chat:
         return prompt
 
     def _read_lines(self) -> str:
+        """A message: a line, lines joined by a trailing backslash, or a block between two
+        lines of three quotes. Ctrl-D in the middle of one ends it as its last line would
+        (the message is sent, as in `mail`): only at the first prompt does it quit."""
         line = input("you> ")
         lines: List[str] = []
         if line.strip() == '"""':
             while True:
-                more = input("...> ")
-                if more.strip() == '"""':
+                more = _input_or_none("...> ")
+                if more is None or more.strip() == '"""':
                     return "\n".join(lines)
                 lines.append(more)
         while line.endswith("\\") and not line.endswith("\\\\"):
             lines.append(line[:-1])
-            line = input("...> ")
+            more = _input_or_none("...> ")
+            if more is None:
+                return "\n".join(lines)
+            line = more
         lines.append(line)
         return "\n".join(lines)
 

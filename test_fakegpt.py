@@ -5545,6 +5545,23 @@ def test_chat_ctrl_c_keeps_the_text_and_the_next_turn_answers_the_last_complete_
     assert stopped.startswith("Turn 2: before, you said “First”. Привет") and not stopped.endswith("fine.")
 
 
+def test_chat_ctrl_d_inside_a_block_or_a_continued_line_sends_what_was_typed(mock_process: str) -> None:
+    term = Terminal(mock_process, "--no-history")
+    try:
+        term.until("you> ")
+        term.type('"""\nblock one\nblock two\n\x04')  # Ctrl-D where the closing """ would be
+        assert "You said “block one\nblock two”" in term.until("you> ")
+        term.type("first \\\n\x04")  # Ctrl-D after a line that goes on
+        assert "You said “first ”" in term.until("you> ")
+        term.type('"""\n\x04')  # an empty block: nothing to send, and the chat goes on
+        term.until("you> ")
+        term.type("Last\n")
+        assert "Turn 3: before, you said “first ”" in term.until("you> ")
+        assert term.close() == 0  # Ctrl-D at the prompt quits
+    finally:
+        term.kill()
+
+
 def test_a_retried_answer_takes_the_place_of_the_earlier_one_and_a_stopped_retry_leaves_it(
         mock_process: str, tmp_path: pathlib.Path) -> None:
     term = Terminal(mock_process, "--no-history")
