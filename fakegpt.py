@@ -5742,6 +5742,10 @@ class _Chat:
             return
         except FakeGptError as exc:
             print(f"fakegpt: error: {_printable(_explain(exc, self.options['url'], self.args.profile))}", file=sys.stderr)
+            if conversation_id and isinstance(exc, HTTPStatusError) and exc.status == 404:
+                # The upstream forgot the conversation (restarted, expired): every later turn
+                # would fail the same way.
+                print("[the upstream does not know this conversation: /new starts a new one]", file=sys.stderr)
             self.transcript.pop()
             return
         self.transcript.append({

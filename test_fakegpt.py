@@ -5562,6 +5562,23 @@ def test_chat_ctrl_d_inside_a_block_or_a_continued_line_sends_what_was_typed(moc
         term.kill()
 
 
+def test_chat_says_to_start_anew_when_the_upstream_does_not_know_the_conversation(mock_process: str) -> None:
+    unknown = str(uuid.uuid4())
+    term = Terminal(mock_process, "--no-history", "--conversation-id", unknown, "--parent-message-id", unknown)
+    try:
+        term.until("you> ")
+        term.type("Hello\n")
+        screen = term.until("you> ")
+        assert "HTTP 404" in screen and "/new starts a new one" in screen
+        term.type("/new\n")
+        term.until("you> ")
+        term.type("Hello\n")
+        assert mock_server.default_reply("Hello") in term.until("you> ")
+        assert term.close() == 0
+    finally:
+        term.kill()
+
+
 def test_a_retried_answer_takes_the_place_of_the_earlier_one_and_a_stopped_retry_leaves_it(
         mock_process: str, tmp_path: pathlib.Path) -> None:
     term = Terminal(mock_process, "--no-history")
