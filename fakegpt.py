@@ -4612,6 +4612,7 @@ class ChatStream:
         self._batch: List[Any] = []
         self._taken = 0
         self._text_only = False
+        self._closed = False
         # The session file, if this call keeps its login between processes (never for a
         # TLS context of the caller's: it cannot be told apart in another process).
         kept = self._options.session_cache and self._options.ssl_context is None
@@ -4656,6 +4657,8 @@ class ChatStream:
 
     async def __anext__(self) -> ChatEvent:
         if self._taken == len(self._batch):
+            if self._closed:
+                raise self._closed_error()
             self._batch, self._taken = await self._start(text_only=False).__anext__(), 0
         event: ChatEvent = self._batch[self._taken]
         self._taken += 1
@@ -4668,11 +4671,22 @@ class ChatStream:
 
     async def aclose(self) -> None:
         """Close the reply and its connection now, read to the end or not (the text
-        pieces of `texts` too, even if a loop over them stopped early)."""
+        pieces of `texts` too, even if a loop over them stopped early). A closed stream
+        cannot be read: it raises `UsageError` rather than end as if the reply had."""
+        self._closed = True
+        self._batch, self._taken = [], 0
         if self._batches is not None:
             await self._batches.aclose()
 
+    def _closed_error(self) -> UsageError:
+        return UsageError(
+            "this ChatStream is closed (its async with block ended, or aclose()): read it"
+            " inside the block, or ask again with a new FakeGpt.stream()"
+        )
+
     def _start(self, *, text_only: bool) -> AsyncGenerator[Any, None]:
+        if self._closed:
+            raise self._closed_error()
         if self._batches is None:
             self._batches = self._run(text_only=text_only)
             self._text_only = text_only
@@ -4689,6 +4703,12 @@ class ChatStream:
 
     async def __aexit__(self, *exc_info: Any) -> None:
         await self.aclose()
+
+    def __enter__(self) -> NoReturn:
+        raise UsageError("a ChatStream is an asynchronous context manager: use async with FakeGpt.stream(...)")
+
+    def __exit__(self, *exc_info: Any) -> None:  # pragma: no cover - __enter__ always raises
+        pass
 
     async def _run(self, *, text_only: bool) -> AsyncGenerator[Any, None]:
         """The reply, as batches of events or (`text_only`) text pieces: one request, or

@@ -2892,6 +2892,39 @@ def test_leaving_a_reply_early_closes_it_before_control_returns(provider: "type[
         gc.collect()
 
 
+@pytest.mark.parametrize("read_inside", [0, 1, "all"])
+def test_a_closed_stream_cannot_be_read_and_starts_no_request(
+        provider: "type[FakeGpt]", mock: mock_server.MockServer, read_inside: Union[int, str]) -> None:
+    """Reading a stream after its block ended raises: it neither ends as if the reply had
+    (nor gives the events one read had buffered, as it did) nor sends the request anew."""
+    prompt = [{"role": "user", "content": "Hi"}]  # the mock sends it all in one write: one read
+
+    async def main() -> None:
+        async with provider.stream("", prompt) as reply:
+            if read_inside == "all":
+                assert "".join([event.delta async for event in reply]) == mock_server.default_reply("Hi")
+            elif read_inside:
+                await reply.__anext__()
+        asked = len(mock.requests)
+        with pytest.raises(fakegpt.UsageError, match="closed"):
+            await reply.__anext__()
+        with pytest.raises(fakegpt.UsageError, match="closed"):
+            reply.texts()
+        with pytest.raises(fakegpt.UsageError, match="closed"):
+            async with reply:
+                await reply.__anext__()
+        assert len(mock.requests) == asked
+
+    asyncio.run(main())
+
+
+def test_a_stream_in_a_plain_with_says_async_with(provider: "type[FakeGpt]", mock: mock_server.MockServer) -> None:
+    with pytest.raises(fakegpt.UsageError, match="async with"):
+        with provider.stream("", [{"role": "user", "content": "Hi"}]):
+            pass  # pragma: no cover
+    assert not mock.requests
+
+
 def test_a_reader_that_falls_behind_pauses_the_socket_instead_of_buffering_the_reply() -> None:
     total = 32 * 1024 * 1024
     body = bytes(range(256)) * (total // 256)
