@@ -535,6 +535,8 @@ class MockServer:
         return str(error.strerror or getattr(error, "reason", None) or error)
 
     async def start(self) -> "MockServer":
+        if self._server is not None:
+            raise RuntimeError(f"this MockServer is already running at {self.url}")
         context = None
         if self.options.certfile:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -667,6 +669,11 @@ class MockServer:
                 _status.set(0)
                 try:
                     keep_alive = await self._route(request, reader, writer, keep_alive)
+                except (_Closed, ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+                    raise
+                except Exception as exc:  # noqa: BLE001 - a bug here or in a `reply` function: a 500 that says so
+                    await self._failed(exc, writer)
+                    break
                 finally:
                     self._log_exchange(request.method, request.path, _status.get(), started)
                 if not keep_alive:
@@ -680,6 +687,18 @@ class MockServer:
         finally:
             self._connections.discard(task)
             writer.close()
+
+    async def _failed(self, exc: Exception, writer: asyncio.StreamWriter) -> None:
+        """An exchange that raised: the traceback logged (``mock_server`` logger), and if
+        no response began, a 500 whose detail names the error, so that a test sees why
+        instead of a dropped connection. The connection is closed either way."""
+        import logging
+
+        logging.getLogger("mock_server").error("the mock failed to answer a request", exc_info=exc)
+        if _status.get() == 0:
+            with contextlib.suppress(ConnectionError, _Closed):
+                await _send_json(writer, 500, {"detail": f"the mock server failed: {type(exc).__name__}: {exc}"},
+                                 keep_alive=False)
 
     def _log_exchange(self, method: str, path: str, status: int, started: float) -> None:
         if self._log is not None:
@@ -888,7 +907,10 @@ class MockServer:
     def _reply_text(self, prompt: str, turn: int, earlier: Optional[str]) -> str:
         reply = self.options.reply
         if callable(reply):
-            return reply(prompt)
+            text = reply(prompt)
+            if not isinstance(text, str):
+                raise TypeError(f"the reply function returned {type(text).__name__}, not a string")
+            return text
         if reply is not None:
             return reply
         if self.options.directives:

@@ -6311,6 +6311,38 @@ def test_mock_server_arguments_are_checked_where_given(call: Callable[[], Any], 
         call()
 
 
+def _raises(prompt: str) -> str:
+    raise RuntimeError(f"no reply for {prompt}")
+
+
+@pytest.mark.parametrize("reply, words", [
+    (_raises, "the mock server failed: RuntimeError: no reply for Hello"),
+    (lambda prompt: len(prompt), "the mock server failed: TypeError: the reply function returned int, not a string"),
+], ids=["raises", "not a string"])
+def test_mock_answers_a_500_that_says_why_when_its_reply_function_fails(
+        reply: Callable[[str], Any], words: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A test's reply function that fails is the test's bug: a 500 that names it (and the
+    traceback in the log), not a dropped connection the client retries as a network fault."""
+    with mock_server.MockServer(reply=reply) as mock:
+        with pytest.raises(fakegpt.HTTPStatusError) as caught:
+            pieces_of(provider_for(mock.url), retries=0)
+        assert caught.value.status == 500 and words in str(caught.value)
+    assert any(record.name == "mock_server" and record.exc_info for record in caplog.records)
+
+
+def test_a_running_mock_says_so_when_started_again() -> None:
+    async def main() -> None:
+        async with mock_server.MockServer() as server:
+            with pytest.raises(RuntimeError, match=f"already running at {re.escape(server.url)}"):
+                async with server:
+                    pass  # pragma: no cover
+            with pytest.raises(RuntimeError, match="already running"):
+                with server:
+                    pass  # pragma: no cover
+
+    asyncio.run(main())
+
+
 def test_mock_command_line_says_what_is_wrong_with_its_port_or_certificate(mock: mock_server.MockServer) -> None:
     def run(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "mock_server", "--quiet", *args], capture_output=True, text=True,
