@@ -4150,16 +4150,123 @@ def _check_login(head: Response, body: bytes, *, redact: Sequence[str]) -> None:
         )
 
 
-class _SessionFile:
-    """Sessions kept between processes: the access token and the cookies of each
-    upstream, in a JSON file readable by its owner alone (directory 0700, file 0600,
-    replaced atomically). Never a proxy's password: a proxy is known by its address."""
+class _KeptFile:
+    """What a command keeps between processes: a JSON object of entries by key, in a
+    file readable by its owner alone (directory 0700, file 0600, replaced atomically
+    under a lock beside it, `.NAME.lock`). The `_MOST` most recently put entries stay."""
 
-    _MOST = 50  # upstreams kept; the least recently saved go first
+    _MOST = 50
     _LOCK_WAIT = 2.0  # seconds
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, what: str = "session") -> None:
         self.path = path
+        self.what = what  # for the log: "the session was not kept", "the session file is replaced"
+        self._stem = os.path.splitext(os.path.basename(path))[0]
+
+    def get(self, key: str) -> Any:
+        """The entry kept for `key`, or None."""
+        return self._read().get(key)
+
+    def put(self, key: str, entry: Any) -> None:
+        """Keep `entry` for `key`, as the most recent."""
+
+        def put(data: Dict[str, Any]) -> Dict[str, Any]:
+            data.pop(key, None)
+            data[key] = entry
+            return dict(list(data.items())[-self._MOST:])
+
+        self._update(put)
+
+    def _update(self, change: Callable[[Dict[str, Any]], Optional[Dict[str, Any]]]) -> None:
+        """Read the file, `change` what it holds, and replace it with what `change`
+        returns (None: leave it), holding the lock beside it throughout, so that two
+        commands keeping an entry at the same moment keep both."""
+        directory = os.path.dirname(self.path)
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            os.chmod(directory, 0o700)
+        except OSError as exc:
+            _log.info("the %s was not kept in %s: %s", self.what, self.path, exc.strerror or exc)
+            return
+        lock = self._lock(os.path.join(directory, f".{self._stem}.lock"))
+        try:
+            data = change(self._read())
+            if data is not None:
+                self._write(data)
+        finally:
+            if lock is not None:
+                os.close(lock)  # and the lock with it
+
+    def _lock(self, path: str) -> Optional[int]:
+        """A descriptor of the lock file at `path`, locked for us alone (closing it
+        unlocks); None where there is no such lock (not POSIX, a file system without
+        locks, something other than a file in its place) or another process has held it
+        for `_LOCK_WAIT` seconds: then the file is replaced unlocked, as before there was
+        a lock."""
+        try:
+            import fcntl  # here: POSIX only, and only a command that keeps something needs it
+        except ImportError:
+            return None
+        try:
+            lock = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | os.O_NONBLOCK, 0o600)
+        except OSError as exc:
+            _log.info("the %s file is replaced without its lock: %s", self.what, exc.strerror or exc)
+            return None
+        reason = "it is not a regular file"
+        deadline = time.monotonic() + self._LOCK_WAIT
+        while stat.S_ISREG(os.fstat(lock).st_mode):
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return lock
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    reason = f"another process has held it for {self._LOCK_WAIT:g} s"
+                    break
+                time.sleep(0.005)  # the holder reads and writes a small file: a few ms
+            except OSError as exc:
+                reason = exc.strerror or str(exc)
+                break
+        os.close(lock)
+        _log.info("the %s file is replaced without its lock: %s", self.what, reason)
+        return None
+
+    def _read(self) -> Dict[str, Any]:
+        try:
+            # Not blocking: a FIFO (or a device) in the file's place must not hang the command.
+            with open(os.open(self.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), encoding="utf-8") as file:
+                info = os.fstat(file.fileno())
+                if not stat.S_ISREG(info.st_mode):
+                    return {}
+                if hasattr(os, "getuid"):  # POSIX: the owner's alone, as `_write` makes it
+                    if info.st_uid != os.getuid():
+                        return {}  # someone else's: not a session of this user's
+                    if info.st_mode & 0o077:
+                        os.fchmod(file.fileno(), 0o600)  # copied or restored with looser modes
+                data = json.load(file)
+        except (OSError, ValueError, RecursionError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def _write(self, data: Dict[str, Any]) -> None:
+        import tempfile  # here: only a command that logged in needs it
+
+        try:
+            fd, temporary = tempfile.mkstemp(dir=os.path.dirname(self.path), prefix=f".{self._stem}-")  # mode 0600
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as file:
+                    json.dump(data, file)
+                os.replace(temporary, self.path)
+            except BaseException:
+                os.unlink(temporary)
+                raise
+        except OSError as exc:
+            _log.info("%s was not kept in %s: %s", self.what, self.path, exc.strerror or exc)
+
+
+class _SessionFile(_KeptFile):
+    """Sessions kept between processes: the access token and the cookies of each
+    upstream (the 50 most recently saved). Never a proxy's password: a proxy is known
+    by its address."""
 
     @classmethod
     def default(cls) -> Optional["_SessionFile"]:
@@ -4201,15 +4308,8 @@ class _SessionFile:
              "path": c.path, "secure": c.secure, "expires": c.expires}
             for c in session.cookie_jar
         ]
-        entry = {"access_token": session.access_token, "expires": session.expires, "cookies": cookies,
-                 "saved": time.time()}
-
-        def put(data: Dict[str, Any]) -> Dict[str, Any]:
-            data.pop(key, None)
-            data[key] = entry
-            return dict(list(data.items())[-self._MOST:])
-
-        self._update(put)
+        self.put(key, {"access_token": session.access_token, "expires": session.expires, "cookies": cookies,
+                       "saved": time.time()})
 
     def drop(self, key: str, token: str) -> None:
         """Forget `key`'s session if it still holds `token` (the upstream refused it)."""
@@ -4222,92 +4322,6 @@ class _SessionFile:
             return data
 
         self._update(take_out)
-
-    def _update(self, change: Callable[[Dict[str, Any]], Optional[Dict[str, Any]]]) -> None:
-        """Read the file, `change` what it holds, and replace it with what `change`
-        returns (None: leave it), holding the lock beside it throughout, so that two
-        commands keeping a session at the same moment keep both."""
-        directory = os.path.dirname(self.path)
-        try:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
-            os.chmod(directory, 0o700)
-        except OSError as exc:
-            _log.info("the session was not kept in %s: %s", self.path, exc.strerror or exc)
-            return
-        lock = self._lock(os.path.join(directory, ".sessions.lock"))
-        try:
-            data = change(self._read())
-            if data is not None:
-                self._write(data)
-        finally:
-            if lock is not None:
-                os.close(lock)  # and the lock with it
-
-    @classmethod
-    def _lock(cls, path: str) -> Optional[int]:
-        """A descriptor of the lock file at `path`, locked for us alone (closing it
-        unlocks); None where there is no such lock (not POSIX, a file system without
-        locks, something other than a file in its place) or another process has held it
-        for `_LOCK_WAIT` seconds: then the file is replaced unlocked, as before there was
-        a lock."""
-        try:
-            import fcntl  # here: POSIX only, and only a command that keeps a session needs it
-        except ImportError:
-            return None
-        try:
-            lock = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | os.O_NONBLOCK, 0o600)
-        except OSError as exc:
-            _log.info("the session file is replaced without its lock: %s", exc.strerror or exc)
-            return None
-        reason = "it is not a regular file"
-        deadline = time.monotonic() + cls._LOCK_WAIT
-        while stat.S_ISREG(os.fstat(lock).st_mode):
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return lock
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    reason = f"another process has held it for {cls._LOCK_WAIT:g} s"
-                    break
-                time.sleep(0.005)  # the holder reads and writes a small file: a few ms
-            except OSError as exc:
-                reason = exc.strerror or str(exc)
-                break
-        os.close(lock)
-        _log.info("the session file is replaced without its lock: %s", reason)
-        return None
-
-    def _read(self) -> Dict[str, Any]:
-        try:
-            # Not blocking: a FIFO (or a device) in the file's place must not hang the command.
-            with open(os.open(self.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), encoding="utf-8") as file:
-                info = os.fstat(file.fileno())
-                if not stat.S_ISREG(info.st_mode):
-                    return {}
-                if hasattr(os, "getuid"):  # POSIX: the owner's alone, as `_write` makes it
-                    if info.st_uid != os.getuid():
-                        return {}  # someone else's: not a session of this user's
-                    if info.st_mode & 0o077:
-                        os.fchmod(file.fileno(), 0o600)  # copied or restored with looser modes
-                data = json.load(file)
-        except (OSError, ValueError, RecursionError):
-            return {}
-        return data if isinstance(data, dict) else {}
-
-    def _write(self, data: Dict[str, Any]) -> None:
-        import tempfile  # here: only a command that logged in needs it
-
-        try:
-            fd, temporary = tempfile.mkstemp(dir=os.path.dirname(self.path), prefix=".sessions-")  # mode 0600
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as file:
-                    json.dump(data, file)
-                os.replace(temporary, self.path)
-            except BaseException:
-                os.unlink(temporary)
-                raise
-        except OSError as exc:
-            _log.info("the session was not kept in %s: %s", self.path, exc.strerror or exc)
 
 
 def _xdg_directory(variable: str, default: str) -> Optional[str]:
