@@ -5376,10 +5376,14 @@ def _cli_parser() -> argparse.ArgumentParser:
     parser.add_argument("--access-token-file", metavar="FILE",
                         help="read the access token from FILE (never pass a token as an argument: "
                         "other users can read process lists); default: $FAKEGPT_ACCESS_TOKEN")
+    parser.add_argument("-c", "--continue", dest="continue_", action="store_true",
+                        help="continue the last conversation with this upstream (kept in "
+                        "$XDG_STATE_HOME/fakegpt/conversations.json)")
     parser.add_argument("--conversation-id", help="continue this conversation")
     parser.add_argument("--parent-message-id", help="the message to answer (with --conversation-id)")
     parser.add_argument("--proxy", help="an http://[user:password@]host:port proxy")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="the upstream model (default: %(default)s)")
+    parser.add_argument("-m", "--model", default=DEFAULT_MODEL, help="the upstream model (default: %(default)s)")
+    parser.add_argument("-s", "--system", help="a system prompt, sent with the first turn of a new conversation")
     parser.add_argument("--timeout", type=float, help="give up after this many seconds")
     parser.add_argument("--retries", type=int, default=2,
                         help="try again this many times after a 429, a 5xx or a failed connection, "
@@ -5388,7 +5392,8 @@ def _cli_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-session-cache", action="store_true",
                         help="log in afresh: keep no session between commands (also: $FAKEGPT_NO_SESSION_CACHE)")
     parser.add_argument("--no-history", action="store_true",
-                        help="the chat keeps no history file (default: $XDG_STATE_HOME/fakegpt/history)")
+                        help="keep no history: neither the chat's lines ($XDG_STATE_HOME/fakegpt/history) "
+                        "nor the last conversation (for --continue)")
     parser.add_argument("--verbose", action="store_true",
                         help="show each request, the timings, the model and the finish on stderr")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -5407,11 +5412,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.mock and args.url is not None:
         return _fail("--mock and --url exclude each other: the mock is the upstream", EXIT_USAGE)
     for flag, value in (("--url", args.url), ("--conversation-id", args.conversation_id),
-                        ("--parent-message-id", args.parent_message_id)):
+                        ("--parent-message-id", args.parent_message_id), ("--system", args.system)):
         if value is not None and not value.strip():
             return _fail(f"{flag} is empty (an unset shell variable?)", EXIT_USAGE)
     if args.parent_message_id is not None and args.conversation_id is None:
         return _fail("--parent-message-id answers a message of a conversation: give --conversation-id too", EXIT_USAGE)
+    if args.continue_ and args.conversation_id is not None:
+        return _fail("--continue and --conversation-id exclude each other: each names the conversation", EXIT_USAGE)
+    if args.continue_ and args.mock:
+        return _fail("--mock starts a new upstream each time: it has no earlier conversation to continue", EXIT_USAGE)
+    if args.system is not None and (args.continue_ or args.conversation_id is not None):
+        return _fail("--system begins a new conversation: the upstream keeps the one you continue as it began",
+                     EXIT_USAGE)
     if args.verbose:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("fakegpt: %(message)s"))
@@ -5473,6 +5485,13 @@ def _run(args: argparse.Namespace, url: str, token: Optional[str], *, trust_env:
         options["session_cache"] = True  # not for --mock: each of its runs is a new upstream
     if token is not None:
         options["access_token"] = token
+    try:
+        conversations = None if args.mock else _Conversations.default(args, url)
+        title = None
+        if args.continue_ and conversations is not None:
+            options["conversation_id"], options["parent_message_id"], title = conversations.last()
+    except UsageError as exc:
+        return _fail(str(exc), EXIT_USAGE, json_too=args.json)
     if args.conversation_id:
         options["conversation_id"] = args.conversation_id
     if args.parent_message_id:
@@ -5482,7 +5501,7 @@ def _run(args: argparse.Namespace, url: str, token: Optional[str], *, trust_env:
     if args.proxy:
         options["proxy"] = args.proxy
     if args.prompt is None and sys.stdin.isatty():
-        return _Chat(args, options).run()
+        return _Chat(args, options, conversations, title).run()
     if args.prompt in (None, "-"):
         try:
             prompt = sys.stdin.read()
@@ -5504,6 +5523,8 @@ def _run(args: argparse.Namespace, url: str, token: Optional[str], *, trust_env:
         return _fail(str(exc), EXIT_USAGE, json_too=args.json)
     except FakeGptError as exc:
         return _fail(_explain(exc, url, args.profile), EXIT_ERROR, json_too=args.json, kind=type(exc).__name__)
+    if conversations is not None:
+        conversations.remember(reply)
     if reply.finish_reason == "max_tokens" and not args.json:
         _note("the reply stopped at the upstream's max_tokens: it is incomplete")
     return EXIT_OK
@@ -5519,7 +5540,10 @@ async def _print_reply(
     started = time.monotonic()
     first: Optional[float] = None
     waiting = _Waiting() if sys.stderr.isatty() and not args.json else None
-    async with FakeGpt.stream(args.model, [{"role": "user", "content": prompt}], **options) as reply:
+    messages = [{"role": "user", "content": prompt}]
+    if args.system and "conversation_id" not in options:  # a turn that begins a conversation
+        messages.insert(0, {"role": "system", "content": args.system})
+    async with FakeGpt.stream(args.model, messages, **options) as reply:
         if seen is not None:
             seen.append(reply)
         try:
@@ -5547,6 +5571,47 @@ async def _print_reply(
             reply.finish_reason, reply.conversation_id,
         )
     return reply
+
+
+class _Conversations:
+    """The last conversation with each upstream (by profile and URL), kept between
+    commands for --continue in the state directory: its id and its last reply's, which a
+    turn that continues it answers. Written after each complete reply, unless --no-history."""
+
+    def __init__(self, kept: Optional[_KeptFile], key: str, *, keep: bool) -> None:
+        self.kept = kept
+        self.key = key
+        self.keep = keep
+
+    @classmethod
+    def default(cls, args: argparse.Namespace, url: str) -> "_Conversations":
+        """The user's; raises `UsageError` for a URL that is not one."""
+        endpoint, path = _parse_url(url)
+        directory = _state_directory()
+        kept = None if directory is None else _KeptFile(os.path.join(directory, "conversations.json"), "conversation")
+        return cls(kept, f"{args.profile} {endpoint.origin}{path}", keep=not args.no_history)
+
+    def last(self) -> Tuple[str, str, Optional[str]]:
+        """The last conversation's id, its last reply's id and its title."""
+        entry = self.kept.get(self.key) if self.kept is not None else None
+        if isinstance(entry, dict):
+            ids = [entry.get("conversation_id"), entry.get("message_id")]
+            title = entry.get("title")
+            if all(isinstance(value, str) and value for value in ids):
+                return str(ids[0]), str(ids[1]), title if isinstance(title, str) else None
+        profile, _, url = self.key.partition(" ")
+        raise UsageError(f"--continue: no earlier conversation with {url} (profile {profile}) is kept")
+
+    def remember(self, reply: "ChatStream") -> None:
+        if self.kept is None or not self.keep or not (reply.conversation_id and reply.message_id):
+            return
+        title = reply.title
+        if title is None:  # upstreams name a conversation once: a later turn's keeps the name
+            earlier = self.kept.get(self.key)
+            if isinstance(earlier, dict) and earlier.get("conversation_id") == reply.conversation_id:
+                title = earlier.get("title")
+        self.kept.put(self.key, {"conversation_id": reply.conversation_id, "message_id": reply.message_id,
+                                 "title": title, "saved": time.time()})
 
 
 class _OutputError(Exception):
@@ -5635,11 +5700,15 @@ def _input_or_none(prompt: str) -> Optional[str]:
 class _Chat:
     """The interactive chat: each line (or block) is a turn of one conversation."""
 
-    def __init__(self, args: argparse.Namespace, options: Dict[str, Any]) -> None:
+    def __init__(
+        self, args: argparse.Namespace, options: Dict[str, Any], conversations: Optional[_Conversations] = None,
+        title: Optional[str] = None,
+    ) -> None:
         self.args = args
         self.options = options
+        self.conversations = conversations
         self.transcript: List[Dict[str, Any]] = []
-        self.title: Optional[str] = None
+        self.title = title  # the conversation's, once the upstream gives one (or the one continued)
         self.model: Optional[str] = None
         # The last turn asked: its prompt, conversation and parent, and where its entries in
         # the transcript start (what a /retry that gets its answer replaces).
@@ -5752,6 +5821,9 @@ class _Chat:
             "Type /help for commands; \"\"\" for a block of lines; Ctrl-C stops a reply, Ctrl-D quits.",
             file=sys.stderr,
         )
+        if options.get("conversation_id"):
+            shown = f"“{self.title}”" if self.title else f"conversation {options['conversation_id']}"
+            print(f"[continuing {_printable(shown)}]", file=sys.stderr)
 
     def _ask(self, prompt: str, *, again: Optional[Tuple[Optional[str], Optional[str], int]] = None) -> None:
         """One turn. `again`: the conversation, parent and transcript entries of the turn
@@ -5788,6 +5860,8 @@ class _Chat:
         })
         if again is not None:  # the answer asked for again takes the place of the earlier one
             del self.transcript[again[2]:start]
+        if self.conversations is not None:
+            self.conversations.remember(reply)
         if reply.finish_reason == "max_tokens":
             _note("the reply stopped at the upstream's max_tokens: it is incomplete")
         if reply.model:

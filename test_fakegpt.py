@@ -5830,6 +5830,57 @@ def test_the_cli_keeps_its_session_between_commands(mock: mock_server.MockServer
     assert mock.count("GET", "/api/loads") == 5  # each used the kept session
 
 
+def test_cli_continue_takes_up_the_last_conversation_and_system_begins_one(
+        mock: mock_server.MockServer, tmp_path: pathlib.Path) -> None:
+    env = {"XDG_STATE_HOME": str(tmp_path / "state")}
+    turns = lambda: [json.loads(r.body) for r in mock.requests if r.path == "/api/conversation"]  # noqa: E731
+    nothing = run_cli("--url", mock.url, "-c", "Again", env=env)
+    assert nothing.returncode == 2 and f"no earlier conversation with {mock.url} (profile shared)" in nothing.stderr
+    assert run_cli("--url", mock.url, "-s", "Be brief.", "Hello", env=env).returncode == 0
+    first = turns()[-1]
+    assert first["messages"][0]["content"]["parts"] == ["System: Be brief.\nUser: Hello\nAssistant:"]
+    kept = tmp_path / "state" / "fakegpt" / "conversations.json"
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o600 and stat.S_IMODE(kept.parent.stat().st_mode) == 0o700
+    [entry] = json.loads(kept.read_text()).values()
+    assert entry["title"]  # the upstream named it
+    second = run_cli("--url", mock.url + "/", "--continue", "And then?", env=env)  # the same upstream
+    assert second.stdout.startswith("Turn 2: before, you said “System: Be brief.")
+    assert turns()[-1]["conversation_id"] == entry["conversation_id"]
+    assert turns()[-1]["parent_message_id"] == entry["message_id"]
+    assert turns()[-1]["messages"][0]["content"]["parts"] == ["And then?"]  # no system prompt: it began already
+    [later] = json.loads(kept.read_text()).values()
+    assert later["conversation_id"] == entry["conversation_id"] and later["message_id"] != entry["message_id"]
+    assert later["title"] == entry["title"]  # named once, kept
+    assert run_cli("--url", mock.url, "--no-history", "Elsewhere", env=env).returncode == 0
+    assert list(json.loads(kept.read_text()).values()) == [later]  # that one was not kept
+    assert run_cli("--url", mock.url, "-c", "Third", env=env).stdout.startswith("Turn 3: before, you said “And then?”")
+    other = run_cli("--url", mock.url, "--profile", "backend-api", "-c", "Hi", env={**env, "FAKEGPT_ACCESS_TOKEN": "t"})
+    assert other.returncode == 2 and "(profile backend-api)" in other.stderr  # kept by profile and URL
+    for args, words in [
+        (["-c", "--conversation-id", "x"], "--continue and --conversation-id exclude each other"),
+        (["-c", "-s", "Terse."], "--system begins a new conversation"),
+        (["--conversation-id", "x", "--system", "Terse."], "--system begins a new conversation"),
+        (["-s", " "], "--system is empty"),
+    ]:
+        result = run_cli("--url", mock.url, *args, "Hi", env=env)
+        assert result.returncode == 2 and words in result.stderr, args
+    assert run_cli("--mock", "-c", "Hi", env=env).returncode == 2
+
+
+def test_chat_continues_the_last_conversation(mock_process: str, tmp_path: pathlib.Path) -> None:
+    env = {"XDG_STATE_HOME": str(tmp_path / "state")}
+    assert run_cli("--url", mock_process, "Hello", env=env).returncode == 0
+    term = Terminal(mock_process, "-c", env=env)
+    try:
+        assert "[continuing “Hello”]" in term.until("you> ")
+        term.type("More\n")
+        assert "Turn 2: before, you said “Hello”." in term.until("you> ")
+        assert term.close() == 0
+    finally:
+        term.kill()
+    assert run_cli("--url", mock_process, "-c", "Last", env=env).stdout.startswith("Turn 3: before, you said “More”.")
+
+
 def test_the_cli_does_not_use_a_kept_session_that_has_ended(tmp_path: pathlib.Path) -> None:
     env = {"XDG_CACHE_HOME": str(tmp_path / "cache"), "FAKEGPT_NO_SESSION_CACHE": ""}
     kept = tmp_path / "cache" / "fakegpt" / "sessions.json"
