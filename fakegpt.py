@@ -3096,6 +3096,10 @@ class _Connection(asyncio.BufferedProtocol):
         return False  # the transport closes itself
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
+        # The transport is done with: asyncio's raises if aborted now, when it was closed
+        # with bytes still to send and then sent them (the peer, having answered early,
+        # read on: a 413 for a large prompt, with nginx's lingering close).
+        self._transport = None
         self._ended = True
         self._lost = self._lost or exc
         self._wake(self._data_waiter)

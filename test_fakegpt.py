@@ -4015,6 +4015,33 @@ def event_loops() -> List[Any]:
     return [asyncio.new_event_loop, uvloop.new_event_loop]
 
 
+@pytest.mark.parametrize("new_loop", event_loops(), ids=lambda f: f.__module__)
+@pytest.mark.parametrize("tls", [False, True], ids=["http", "https"])
+def test_a_prompt_the_upstream_refuses_as_too_large_is_its_413(
+        new_loop: Callable[[], asyncio.AbstractEventLoop], tls: bool) -> None:
+    # The mock answers 413 before it has read the body, half-closes, and reads on (as
+    # nginx does, whose default limit is 1 MB): the client's transport, closed with the
+    # request still to send, sent it and was gone before the reply was closed, and
+    # asyncio's transport raised AttributeError when aborted then.
+    options = {"certfile": str(TESTDATA / "server.pem"), "keyfile": str(TESTDATA / "server.key")} if tls else {}
+    with mock_server.MockServer(**options) as mock:
+        provider = provider_for(mock.url)
+        tls_options = {"ssl": trusting_test_ca()} if tls else {}
+
+        async def call() -> BaseException:
+            with pytest.raises(fakegpt.HTTPStatusError) as caught:
+                await provider.create_async("", [{"role": "user", "content": "a" * (17 * 1024 * 1024)}],
+                                            access_token=mock.access_token, retries=0, **tls_options)
+            return caught.value
+
+        loop = new_loop()
+        try:
+            error = loop.run_until_complete(call())
+        finally:
+            loop.close()
+    assert isinstance(error, fakegpt.HTTPStatusError) and error.status == 413 and "too large" in str(error)
+
+
 class IdleConnection:
     """What a pool asks of a connection it keeps."""
 
