@@ -5152,6 +5152,13 @@ class FakeGpt:
         """A subclass with a session cache of its own (token, cookies), aimed at `url`
         if given, with `attributes` set on it: for tests, and for code that must not
         share a login with the rest of the process."""
+        unknown = sorted(name for name in attributes if name.startswith("_") or not hasattr(cls, name))
+        if unknown:
+            public = ", ".join(name for name in vars(FakeGpt) if not name.startswith("_") and not callable(getattr(cls, name)))
+            raise UsageError(
+                f"{cls.__name__}.isolated: no class attribute {unknown[0]!r} (there are {public});"
+                " a call's options, such as ssl= or timeout=, go with each call"
+            )
         namespace: Dict[str, Any] = {"_sessions": {}, "_pools": _Pools(), "_access_token": None, "_cookie_jar": None}
         if url is not None:
             _parse_url(url)  # a bad URL fails here

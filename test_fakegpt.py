@@ -3282,6 +3282,14 @@ def test_the_class_works_where_todays_gpt4free_client_expects_a_provider(provide
     assert provider.live == 2 and FakeGpt.live == 0  # (an attribute of the subclass, once set there)
 
 
+def test_isolated_takes_the_class_attributes_and_names_what_it_does_not_take() -> None:
+    provider = FakeGpt.isolated("http://127.0.0.1:9", working=True, label="Mine")
+    assert provider.working and provider.label == "Mine" and not FakeGpt.working
+    for name in ("ssl_context", "timeout", "_access_token"):  # a call's option, or private state
+        with pytest.raises(fakegpt.UsageError, match=f"no class attribute '{name}' \\(there are url, label, working"):
+            FakeGpt.isolated("http://127.0.0.1:9", **{name: None})
+
+
 def test_the_library_reads_fakegpt_url_and_a_call_or_a_subclass_url_wins(mock: mock_server.MockServer, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FAKEGPT_URL", mock.url)
     assert "".join(pieces_of(FakeGpt.isolated())) == FULL_REPLY  # FakeGpt's own url: the variable
