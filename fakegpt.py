@@ -59,6 +59,7 @@ from typing import (
     NoReturn,
     Optional,
     Sequence,
+    Set,
     TextIO,
     Tuple,
     TypeVar,
@@ -5689,7 +5690,8 @@ class _Waiting:
 _CHAT_HELP = """\
 /help            this list
 /new             start a new conversation
-/save FILE       save the transcript: Markdown, or JSON if FILE ends in .json
+/save FILE       save the transcript: Markdown, or JSON if FILE ends in .json (a new
+                 file, or one this chat saved)
 /retry           ask the last prompt again (a new answer in its place)
 /quit, /exit     leave (so do Ctrl-D, and exit or quit alone on a line)
 //text           send "/text" (a message that starts with a slash)
@@ -5725,6 +5727,7 @@ class _Chat:
         # the transcript start (what a /retry that gets its answer replaces).
         self.last: Optional[Tuple[str, Optional[str], Optional[str], int]] = None
         self.history_file: Optional[str] = None
+        self.saved: Set[str] = set()  # files /save wrote: saving to one again replaces it
         self.turns = _Turns()
 
     def run(self) -> int:
@@ -5929,13 +5932,20 @@ class _Chat:
                 stopped = " (stopped)" if entry.get("stopped") else ""
                 parts.append(f"**{who}{stopped}:**\n\n{entry['content']}\n")
             document = "\n".join(parts)
+        where = os.path.abspath(os.path.expanduser(path))
+        # A file of the user's is never replaced: only one this chat saved (an earlier /save).
+        mode = "w" if where in self.saved else "x"
         try:
-            with open(os.path.expanduser(path), "w", encoding="utf-8") as file:
+            with open(where, mode, encoding="utf-8") as file:
                 file.write(document)
+        except FileExistsError:
+            print(f"[not saved: {_printable(path)} exists already; /save to a new name]", file=sys.stderr)
+            return
         except OSError as exc:
             print(f"[not saved: {exc.strerror or exc}]", file=sys.stderr)
             return
-        print(f"[saved {len(self.transcript)} messages to {path}]", file=sys.stderr)
+        self.saved.add(where)
+        print(f"[saved {len(self.transcript)} messages to {_printable(path)}]", file=sys.stderr)
 
 
 class _Turns:

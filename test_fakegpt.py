@@ -5630,6 +5630,29 @@ def test_chat_ctrl_d_inside_a_block_or_a_continued_line_sends_what_was_typed(moc
         term.kill()
 
 
+def test_chat_save_never_replaces_a_file_it_did_not_write(mock_process: str, tmp_path: pathlib.Path) -> None:
+    notes = tmp_path / "notes.md"
+    notes.write_text("my notes\n")
+    term = Terminal(mock_process, "--no-history")
+    try:
+        term.until("you> ")
+        term.type("Hello\n")
+        term.until("you> ")
+        term.type(f"/save {notes}\n")
+        assert "exists already" in term.until("you> ")
+        term.type(f"/save {tmp_path / 'chat.md'}\n")
+        assert "saved 2 messages" in term.until("you> ")
+        term.type("More\n")
+        term.until("you> ")
+        term.type(f"/save {tmp_path / 'chat.md'}\n")  # this chat's own file: brought up to date
+        assert "saved 4 messages" in term.until("you> ")
+        assert term.close() == 0
+    finally:
+        term.kill()
+    assert notes.read_text() == "my notes\n"
+    assert (tmp_path / "chat.md").read_text().count("**You:**") == 2
+
+
 def test_chat_says_to_start_anew_when_the_upstream_does_not_know_the_conversation(mock_process: str) -> None:
     unknown = str(uuid.uuid4())
     term = Terminal(mock_process, "--no-history", "--conversation-id", unknown, "--parent-message-id", unknown)
