@@ -67,7 +67,7 @@ from typing import (
     cast,
 )
 
-__version__ = "1.8.6"
+__version__ = "1.8.7"
 __all__ = [
     "AsyncResult",
     "AuthenticationError",
