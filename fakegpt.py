@@ -4265,7 +4265,7 @@ class _KeptFile:
                 os.unlink(temporary)
                 raise
         except OSError as exc:
-            _log.info("%s was not kept in %s: %s", self.what, self.path, exc.strerror or exc)
+            _log.info("the %s was not kept in %s: %s", self.what, self.path, exc.strerror or exc)
 
 
 class _SessionFile(_KeptFile):
@@ -4284,7 +4284,7 @@ class _SessionFile(_KeptFile):
 
     def load(self, key: str, session: _Session) -> None:
         """Give `session` what the file keeps for `key`, if it is still good."""
-        entry = self._read().get(key)
+        entry = self.get(key)
         if not isinstance(entry, dict):
             return
         token = entry.get("access_token")
