@@ -4959,9 +4959,11 @@ _EVENT_STREAM_START = re.compile(rb"(?:\xef\xbb\xbf)?[\r\n]*(?::|(?:data|event|i
 
 def _retry_delay(error: FakeGptError, attempt: int) -> Optional[float]:
     """How long to wait before trying again after `error`, None if it is not worth it:
-    exponential backoff with jitter, or the server's Retry-After (both capped)."""
+    exponential backoff with jitter (capped), or the server's Retry-After. One longer than
+    the cap gives up at once: asking sooner only earns another 429, and the error's
+    `retry_after` tells the caller when to come back."""
     if isinstance(error, RateLimitError) and error.retry_after is not None:
-        return min(error.retry_after, _RETRY_CAP)
+        return error.retry_after if error.retry_after <= _RETRY_CAP else None
     transient = (
         isinstance(error, RateLimitError)
         or (isinstance(error, HTTPStatusError) and error.status >= 500 and not isinstance(error, ChallengeError))

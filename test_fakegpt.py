@@ -3406,10 +3406,18 @@ def test_retries_never_repeat_text_or_a_request_that_cannot_succeed(provider: "t
     assert FULL_REPLY.startswith("".join(pieces))
 
 
-def test_a_retry_after_is_honoured_and_capped(provider: "type[FakeGpt]", mock: mock_server.MockServer) -> None:
+def test_a_retry_after_is_honoured_and_one_beyond_the_cap_gives_up_at_once(
+        provider: "type[FakeGpt]", mock: mock_server.MockServer) -> None:
     error = fakegpt.RateLimitError("x", retry_after=7200.0, status=429)
-    assert fakegpt._retry_delay(error, 0) == fakegpt._RETRY_CAP
+    assert fakegpt._retry_delay(error, 0) is None  # not 30 s, to be refused again
     assert fakegpt._retry_delay(fakegpt.RateLimitError("x", retry_after=2.0, status=429), 5) == 2.0
+    assert fakegpt._retry_delay(fakegpt.RateLimitError("x", retry_after=fakegpt._RETRY_CAP, status=429), 0) == fakegpt._RETRY_CAP
+    pieces_of(provider)  # logged in
+    mock.fail_next("status:429:3600")
+    started = time.monotonic()
+    raised, _ = failure(provider, retries=2)
+    assert isinstance(raised, fakegpt.RateLimitError) and raised.retry_after == 3600
+    assert time.monotonic() - started < 5 and mock.count("POST", "/api/conversation") == 2  # asked once
     delays = [fakegpt._retry_delay(fakegpt.HTTPStatusError("x", status=502), attempt) or 0 for attempt in range(8)]
     backoffs = [min(fakegpt._RETRY_BASE * 2 ** a, fakegpt._RETRY_CAP) for a in range(8)]
     assert all(b / 2 <= d <= b for b, d in zip(backoffs, delays)) and backoffs[-1] == fakegpt._RETRY_CAP
