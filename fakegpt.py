@@ -5515,6 +5515,10 @@ def _run(args: argparse.Namespace, url: str, token: Optional[str], *, trust_env:
     if args.proxy:
         options["proxy"] = args.proxy
     if args.prompt is None and sys.stdin.isatty():
+        try:  # the options checked before the chat begins, not at each turn (no I/O)
+            FakeGpt.stream(args.model, [{"role": "user", "content": "?"}], **options)
+        except UsageError as exc:
+            return _fail(str(exc), EXIT_USAGE)
         return _Chat(args, options, conversations, title).run()
     if args.prompt in (None, "-"):
         try:

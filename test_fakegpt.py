@@ -5661,6 +5661,21 @@ def test_chat_save_never_replaces_a_file_it_did_not_write(mock_process: str, tmp
     assert (tmp_path / "chat.md").read_text().count("**You:**") == 2
 
 
+def test_chat_with_options_a_call_refuses_says_so_before_it_begins(mock_process: str) -> None:
+    environ = {name: value for name, value in os.environ.items() if name != "FAKEGPT_ACCESS_TOKEN"}
+    pid, fd = spawn_on_a_terminal(["--url", mock_process, "--profile", "backend-api", "--no-history"],
+                                  {**environ, "PYTHONPATH": str(HERE)})
+    try:
+        screen = read_until(fd, b"needs an access token").decode()
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 2 and "you> " not in screen
+    finally:
+        with contextlib.suppress(ProcessLookupError, ChildProcessError):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(fd)
+
+
 def test_chat_says_to_start_anew_when_the_upstream_does_not_know_the_conversation(mock_process: str) -> None:
     unknown = str(uuid.uuid4())
     term = Terminal(mock_process, "--no-history", "--conversation-id", unknown, "--parent-message-id", unknown)
