@@ -1589,6 +1589,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         options = MockOptions(**args)
     except ValueError as exc:
         parser.error(str(exc))
+    if options.profile == "backend-api" and options.access_token is None:
+        # From Python, server.access_token says the one made up; here nothing could
+        # (a token is never printed), and every request would be refused.
+        parser.error("--profile backend-api needs --access-token TOKEN: the token the gateway accepts,"
+                     " for the client to send (FAKEGPT_ACCESS_TOKEN)")
 
     def log(line: str) -> None:
         print(f"mock_server: {line}", file=sys.stderr, flush=True)

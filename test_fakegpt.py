@@ -6489,6 +6489,7 @@ def test_mock_command_line_says_what_is_wrong_with_its_port_or_certificate(mock:
         (["--certfile", str(HERE / "testdata" / "server.pem"), "--keyfile", str(HERE / "testdata" / "wronghost.key")], 2,
          "the key in " + str(HERE / "testdata" / "wronghost.key") + " is not this certificate's"),
         (["--port", str(mock.port)], 1, f"cannot listen on 127.0.0.1:{mock.port}"),  # in use
+        (["--port", "0", "--profile", "backend-api"], 2, "--profile backend-api needs --access-token TOKEN"),
     ]:
         result = run(*args)
         assert result.returncode == code and words in result.stderr and "Traceback" not in result.stderr, args
