@@ -2793,6 +2793,9 @@ def thread_server(handler: Any, ssl_context: Optional[ssl.SSLContext] = None) ->
             for task in list(handlers):  # still waiting on a client that is done: stopped, so their sockets close now
                 task.cancel()
             await asyncio.gather(*handlers, return_exceptions=True)
+            close_clients = getattr(server, "close_clients", None)  # 3.13: a connection whose handler never began
+            if close_clients is not None:
+                close_clients()
             await asyncio.sleep(0)  # the closes they began
 
     thread = threading.Thread(target=asyncio.run, args=(run(),), daemon=True)
