@@ -5160,7 +5160,8 @@ class FakeGpt:
             public = ", ".join(name for name in vars(FakeGpt) if not name.startswith("_") and not callable(getattr(cls, name)))
             raise UsageError(
                 f"{cls.__name__}.isolated: no class attribute {unknown[0]!r} (there are {public});"
-                " a call's options, such as ssl= or timeout=, go with each call"
+                " a call's options, such as ssl= or timeout=, go with each call, and an attribute"
+                " of your own on a subclass"
             )
         namespace: Dict[str, Any] = {"_sessions": {}, "_pools": _Pools(), "_access_token": None, "_cookie_jar": None}
         if url is not None:
