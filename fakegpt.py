@@ -5597,9 +5597,10 @@ class _Conversations:
     commands for --continue in the state directory: its id and its last reply's, which a
     turn that continues it answers. Written after each complete reply, unless --no-history."""
 
-    def __init__(self, kept: Optional[_KeptFile], key: str, *, keep: bool) -> None:
+    def __init__(self, kept: Optional[_KeptFile], profile: str, base_url: str, *, keep: bool) -> None:
         self.kept = kept
-        self.key = key
+        self.profile, self.base_url = profile, base_url
+        self.key = f"{profile} {base_url}"
         self.keep = keep
 
     @classmethod
@@ -5608,7 +5609,7 @@ class _Conversations:
         endpoint, path = _parse_url(url)
         directory = _state_directory()
         kept = None if directory is None else _KeptFile(os.path.join(directory, "conversations.json"), "conversation")
-        return cls(kept, f"{args.profile} {endpoint.origin}{path}", keep=not args.no_history)
+        return cls(kept, args.profile, f"{endpoint.origin}{path}", keep=not args.no_history)
 
     def last(self) -> Tuple[str, str, Optional[str]]:
         """The last conversation's id, its last reply's id and its title."""
@@ -5618,8 +5619,7 @@ class _Conversations:
             title = entry.get("title")
             if all(isinstance(value, str) and value for value in ids):
                 return str(ids[0]), str(ids[1]), title if isinstance(title, str) else None
-        profile, _, url = self.key.partition(" ")
-        raise UsageError(f"--continue: no earlier conversation with {url} (profile {profile}) is kept")
+        raise UsageError(f"--continue: no earlier conversation with {self.base_url} (profile {self.profile}) is kept")
 
     def remember(self, reply: "ChatStream") -> None:
         if self.kept is None or not self.keep or not (reply.conversation_id and reply.message_id):
