@@ -4632,6 +4632,7 @@ class ChatStream:
         self._taken = 0
         self._text_only = False
         self._closed = False
+        self._interrupted = False  # a read was cancelled: the reply is cut, its connection closed
         # The session file, if this call keeps its login between processes (never for a
         # TLS context of the caller's: it cannot be told apart in another process).
         kept = self._options.session_cache and self._options.ssl_context is None
@@ -4678,7 +4679,7 @@ class ChatStream:
         if self._taken == len(self._batch):
             if self._closed:
                 raise self._closed_error()
-            self._batch, self._taken = await self._start(text_only=False).__anext__(), 0
+            self._batch, self._taken = await self._read(self._start(text_only=False)), 0
         event: ChatEvent = self._batch[self._taken]
         self._taken += 1
         return event
@@ -4686,7 +4687,24 @@ class ChatStream:
     def texts(self) -> AsyncGenerator[str, None]:
         """The reply as text pieces instead of events: each piece is all the new text
         that arrived in one read. A stream is read one way: events or texts."""
-        return self._start(text_only=True)
+        batches = self._start(text_only=True)
+        return _Pieces(lambda: self._read(batches), batches.aclose)
+
+    async def _read(self, batches: AsyncGenerator[Any, None]) -> Any:
+        """The next batch. A read cancelled in the middle (``asyncio.wait_for`` around
+        it, say) ends the generator of batches, and its connection: the stream then says
+        that its reply is cut, where the generator would just have ended."""
+        if self._interrupted:
+            raise TruncatedStreamError(
+                "the reply is incomplete: a read of it was cancelled (a timeout around it?), which"
+                " closed its connection; to bound the wait for each piece, pass"
+                " timeout=fakegpt.Timeouts(read=SECONDS)", text=self.text,
+            )
+        try:
+            return await batches.__anext__()
+        except asyncio.CancelledError:
+            self._interrupted = True
+            raise
 
     async def aclose(self) -> None:
         """Close the reply and its connection now, read to the end or not (the text
@@ -5118,6 +5136,51 @@ class _ClassProperty:
         return self._getter(owner)
 
 
+class _Pieces(AsyncGenerator[Any, None]):
+    """Pieces from `read` (each call the next one; StopAsyncIteration at the end), then
+    the items `then` gives once they have all come; `close` ends the reading early. What
+    `ChatStream.texts` and `FakeGpt.create_async_generator` give: an async generator in
+    all but its type, which it is not so that a read cancelled in the middle leaves it
+    raising (`ChatStream` says the reply is cut) where an async generator would end, as
+    if the reply had."""
+
+    def __init__(
+        self, read: Callable[[], Awaitable[Any]], close: Callable[[], Awaitable[None]],
+        then: Callable[[], List[Any]] = list,
+    ) -> None:
+        self._read, self._close, self._then = read, close, then
+        self._rest: Optional[List[Any]] = None  # `then`'s items, once the pieces have ended
+
+    def __aiter__(self) -> "_Pieces":
+        return self
+
+    async def __anext__(self) -> Any:
+        if self._rest is None:
+            try:
+                return await self._read()
+            except StopAsyncIteration:
+                self._rest = self._then()
+            except asyncio.CancelledError:
+                raise  # read again, it says why the pieces stopped
+            except BaseException:
+                self._rest = []  # as an async generator ends with its exception
+                raise
+        if self._rest:
+            return self._rest.pop(0)
+        raise StopAsyncIteration
+
+    async def asend(self, value: Any) -> Any:
+        return await self.__anext__()
+
+    async def athrow(self, typ: Any, value: Any = None, traceback: Any = None) -> Any:
+        await self.aclose()
+        raise value if isinstance(value, BaseException) else (typ() if isinstance(typ, type) else typ)
+
+    async def aclose(self) -> None:
+        self._rest = []
+        await self._close()
+
+
 class FakeGpt:
     """gpt4free's FakeGpt provider, made to work.
 
@@ -5185,30 +5248,40 @@ class FakeGpt:
         await cls._pools.aclose()
 
     @classmethod
-    async def create_async_generator(
+    def create_async_generator(
         cls, model: str, messages: Messages, proxy: Optional[str] = None, **kwargs: Any
     ) -> AsyncResult:
         """The reply's text, piece by piece, as soon as each piece arrives. With
         ``return_conversation=True``, then a ``JsonConversation`` (pass it back as
         ``conversation=`` to continue) and a ``FinishReason``, gpt4free's own classes when
-        g4f is installed."""
-        events = cls.stream(model, messages, proxy, **kwargs)
-        pieces = events.texts()
-        try:
-            async for piece in pieces:
-                yield piece
-        finally:
-            # Closed at once, whatever ended the loop: an `async for` that stops early
-            # leaves its generator, and the connection inside it, to the garbage
-            # collector, open until a later turn of the event loop or past its end.
-            await pieces.aclose()
-        if kwargs.get("return_conversation"):
+        g4f is installed. Nothing happens until the first read, which raises what is wrong
+        with the arguments, as an async generator function's would."""
+        events: Optional[ChatStream] = None
+        pieces: Optional[AsyncGenerator[str, None]] = None
+
+        async def read() -> Any:
+            nonlocal events, pieces
+            if pieces is None:
+                events = cls.stream(model, messages, proxy, **kwargs)
+                pieces = events.texts()
+            return await pieces.__anext__()
+
+        async def close() -> None:
+            if pieces is not None:
+                await pieces.aclose()
+
+        def then() -> List[Any]:
+            assert events is not None
+            if not kwargs.get("return_conversation"):
+                return []
             conversation_class, finish_class = _gpt4free_responses()
-            yield conversation_class(
-                conversation_id=events.conversation_id, message_id=events.message_id,
-                parent_message_id=events.message_id,
-            )
-            yield finish_class(events.finish_reason or "stop")
+            return [
+                conversation_class(conversation_id=events.conversation_id, message_id=events.message_id,
+                                   parent_message_id=events.message_id),
+                finish_class(events.finish_reason or "stop"),
+            ]
+
+        return _Pieces(read, close, then)
 
     @classmethod
     async def create_async(cls, model: str, messages: Messages, **kwargs: Any) -> str:
@@ -5354,7 +5427,8 @@ def _iterate_in_new_loop(pieces: AsyncGenerator[_T, None]) -> Iterator[_T]:
                 task.cancel()
             if tasks:
                 loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
-            loop.run_until_complete(loop.shutdown_asyncgens())  # closes `pieces`, and its connection
+            loop.run_until_complete(pieces.aclose())  # and its connection
+            loop.run_until_complete(loop.shutdown_asyncgens())
             loop.run_until_complete(loop.shutdown_default_executor())  # the TLS set-up's thread
         finally:
             loop.close()

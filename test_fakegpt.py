@@ -9,6 +9,7 @@ import ast
 import asyncio
 import base64
 import calendar
+import collections.abc
 import contextlib
 import copy
 import dataclasses
@@ -2926,6 +2927,66 @@ def test_a_stream_in_a_plain_with_says_async_with(provider: "type[FakeGpt]", moc
         with provider.stream("", [{"role": "user", "content": "Hi"}]):
             pass  # pragma: no cover
     assert not mock.requests
+
+
+@pytest.mark.parametrize("way", ["events", "texts", "create_async_generator"])
+def test_a_read_cancelled_in_the_middle_leaves_the_reply_saying_it_is_cut(
+        provider: "type[FakeGpt]", mock: mock_server.MockServer, way: str) -> None:
+    """`asyncio.wait_for` around each read (a stall timeout) cancels the read in flight,
+    which ends the reading and closes the connection; reading on must then raise, with
+    the text that came, not end as if the reply had (as an async generator would: it
+    gave nothing and no error)."""
+    pieces_of(provider)  # logged in
+    prompt = [{"role": "user", "content": "[[step 3]] [[fault delay_events:0.05]] Hi"}]
+
+    async def main() -> Tuple[List[str], fakegpt.TruncatedStreamError, int]:
+        got: List[str] = []
+        async with provider.stream("", prompt) as reply:
+            if way == "events":
+                source: Any = reply
+            elif way == "texts":
+                source = reply.texts()
+            else:
+                source = provider.create_async_generator("", prompt)
+            first = await source.__anext__()
+            got.append(str(getattr(first, "delta", first)))  # (an event, or a piece)
+            with pytest.raises(asyncio.TimeoutError):
+                while True:
+                    item = await asyncio.wait_for(source.__anext__(), 0.01)
+                    got.append(str(getattr(item, "delta", item)))
+            with pytest.raises(fakegpt.TruncatedStreamError, match="a read of it was cancelled") as caught:
+                await source.__anext__()
+            # Then the events say it again; the pieces have ended with their error, as an
+            # async generator does.
+            with pytest.raises(fakegpt.TruncatedStreamError if way == "events" else StopAsyncIteration):
+                await source.__anext__()
+        await asyncio.sleep(0.1)
+        return got, caught.value, mock.open_connections
+
+    got, error, still_open = asyncio.run(main())
+    assert error.text == "".join(got) and FULL_REPLY.startswith(error.text)  # what came, and nothing more
+    assert error.text != FULL_REPLY
+    assert still_open == 0  # the cancelled read's connection was closed
+
+
+def test_create_async_generator_is_an_async_generator_in_all_but_type(provider: "type[FakeGpt]") -> None:
+    async def main() -> None:
+        pieces = provider.create_async_generator("", None)  # type: ignore[arg-type]  # nothing happens yet
+        assert isinstance(pieces, collections.abc.AsyncGenerator)
+        with pytest.raises(fakegpt.UsageError, match="messages"):
+            await pieces.__anext__()  # the first read says what is wrong
+        with pytest.raises(StopAsyncIteration):
+            await pieces.__anext__()  # and then it has ended, as an async generator does
+        more = provider.create_async_generator("", USER)
+        first = await more.asend(None)
+        assert FULL_REPLY.startswith(first)
+        with pytest.raises(ValueError, match="thrown in"):
+            await more.athrow(ValueError("thrown in"))
+        with pytest.raises(StopAsyncIteration):
+            await more.__anext__()  # closed by the throw
+        assert asyncio.all_tasks() == {asyncio.current_task()}
+
+    asyncio.run(main())
 
 
 def test_a_reader_that_falls_behind_pauses_the_socket_instead_of_buffering_the_reply() -> None:
