@@ -4687,19 +4687,14 @@ class ChatStream:
     def texts(self) -> AsyncGenerator[str, None]:
         """The reply as text pieces instead of events: each piece is all the new text
         that arrived in one read. A stream is read one way: events or texts."""
-        batches = self._start(text_only=True)
-        return _Pieces(lambda: self._read(batches), batches.aclose)
+        return _TextPieces(self, self._start(text_only=True))
 
     async def _read(self, batches: AsyncGenerator[Any, None]) -> Any:
-        """The next batch. A read cancelled in the middle (``asyncio.wait_for`` around
-        it, say) ends the generator of batches, and its connection: the stream then says
-        that its reply is cut, where the generator would just have ended."""
+        """The next batch of events. A read cancelled in the middle (``asyncio.wait_for``
+        around it, say) ends the generator of batches, and its connection: the stream then
+        says that its reply is cut, where the generator would just have ended."""
         if self._interrupted:
-            raise TruncatedStreamError(
-                "the reply is incomplete: a read of it was cancelled (a timeout around it?), which"
-                " closed its connection; to bound the wait for each piece, pass"
-                " timeout=fakegpt.Timeouts(read=SECONDS)", text=self.text,
-            )
+            raise _cut_by_a_cancel(self.text)
         try:
             return await batches.__anext__()
         except asyncio.CancelledError:
@@ -5137,19 +5132,26 @@ class _ClassProperty:
 
 
 class _Pieces(AsyncGenerator[Any, None]):
-    """Pieces from `read` (each call the next one; StopAsyncIteration at the end), then
-    the items `then` gives once they have all come; `close` ends the reading early. What
-    `ChatStream.texts` and `FakeGpt.create_async_generator` give: an async generator in
-    all but its type, which it is not so that a read cancelled in the middle leaves it
-    raising (`ChatStream` says the reply is cut) where an async generator would end, as
-    if the reply had."""
+    """Pieces of a reply (`_next` gives each; StopAsyncIteration at the end), then what
+    `_then` gives once they have all come. What `ChatStream.texts` and
+    `FakeGpt.create_async_generator` give: an async generator in all but its type, which
+    it is not so that a read cancelled in the middle leaves it raising (`ChatStream` says
+    the reply is cut) where an async generator would end, as if the reply had. Slotted
+    and small: a thousand concurrent replies keep a thousand of them."""
 
-    def __init__(
-        self, read: Callable[[], Awaitable[Any]], close: Callable[[], Awaitable[None]],
-        then: Callable[[], List[Any]] = list,
-    ) -> None:
-        self._read, self._close, self._then = read, close, then
-        self._rest: Optional[List[Any]] = None  # `then`'s items, once the pieces have ended
+    __slots__ = ("_rest",)
+
+    def __init__(self) -> None:
+        self._rest: Optional[List[Any]] = None  # `_then`'s items, once the pieces have ended
+
+    async def _next(self) -> Any:
+        raise NotImplementedError
+
+    async def _close(self) -> None:
+        raise NotImplementedError
+
+    def _then(self) -> List[Any]:
+        return []
 
     def __aiter__(self) -> "_Pieces":
         return self
@@ -5157,7 +5159,7 @@ class _Pieces(AsyncGenerator[Any, None]):
     async def __anext__(self) -> Any:
         if self._rest is None:
             try:
-                return await self._read()
+                return await self._next()
             except StopAsyncIteration:
                 self._rest = self._then()
             except asyncio.CancelledError:
@@ -5180,6 +5182,72 @@ class _Pieces(AsyncGenerator[Any, None]):
         self._rest = []
         await self._close()
 
+
+def _cut_by_a_cancel(text: str) -> TruncatedStreamError:
+    return TruncatedStreamError(
+        "the reply is incomplete: a read of it was cancelled (a timeout around it?), which"
+        " closed its connection; to bound the wait for each piece, pass"
+        " timeout=fakegpt.Timeouts(read=SECONDS)", text=text,
+    )
+
+
+class _TextPieces(_Pieces):
+    """`ChatStream.texts`: the stream's batches of text. A read cancelled in the middle
+    ends the batches' generator, and its connection; the next read says the reply is cut."""
+
+    __slots__ = ("stream", "batches", "interrupted")
+
+    def __init__(self, stream: Optional["ChatStream"], batches: Optional[AsyncGenerator[str, None]]) -> None:
+        super().__init__()
+        self.stream, self.batches = stream, batches
+        self.interrupted = False
+
+    async def _next(self) -> Any:
+        assert self.stream is not None and self.batches is not None
+        if self.interrupted:
+            raise _cut_by_a_cancel(self.stream.text)
+        try:
+            return await self.batches.__anext__()
+        except asyncio.CancelledError:
+            self.interrupted = True
+            raise
+
+    async def _close(self) -> None:
+        if self.batches is not None:
+            await self.batches.aclose()
+
+
+class _ReplyPieces(_TextPieces):
+    """`FakeGpt.create_async_generator`: the text pieces of a stream made at the first
+    read (which so raises what is wrong with the arguments, as an async generator
+    function's first read would), then, with ``return_conversation``, gpt4free's
+    conversation and finish. As small as the async generator it stands for: the call's
+    arguments in slots, and the stream's own batches read directly."""
+
+    __slots__ = ("_provider", "_model", "_messages", "_proxy", "_kwargs")
+
+    def __init__(
+        self, provider: "type[FakeGpt]", model: str, messages: Messages, proxy: Optional[str], kwargs: Dict[str, Any],
+    ) -> None:
+        super().__init__(None, None)
+        self._provider, self._model, self._messages, self._proxy, self._kwargs = provider, model, messages, proxy, kwargs
+
+    async def _next(self) -> Any:
+        if self.stream is None:
+            self.stream = self._provider.stream(self._model, self._messages, self._proxy, **self._kwargs)
+            self.batches = cast(_TextPieces, self.stream.texts()).batches  # (that reader goes: this one reads them)
+        return await super()._next()
+
+    def _then(self) -> List[Any]:
+        events = self.stream
+        if events is None or not self._kwargs.get("return_conversation"):
+            return []
+        conversation_class, finish_class = _gpt4free_responses()
+        return [
+            conversation_class(conversation_id=events.conversation_id, message_id=events.message_id,
+                               parent_message_id=events.message_id),
+            finish_class(events.finish_reason or "stop"),
+        ]
 
 class FakeGpt:
     """gpt4free's FakeGpt provider, made to work.
@@ -5256,32 +5324,7 @@ class FakeGpt:
         ``conversation=`` to continue) and a ``FinishReason``, gpt4free's own classes when
         g4f is installed. Nothing happens until the first read, which raises what is wrong
         with the arguments, as an async generator function's would."""
-        events: Optional[ChatStream] = None
-        pieces: Optional[AsyncGenerator[str, None]] = None
-
-        async def read() -> Any:
-            nonlocal events, pieces
-            if pieces is None:
-                events = cls.stream(model, messages, proxy, **kwargs)
-                pieces = events.texts()
-            return await pieces.__anext__()
-
-        async def close() -> None:
-            if pieces is not None:
-                await pieces.aclose()
-
-        def then() -> List[Any]:
-            assert events is not None
-            if not kwargs.get("return_conversation"):
-                return []
-            conversation_class, finish_class = _gpt4free_responses()
-            return [
-                conversation_class(conversation_id=events.conversation_id, message_id=events.message_id,
-                                   parent_message_id=events.message_id),
-                finish_class(events.finish_reason or "stop"),
-            ]
-
-        return _Pieces(read, close, then)
+        return _ReplyPieces(cls, model, messages, proxy, kwargs)
 
     @classmethod
     async def create_async(cls, model: str, messages: Messages, **kwargs: Any) -> str:
