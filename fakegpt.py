@@ -5175,8 +5175,13 @@ class _Pieces(AsyncGenerator[Any, None]):
         return await self.__anext__()
 
     async def athrow(self, typ: Any, value: Any = None, traceback: Any = None) -> Any:
+        """As an async generator that does not catch it: closed, and the exception raised."""
         await self.aclose()
-        raise value if isinstance(value, BaseException) else (typ() if isinstance(typ, type) else typ)
+        if isinstance(value, BaseException):
+            raise value
+        if isinstance(typ, type):
+            raise typ() if value is None else typ(value)
+        raise typ
 
     async def aclose(self) -> None:
         self._rest = []

@@ -2984,6 +2984,9 @@ def test_create_async_generator_is_an_async_generator_in_all_but_type(provider: 
             await more.athrow(ValueError("thrown in"))
         with pytest.raises(StopAsyncIteration):
             await more.__anext__()  # closed by the throw
+        for args in [(KeyError,), (KeyError, "k"), (KeyError, KeyError("k"))]:  # the older forms too
+            with pytest.raises(KeyError):
+                await provider.create_async_generator("", USER).athrow(*args)
         assert asyncio.all_tasks() == {asyncio.current_task()}
 
     asyncio.run(main())
