@@ -4678,7 +4678,7 @@ class ChatStream:
     async def __anext__(self) -> ChatEvent:
         if self._taken == len(self._batch):
             if self._closed:
-                raise self._closed_error()
+                raise _closed_stream_error()
             self._batch, self._taken = await self._read(self._start(text_only=False)), 0
         event: ChatEvent = self._batch[self._taken]
         self._taken += 1
@@ -4710,15 +4710,14 @@ class ChatStream:
         if self._batches is not None:
             await self._batches.aclose()
 
-    def _closed_error(self) -> UsageError:
-        return UsageError(
-            "this ChatStream is closed (its async with block ended, or aclose()): read it"
-            " inside the block, or ask again with a new FakeGpt.stream()"
-        )
+    @property
+    def closed(self) -> bool:
+        """Its ``async with`` block ended, or ``aclose()`` was called: it cannot be read."""
+        return self._closed
 
     def _start(self, *, text_only: bool) -> AsyncGenerator[Any, None]:
         if self._closed:
-            raise self._closed_error()
+            raise _closed_stream_error()
         if self._batches is None:
             self._batches = self._run(text_only=text_only)
             self._text_only = text_only
@@ -5188,6 +5187,13 @@ class _Pieces(AsyncGenerator[Any, None]):
         await self._close()
 
 
+def _closed_stream_error() -> UsageError:
+    return UsageError(
+        "this ChatStream is closed (its async with block ended, or aclose()): read it"
+        " inside the block, or ask again with a new FakeGpt.stream()"
+    )
+
+
 def _cut_by_a_cancel(text: str) -> TruncatedStreamError:
     return TruncatedStreamError(
         "the reply is incomplete: a read of it was cancelled (a timeout around it?), which"
@@ -5209,6 +5215,8 @@ class _TextPieces(_Pieces):
 
     async def _next(self) -> Any:
         assert self.stream is not None and self.batches is not None
+        if self.stream.closed:  # (its block ended while these pieces were still to read)
+            raise _closed_stream_error()
         if self.interrupted:
             raise _cut_by_a_cancel(self.stream.text)
         try:

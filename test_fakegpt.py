@@ -2918,6 +2918,13 @@ def test_a_closed_stream_cannot_be_read_and_starts_no_request(
             async with reply:
                 await reply.__anext__()
         assert len(mock.requests) == asked
+        async with provider.stream("", prompt) as other:
+            pieces = other.texts()
+            if read_inside:
+                await pieces.__anext__()
+        with pytest.raises(fakegpt.UsageError, match="closed"):
+            await pieces.__anext__()  # its pieces too: they do not end as if the reply had
+        assert other.closed and not provider.stream("", prompt).closed
 
     asyncio.run(main())
 
