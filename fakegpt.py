@@ -4632,7 +4632,7 @@ class ChatStream:
         self._taken = 0
         self._text_only = False
         self._closed = False
-        self._interrupted = False  # a read was cancelled: the reply is cut, its connection closed
+        self._events: Optional[_Batches] = None  # the batches of events, read as events
         # The session file, if this call keeps its login between processes (never for a
         # TLS context of the caller's: it cannot be told apart in another process).
         kept = self._options.session_cache and self._options.ssl_context is None
@@ -4679,7 +4679,9 @@ class ChatStream:
         if self._taken == len(self._batch):
             if self._closed:
                 raise _closed_stream_error()
-            self._batch, self._taken = await self._read(self._start(text_only=False)), 0
+            if self._events is None:
+                self._events = _Batches(self, self._start(text_only=False))
+            self._batch, self._taken = await self._events.next_batch(), 0
         event: ChatEvent = self._batch[self._taken]
         self._taken += 1
         return event
@@ -4687,19 +4689,7 @@ class ChatStream:
     def texts(self) -> AsyncGenerator[str, None]:
         """The reply as text pieces instead of events: each piece is all the new text
         that arrived in one read. A stream is read one way: events or texts."""
-        return _TextPieces(self, self._start(text_only=True))
-
-    async def _read(self, batches: AsyncGenerator[Any, None]) -> Any:
-        """The next batch of events. A read cancelled in the middle (``asyncio.wait_for``
-        around it, say) ends the generator of batches, and its connection: the stream then
-        says that its reply is cut, where the generator would just have ended."""
-        if self._interrupted:
-            raise _cut_by_a_cancel(self.text)
-        try:
-            return await batches.__anext__()
-        except asyncio.CancelledError:
-            self._interrupted = True
-            raise
+        return _Batches(self, self._start(text_only=True))
 
     async def aclose(self) -> None:
         """Close the reply and its connection now, read to the end or not (the text
@@ -5194,43 +5184,43 @@ def _closed_stream_error() -> UsageError:
     )
 
 
-def _cut_by_a_cancel(text: str) -> TruncatedStreamError:
-    return TruncatedStreamError(
-        "the reply is incomplete: a read of it was cancelled (a timeout around it?), which"
-        " closed its connection; to bound the wait for each piece, pass"
-        " timeout=fakegpt.Timeouts(read=SECONDS)", text=text,
-    )
-
-
-class _TextPieces(_Pieces):
-    """`ChatStream.texts`: the stream's batches of text. A read cancelled in the middle
-    ends the batches' generator, and its connection; the next read says the reply is cut."""
+class _Batches(_Pieces):
+    """A stream's batches: its text pieces (`ChatStream.texts`), or the lists of events
+    the stream deals out one by one. A read cancelled in the middle (``asyncio.wait_for``
+    around it, say) ends the batches' generator, and its connection: the next read says
+    the reply is cut, where the generator would just have ended."""
 
     __slots__ = ("stream", "batches", "interrupted")
 
-    def __init__(self, stream: Optional["ChatStream"], batches: Optional[AsyncGenerator[str, None]]) -> None:
+    def __init__(self, stream: Optional["ChatStream"], batches: Optional[AsyncGenerator[Any, None]]) -> None:
         super().__init__()
         self.stream, self.batches = stream, batches
         self.interrupted = False
 
-    async def _next(self) -> Any:
+    async def next_batch(self) -> Any:
         assert self.stream is not None and self.batches is not None
-        if self.stream.closed:  # (its block ended while these pieces were still to read)
+        if self.stream.closed:  # (its block ended while these were still to read)
             raise _closed_stream_error()
         if self.interrupted:
-            raise _cut_by_a_cancel(self.stream.text)
+            raise TruncatedStreamError(
+                "the reply is incomplete: a read of it was cancelled (a timeout around it?), which"
+                " closed its connection; to bound the wait for each piece, pass"
+                " timeout=fakegpt.Timeouts(read=SECONDS)", text=self.stream.text,
+            )
         try:
             return await self.batches.__anext__()
         except asyncio.CancelledError:
             self.interrupted = True
             raise
 
+    _next = next_batch  # (not a call more a read)
+
     async def _close(self) -> None:
         if self.batches is not None:
             await self.batches.aclose()
 
 
-class _ReplyPieces(_TextPieces):
+class _ReplyPieces(_Batches):
     """`FakeGpt.create_async_generator`: the text pieces of a stream made at the first
     read (which so raises what is wrong with the arguments, as an async generator
     function's first read would), then, with ``return_conversation``, gpt4free's
@@ -5248,7 +5238,7 @@ class _ReplyPieces(_TextPieces):
     async def _next(self) -> Any:
         if self.stream is None:
             self.stream = self._provider.stream(self._model, self._messages, self._proxy, **self._kwargs)
-            self.batches = cast(_TextPieces, self.stream.texts()).batches  # (that reader goes: this one reads them)
+            self.batches = cast(_Batches, self.stream.texts()).batches  # (that reader goes: this one reads them)
         return await super()._next()
 
     def _then(self) -> List[Any]:
