@@ -1317,7 +1317,7 @@ class ConversationDecoder:
     blank line, in both formats. Text once delivered is never taken back nor given twice:
     a snapshot that does not extend it yields nothing if it is a prefix and raises
     `ProtocolError` otherwise, as does a delta op that would change it, a change to an
-    earlier message after a later one began, or another message that starts with the
+    earlier message after a later one's text began, or another message that starts with the
     text of the one before (its id changed, as far as one can tell). A truthy ``error``
     raises `UpstreamError` (`TokenExpiredError` for ``token_expired``); ``stream_handoff``
     raises `ProtocolError`; ``[DONE]`` sets ``done``, and ``complete`` is true once the
@@ -1528,26 +1528,34 @@ class ConversationDecoder:
         hold several (text, a tool's round trip, more text): another message's text
         goes on after a blank line (unless the one before had not finished and it starts
         with that one's text, which would then be delivered twice), and an earlier one
-        must not change. `repeats`: a text that is a prefix of what was delivered is a
+        must not change once a later one has given text. `repeats`: a text that is a prefix of what was delivered is a
         repeat (snapshots) rather than a rewrite."""
         if message_id != self.message_id:
             earlier = self._earlier.get(message_id)
-            if earlier is not None:  # an earlier visible message again: its place is gone
+            if earlier is not None:  # an earlier visible message again
                 given = self.text[earlier[0]:earlier[1]]
                 if text == given or (repeats and given.startswith(text)):
                     return None
-                raise ProtocolError(
-                    "an earlier message of the reply changed after a later one began "
-                    f"(at character {earlier[0] + _common_prefix(given, text)})"
-                )
-            if self._length > self._base:
-                if self.status != "finished_successfully" and text.startswith(self.text[self._base:]):
-                    # The text delivered, sent again as another message before the one
-                    # that had it finished: a server that changed the message's id, as far
-                    # as one can tell. Going on after a blank line would deliver it twice.
-                    raise ProtocolError("the upstream switched to another message in mid-reply")
-                self._earlier[self.message_id] = (self._base, self._length)
-            self.message_id, self._base = message_id, self._length
+                if earlier[1] < self._length:  # text came after it: its place is gone
+                    raise ProtocolError(
+                        "an earlier message of the reply changed after a later one began "
+                        f"(at character {earlier[0] + _common_prefix(given, text)})"
+                    )
+                # Only messages with no text yet came after it (a server that opens the
+                # next before the last ends): it goes on where it stopped.
+                del self._earlier[message_id]
+                base = earlier[0]
+            else:
+                if self._length > self._base:
+                    if self.status != "finished_successfully" and text.startswith(self.text[self._base:]):
+                        # The text delivered, sent again as another message before the one
+                        # that had it finished: a server that changed the message's id, as
+                        # far as one can tell. Going on after a blank line would deliver it
+                        # twice.
+                        raise ProtocolError("the upstream switched to another message in mid-reply")
+                    self._earlier[self.message_id] = (self._base, self._length)
+                base = self._length
+            self.message_id, self._base = message_id, base
         due = self._separator_due()
         given = "" if due else self.text[self._base:]
         if text.startswith(given):

@@ -1799,6 +1799,31 @@ def test_an_earlier_message_that_changes_after_a_later_one_began_is_a_protocol_e
     assert decoder.text == "One.\n\nTwo." == "".join(e.delta for e in events)  # as it was: nothing again
 
 
+@pytest.mark.parametrize("form", ["snapshots", "delta"])
+def test_an_earlier_message_goes_on_while_later_ones_have_no_text(form: str) -> None:
+    # A server that opens the next message (and a tool's) before the last one's text ends:
+    # nothing of the later one was delivered, so no place is lost and no text either.
+    if form == "snapshots":
+        records: List[Tuple[Optional[str], Any]] = [
+            (None, message_root("m1", text="One")), (None, message_root("m2")),
+            (None, message_root("t", role="tool", text="Results.")),
+            (None, message_root("m1", text="One, two.")), (None, message_root("m2", text="Three.")),
+            (None, b"[DONE]")]
+    else:
+        records = [delta({"p": "", "o": "add", "v": message_root("m1", text="One"), "c": 0}),
+                   delta({"p": "", "o": "add", "v": message_root("m2"), "c": 1}),
+                   delta({"p": "", "o": "add", "v": message_root("t", role="tool", text="Results."), "c": 2}),
+                   delta({"p": PARTS, "o": "append", "v": ", two.", "c": 0}),
+                   delta({"p": PARTS, "o": "append", "v": "Three.", "c": 1}), (None, b"[DONE]")]
+    for fast_path in (True, False):
+        events, decoder = feed_records(records, ConversationDecoder(fast_path=fast_path))
+        assert decoder.text == "One, two.\n\nThree." == "".join(e.delta for e in events)
+        assert decoder.message_id == "m2" and decoder.message_text == "Three."
+    body = b"".join((b"event: delta\n" if kind == "delta" else b"") + b"data: "
+                    + (value if isinstance(value, bytes) else json.dumps(value).encode()) + b"\n\n" for kind, value in records)
+    assert read_every_way(body, []) == {("One, two.\n\nThree.",) * 2}
+
+
 def read_every_way(body: bytes, cuts: Sequence[int]) -> Set[Tuple[str, str]]:
     """What the reply decoder makes of `body` cut at `cuts`, on the known-shape path and
     the reference path, for events and for text only: (the pieces joined, the decoder's
