@@ -1284,6 +1284,7 @@ _WHOLE_CONTENT = re.compile(
 )
 # The same, for new text: not starting inside a UTF-8 sequence either.
 _NEW_CONTENT = re.compile(rb"(?![\x80-\xbf])" + _WHOLE_CONTENT.pattern)
+_PADDING = re.compile(rb" *")  # after an event's JSON: servers pad lines to varying lengths
 _scan_json: Callable[[str, int], Tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 _scan_json_string: Callable[[str, int], Tuple[str, int]] = json.decoder.scanstring  # type: ignore[attr-defined]
 
@@ -1712,6 +1713,8 @@ class ConversationDecoder:
             return None if self._append_to is None else self._extend_delta(buffer, start, end)
         if event != "message":
             return None
+        while buffer[end - 1] == 0x20 and end > start:  # padding
+            end -= 1
         text_start = start + len(head)
         resume = text_start + len(escaped_text)
         if not (buffer.startswith(head, start, end) and buffer.startswith(escaped_text, text_start, end)):
@@ -1752,8 +1755,8 @@ class ConversationDecoder:
         events from `pos` on that are each `before`, data of at most `max_data` bytes and
         `after` (``data: `` and LF LF, say), while their data is a snapshot of the known
         shape on one line whose text extends the last one's and whose envelope is
-        unchanged; returns where the last it took ends (-1 if none) and their new text,
-        decoded once for all of them. That is the text `extend` gives taking them one by
+        unchanged (padding after it allowed); returns where the last it took ends (-1 if
+        none) and their new text, decoded once for all of them. That is the text `extend` gives taking them one by
         one: each new text is checked to be whole (characters and escapes of whole
         characters, not cut off, no half of a surrogate pair), else the run stops before it
         (at a surrogate pair's escapes or a control character too); if the text does not
@@ -1761,7 +1764,8 @@ class ConversationDecoder:
         head = self._head
         if head is None or not self._one_line:
             return -1, ""
-        ending = self._tail + after  # what follows each text
+        tail = self._tail
+        ending = tail + after  # what follows each text (unpadded)
         if buffer is not self._buffer:
             self._buffer, self._buffer_view = buffer, memoryview(buffer)
         view = self._buffer_view
@@ -1771,7 +1775,8 @@ class ConversationDecoder:
             return -1, ""
         between = ending + lead  # from one event's text to the next one's
         ending_size, between_size = len(ending), len(between)
-        max_text = max_data - len(head) - len(self._tail)  # the event's data: head, text, tail
+        tail_size, next_event = len(tail), after + lead  # (after padding)
+        max_text = max_data - len(head) - tail_size  # the event's data: head, text, tail, padding
         escaped = before_run = self._escaped_text
         escaped_size = len(escaped)
         taken_to = -1
@@ -1790,11 +1795,24 @@ class ConversationDecoder:
                 taken_to = text_end + ending_size
                 text_start = text_end + between_size
             else:
-                # The run's last event, or not this shape (or a surrogate pair's escapes
-                # or a control character: the match stopped before them).
-                if buffer.startswith(ending, text_end):
+                # The run's last event, a padded one, or not this shape (or a surrogate
+                # pair's escapes or a control character: the match stopped before them).
+                if not buffer.startswith(tail, text_end):
+                    break
+                padded = _PADDING.match(buffer, text_end + tail_size)
+                assert padded is not None  # (" *" matches anywhere)
+                data_end = padded.end()
+                if data_end - tail_size - text_start > max_text:
+                    break
+                if buffer.startswith(next_event, data_end):
+                    escaped_size = text_end - text_start
                     escaped = view[text_start:text_end]
-                    taken_to = text_end + ending_size
+                    taken_to = data_end + len(after)
+                    text_start = data_end + len(next_event)
+                    continue
+                if buffer.startswith(after, data_end):
+                    escaped = view[text_start:text_end]
+                    taken_to = data_end + len(after)
                 break
         if taken_to < 0:
             return -1, ""
@@ -1933,7 +1951,7 @@ class ConversationDecoder:
                 raw[start:end].decode("utf-8")
             except UnicodeDecodeError:
                 return
-        head, tail = raw[:start], raw[end:]
+        head, tail = raw[:start], raw[end:].rstrip(b" ")  # (the padding varies by event)
         # Proof that the string found is message.content.parts[0]: put a different string
         # there; the message must then read exactly that (not `text`, as it would if
         # another string were parts[0]).

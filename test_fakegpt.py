@@ -1051,18 +1051,39 @@ envelope_strategy = st.fixed_dictionaries({
 
 
 @PROPERTY
-@given(texts_strategy, st.lists(envelope_strategy, min_size=1, max_size=3), st.lists(st.booleans(), max_size=8))
-def test_property_fast_path_yields_exactly_what_full_decoding_yields(pieces: List[str], envelopes: List[Dict[str, Any]], repeats: List[bool]) -> None:
+@given(texts_strategy, st.lists(envelope_strategy, min_size=1, max_size=3), st.lists(st.booleans(), max_size=8),
+       st.lists(st.sampled_from([b"", b"", b" ", b"   ", b"\t", b" \t "]), max_size=8))
+def test_property_fast_path_yields_exactly_what_full_decoding_yields(
+        pieces: List[str], envelopes: List[Dict[str, Any]], repeats: List[bool], paddings: List[bytes]) -> None:
     cumulative, datas = "", []
     for index, piece in enumerate(pieces):
         cumulative += piece
         envelope = envelopes[index % len(envelopes)]
-        datas.append(assistant_event(cumulative, **envelope))
+        datas.append(assistant_event(cumulative, **envelope) + (paddings[index] if index < len(paddings) else b""))
         if index < len(repeats) and repeats[index]:
             datas.append(assistant_event(cumulative[: len(cumulative) // 2], **envelope))
     deltas, decoder = decode(datas)
     assert deltas == reference_deltas(datas)
     assert "".join(deltas) == cumulative
+    body = b"".join(b"data: " + data + b"\n\n" for data in datas)
+    assert read_every_way(body, [len(body) // 3]) == {(cumulative, cumulative)}
+
+
+def test_snapshots_padded_to_varying_lengths_take_the_fast_path() -> None:
+    # ChatGPT's servers pad each snapshot's line with a different number of spaces: the
+    # text must still be read without decoding the whole growing event again each time.
+    texts = ["明白", "明白了！", "明白了！我们可以", "明白了！我们可以从获取你的环境信息开始。" + " long" * 400]
+    datas = [assistant_event(t, ensure_ascii=True) + b" " * padding for t, padding in zip(texts, [28, 3, 0, 17])]
+    (deltas, _), sizes = json_sizes(lambda: decode(datas))
+    assert "".join(deltas) == texts[-1] and deltas == reference_deltas(datas)
+    assert max(sizes) == len(datas[0].decode()) and sizes.count(max(sizes)) == 1  # only the first in full
+    body = b"".join(b"data: " + data + b"\n\n" for data in datas) + b"data: [DONE]\n\n"
+    for cuts in ([], [len(body) // 2], list(range(0, len(body), 700))):
+        assert read_every_way(body, cuts) == {(texts[-1], texts[-1])}
+    for text_only in (True, False):  # a run of them at once, and one by one
+        reply = fakegpt._ReplyDecoder(ConversationDecoder(), Limits(), text_only=text_only)
+        _, sizes = json_sizes(lambda: reply.feed(body, []))
+        assert max(sizes) == len(datas[0].decode()) and sizes.count(max(sizes)) == 1
 
 
 @PROPERTY
