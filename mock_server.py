@@ -213,6 +213,8 @@ class MockOptions:
     comments: bool = _option(False, 'a ": keep-alive" comment before each event')
     pings: bool = _option(False, 'an "event: ping" event before each event')
     bom: bool = _option(False, "start the stream with a byte order mark")
+    padding: bool = _option(False, "end each event's data with 0-31 spaces, a different number each time, "
+                            "as ChatGPT's own servers pad their lines")
     write_size: int = _option(0, "write the stream in pieces of this many bytes (0: an event at a time)")
     step: int = _option(4, "characters of text each assistant event adds")
     delay: float = _option(0.0, "seconds between events")
@@ -1202,6 +1204,7 @@ class MockServer:
         prefix = b"data: " if options.data_space else b"data:"
         plain = not (options.multiline or options.pings or options.comments)
         ends = newline + newline
+        pads = random.Random(f"{options.seed}:padding") if options.padding else None
         leads = {None: prefix, ":": b":"}  # what goes before an event's data, by its type
         if options.bom:
             yield (_BOM,), None
@@ -1209,11 +1212,14 @@ class MockServer:
             lead = leads.get(event.kind)
             if lead is None:
                 lead = leads[event.kind] = b"event: " + str(event.kind).encode() + newline + prefix
+            data = event.data
+            if pads is not None and event.kind != ":" and event is not _DONE:
+                data = (*data, b" " * pads.randrange(32))
             if plain or event.kind == ":":
-                yield (lead, *event.data, ends), event
+                yield (lead, *data, ends), event
                 continue
             field = lead[: -len(prefix)]
-            payload = b"".join(event.data)
+            payload = b"".join(data)
             lines = payload.split(b"\n") if options.multiline else [payload]
             out = field + b"".join([prefix + line + newline for line in lines]) + newline
             if options.pings:

@@ -2691,13 +2691,16 @@ def test_faults_after_text_raise_after_the_text_without_loss_or_duplication(fram
     {"multiline": True, "data_space": False, "comments": True, "pings": True, "bom": True},
     {"write_size": 1, "newline": "\r\n"}, {"write_size": 7, "framing": "close", "newline": "\r"},
     {"gzip": "always"}, {"gzip": "accept"}, {"ascii_json": True}, {"step": 1}, {"finish": "max_tokens"},
+    {"padding": True, "ascii_json": True}, {"padding": True, "multiline": True, "newline": "\r\n"},
+    {"padding": True, "profile": "backend-api"},
 ])
 def test_every_framing_of_the_mock_end_to_end(options: Dict[str, Any]) -> None:
     with mock_server.serve_in_thread(**options) as server:
         provider = provider_for(server.url)
+        gateway = {"profile": "backend-api", "access_token": server.access_token} if "profile" in options else {}
 
         async def run() -> fakegpt.ChatStream:
-            async with provider.stream("", USER) as stream:
+            async with provider.stream("", USER, **gateway) as stream:
                 async for _ in stream:
                     pass
             return stream
@@ -6438,7 +6441,7 @@ def split_events(body: bytes) -> List[Tuple[Optional[str], str]]:
     {}, {"framing": "length"}, {"framing": "close"}, {"newline": "crlf"}, {"newline": "\r"},
     {"data_space": False}, {"multiline": True}, {"comments": True}, {"pings": True}, {"bom": True},
     {"write_size": 7}, {"gzip": "always"}, {"ascii_json": True},
-    {"bom": True, "gzip": "always", "framing": "length", "newline": "cr", "multiline": True},
+    {"bom": True, "gzip": "always", "framing": "length", "newline": "cr", "multiline": True}, {"padding": True},
 ])
 def test_mock_framings_read_by_an_independent_reader(options: Dict[str, Any]) -> None:
     prompt = "Framings, read by http.client"
@@ -6458,6 +6461,8 @@ def test_mock_framings_read_by_an_independent_reader(options: Dict[str, Any]) ->
             texts.append(message["content"]["parts"][0])
     assert texts and texts[-1] == mock_server.default_reply(prompt)
     assert all(later.startswith(earlier) for earlier, later in zip(texts, texts[1:]))  # cumulative
+    paddings = {len(data) - len(data.rstrip(" ")) for _, data in events[:-1]}
+    assert (len(paddings) > 5) == bool(options.get("padding")) and events[-1][1] == "[DONE]"
 
 
 @pytest.mark.parametrize("options", [{}, {"framing": "length", "profile": "backend-api"}])
