@@ -66,7 +66,7 @@ from typing import (
     Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Set, Tuple, Union,
 )
 
-__version__ = "1.7.4"
+__version__ = "1.7.5"
 __all__ = [
     "FAULTS",
     "MockOptions",
