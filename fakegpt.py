@@ -1318,8 +1318,8 @@ class ConversationDecoder:
     blank line, in both formats. Text once delivered is never taken back nor given twice:
     a snapshot that does not extend it yields nothing if it is a prefix and raises
     `ProtocolError` otherwise, as does a delta op that would change it, a change to an
-    earlier message after a later one's text began, or another message that starts with the
-    text of the one before (its id changed, as far as one can tell). A truthy ``error``
+    earlier message after a later one's text began, or another message that starts with
+    the text of the one before (its id changed, as far as one can tell). A truthy ``error``
     raises `UpstreamError` (`TokenExpiredError` for ``token_expired``); ``stream_handoff``
     raises `ProtocolError`; ``[DONE]`` sets ``done``, and ``complete`` is true once the
     reply is whole (``[DONE]``, or the visible message finished with ``end_turn``).
@@ -1529,8 +1529,8 @@ class ConversationDecoder:
         hold several (text, a tool's round trip, more text): another message's text
         goes on after a blank line (unless the one before had not finished and it starts
         with that one's text, which would then be delivered twice), and an earlier one
-        must not change once a later one has given text. `repeats`: a text that is a prefix of what was delivered is a
-        repeat (snapshots) rather than a rewrite."""
+        must not change once a later one has given text. `repeats`: a text that is a
+        prefix of what was delivered is a repeat (snapshots) rather than a rewrite."""
         if message_id != self.message_id:
             earlier = self._earlier.get(message_id)
             if earlier is not None:  # an earlier visible message again
@@ -1713,7 +1713,7 @@ class ConversationDecoder:
             return None if self._append_to is None else self._extend_delta(buffer, start, end)
         if event != "message":
             return None
-        while buffer[end - 1] == 0x20 and end > start:  # padding
+        while end > start and buffer[end - 1] == 0x20:  # padding
             end -= 1
         text_start = start + len(head)
         resume = text_start + len(escaped_text)
@@ -1756,11 +1756,11 @@ class ConversationDecoder:
         `after` (``data: `` and LF LF, say), while their data is a snapshot of the known
         shape on one line whose text extends the last one's and whose envelope is
         unchanged (padding after it allowed); returns where the last it took ends (-1 if
-        none) and their new text, decoded once for all of them. That is the text `extend` gives taking them one by
-        one: each new text is checked to be whole (characters and escapes of whole
-        characters, not cut off, no half of a surrogate pair), else the run stops before it
-        (at a surrogate pair's escapes or a control character too); if the text does not
-        decode, none is taken."""
+        none) and their new text, decoded once for all of them. That is the text `extend`
+        gives taking them one by one: each new text is checked to be whole (characters
+        and escapes of whole characters, not cut off, no half of a surrogate pair), else
+        the run stops before it (at a surrogate pair's escapes or a control character
+        too); if the text does not decode, none is taken."""
         head = self._head
         if head is None or not self._one_line:
             return -1, ""
