@@ -2150,6 +2150,107 @@ def test_property_the_delta_format_gives_what_the_snapshots_give_for_any_reply_a
     assert outcomes[0][2] == finish
 
 
+HIDDEN_KINDS = [{"role": "tool"}, {"role": "user"}, {"recipient": "python"}, {"channel": "commentary"},
+                {"channel": "analysis"}, {"content_type": "code"}, {"metadata": {"is_visually_hidden_from_conversation": True}}]
+
+
+def random_reply(rng: random.Random) -> Tuple[List[Tuple[Optional[str], Any]], List[Tuple[Optional[str], Any]], str]:
+    """A reply of up to four messages, some hidden, whose documents are opened, grown and
+    switched between at random in the delta format, every way a record may say it (`c`,
+    `p` and `o` carried forward or not, patches with and without `p`, bare batches, text
+    replaced by a longer one), notices and padding between; the same reply as a snapshot
+    of each change; and its text as PROTOCOL.md section 8 has it, worked out here apart
+    from the client: the visible messages' texts, in the order each began to give text,
+    a blank line between. A visible message grows only while no later one has text (after
+    that, its place in the reply is gone), and each begins with a mark of its own (one
+    that began with the text before it would be that message under a new id)."""
+    kinds = [{} if rng.random() < 0.55 else rng.choice(HIDDEN_KINDS) for _ in range(rng.randint(1, 4))]
+    documents: Dict[int, Dict[str, Any]] = {}
+    deltas: List[Tuple[Optional[str], Any]] = []
+    snapshots: List[Tuple[Optional[str], Any]] = []
+    began: List[int] = []  # visible documents, in the order their text began
+    carried: Tuple[Any, Any, Any] = (None, None, None)  # the last record's c, p and o
+
+    def visible(c: int) -> bool:
+        return not kinds[c]
+
+    def snapshot(c: int) -> None:
+        snapshots.append((None, copy.deepcopy(documents[c])))
+
+    for _ in range(rng.randint(1, 25)):
+        if len(documents) < len(kinds) and (not documents or rng.random() < 0.25):
+            c = len(documents)
+            kind = kinds[c]
+            first = rng.choice(["", "", f"<{c}>"])
+            documents[c] = message_root(f"m{c}", text=first, **{k: v for k, v in kind.items() if k != "metadata"},
+                                        metadata=dict(kind.get("metadata", {})))
+            record = {"p": "", "o": "add", "v": copy.deepcopy(documents[c]), "c": c}
+            if rng.random() < 0.3:
+                del record["p"], record["o"]  # a whole message as the value opens it too
+            deltas.append(delta(record))
+            carried = (c, "", "add")
+            snapshot(c)
+            if visible(c) and first:
+                began.append(c)
+        else:
+            open_ones = [c for c in documents if not visible(c) or not any(
+                later > c and later in began for later in documents) or c == (began or [None])[-1]]
+            c = rng.choice(open_ones)
+            text = documents[c]["message"]["content"]["parts"][0]
+            piece = "".join(rng.choice('ab é😀\n"\\') for _ in range(rng.randint(1, 4)))
+            if visible(c) and not text:
+                piece = f"<{c}>" + piece
+            form = rng.random()
+            if form < 0.45:
+                record = {"v": piece}
+                if carried != (c, PARTS, "append") or rng.random() < 0.2:
+                    record.update({"p": PARTS, "o": "append", "c": c})
+                carried = (c, PARTS, "append")
+            elif form < 0.75:
+                ops = [{"p": PARTS, "o": "append", "v": piece}]
+                if rng.random() < 0.5:
+                    ops.append({"p": "/message/metadata", "o": "append", "v": {"n": rng.randint(0, 9)}})
+                if rng.random() < 0.3:
+                    ops.append({"p": "/message/status", "o": "replace", "v": "in_progress"})
+                rng.shuffle(ops)
+                record = rng.choice([{"p": "", "o": "patch", "v": ops}, {"o": "patch", "v": ops}, {"v": ops}])
+                record["c"] = c
+                carried = (c, record.get("p", carried[1]), record.get("o", carried[2]))
+            else:
+                record = {"p": PARTS, "o": "replace", "v": text + piece, "c": c}
+                carried = (c, PARTS, "replace")
+            deltas.append(delta(record))
+            documents[c]["message"]["content"]["parts"][0] = text + piece
+            snapshot(c)
+            if visible(c) and c not in began:
+                began.append(c)
+        if rng.random() < 0.15:
+            notice = (None, {"type": "title_generation", "title": "T", "conversation_id": "c1"})
+            deltas.append(notice)
+            snapshots.append(notice)
+    text = "\n\n".join(documents[c]["message"]["content"]["parts"][0] for c in began)
+    return deltas + [(None, b"[DONE]")], snapshots + [(None, b"[DONE]")], text
+
+
+def records_body(records: Sequence[Tuple[Optional[str], Any]], rng: random.Random) -> bytes:
+    """An event stream of `records`, their data padded at random, as servers do."""
+    return b"".join((b"event: %s\n" % kind.encode() if kind else b"") + b"data: "
+                    + (value if isinstance(value, bytes) else json.dumps(value, ensure_ascii=rng.random() < 0.5).encode()
+                       + b" " * rng.choice([0, 0, 1, 7, 30])) + b"\n\n"
+                    for kind, value in records)
+
+
+@settings(PROPERTY, max_examples=60)
+@given(st.integers(0, 2**32), st.lists(st.integers(0, 4000), max_size=4))
+def test_property_random_replies_read_as_the_protocol_says_in_both_formats_every_way(seed: int, cuts: List[int]) -> None:
+    rng = random.Random(seed)  # (hypothesis's own randoms favour small draws: too few interleavings)
+    deltas, snapshots, text = random_reply(rng)
+    for records in (deltas, snapshots):
+        events, decoder = feed_records(records, ConversationDecoder(fast_path=rng.random() < 0.5))
+        assert decoder.text == text == "".join(e.delta for e in events) and decoder.done
+        assert read_every_way(records_body(records, rng), cuts) == {(text, text)}
+
+
 @pytest.mark.parametrize("fmt", ["snapshots", "v1"])
 def test_the_mocks_tool_use_is_two_visible_messages_around_a_tool_round_trip(fmt: str) -> None:
     # Read without fakegpt's parsers: the body up to the close, its data lines, JSON.
