@@ -5516,8 +5516,8 @@ _CLI_EPILOG = """\
 exit codes: 0 ok, 1 upstream or protocol error, 2 usage error, 130 interrupted.
 environment: FAKEGPT_URL (the upstream), FAKEGPT_ACCESS_TOKEN (an access token),
 HTTPS_PROXY, HTTP_PROXY, NO_PROXY.
-With no prompt on a terminal, fakegpt chats (/help there lists its commands): Ctrl-D
-quits, Ctrl-C stops a reply."""
+With no prompt on a terminal, or as `fakegpt chat`, fakegpt chats (/help there lists
+its commands): Ctrl-D quits, Ctrl-C stops a reply. `fakegpt -- chat` sends the word."""
 
 
 def _cli_parser() -> argparse.ArgumentParser:
@@ -5528,7 +5528,7 @@ def _cli_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,  # "--access-token X" must not pass for --access-token-file
     )
-    parser.add_argument("prompt", nargs="?", help="the prompt; '-' or none reads standard input")
+    parser.add_argument("prompt", nargs="?", help="the prompt; '-' or none reads standard input; chat: the chat")
     parser.add_argument("--mock", action="store_true", help="talk to the bundled mock upstream")
     parser.add_argument("--url", help=f"the upstream (default: $FAKEGPT_URL or {DEFAULT_URL})")
     parser.add_argument("--profile", choices=PROFILES, default="shared",
@@ -5565,7 +5565,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """The command line; returns the exit code."""
     if sys.stderr is None:  # closed (`2>&-`): errors go nowhere, the exit code still says
         sys.stderr = open(os.devnull, "w")
-    args = _cli_parser().parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    args = _cli_parser().parse_args(arguments)
+    if args.prompt == "chat" and not _after_double_dash(arguments, "chat"):  # as `llm chat`
+        if not sys.stdin.isatty():
+            return _fail("fakegpt chat needs a terminal; to send the word chat as a prompt: fakegpt -- chat",
+                         EXIT_USAGE)
+        args.prompt = None
     if sys.stdout is None:  # closed (`>&-`): nowhere for the reply
         return _fail("standard output is closed: there is nowhere to write the reply", EXIT_USAGE)
     if args.timeout is not None and not _positive_seconds(args.timeout):
@@ -5612,6 +5618,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except _OutputError as exc:
         _silence_stdout()
         return _fail(f"cannot write the reply to standard output: {exc}", EXIT_ERROR)
+
+
+def _after_double_dash(arguments: List[str], prompt: str) -> bool:
+    """Whether the prompt came after ``--`` (the positional argument is the last
+    `prompt` among the arguments: an option's value before it cannot follow it)."""
+    at = len(arguments) - 1 - arguments[::-1].index(prompt)
+    return "--" in arguments[:at]
 
 
 def _read_token_file(path: str) -> str:

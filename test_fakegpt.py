@@ -5749,6 +5749,27 @@ class Terminal:
             os.close(self.fd)
 
 
+def test_fakegpt_chat_opens_the_chat_as_llm_chat_does(mock_process: str, tmp_path: pathlib.Path) -> None:
+    term = Terminal(mock_process, "chat", env={"XDG_STATE_HOME": str(tmp_path / "state")})
+    try:
+        assert "/help" in term.until("you> ")  # the banner: a chat, not a reply to "chat"
+        term.type("Hello\n")
+        assert mock_server.default_reply("Hello") in term.until("you> ")
+        assert term.close() == 0
+    finally:
+        term.kill()
+    assert "You said “chat”" not in term.screen
+
+
+def test_fakegpt_double_dash_chat_sends_the_word_and_chat_needs_a_terminal(mock: mock_server.MockServer) -> None:
+    sent = run_cli("--url", mock.url, "--no-session-cache", "--", "chat", input="")
+    assert sent.returncode == 0 and sent.stdout == mock_server.default_reply("chat") + "\n"
+    piped = run_cli("--url", mock.url, "chat", input="Hello\n")  # standard input not a terminal
+    assert piped.returncode == 2 and piped.stdout == ""
+    assert "fakegpt chat needs a terminal; to send the word chat as a prompt: fakegpt -- chat" in piped.stderr
+    assert not [r for r in mock.requests if r.path == "/api/conversation" and b'"Hello"' in r.body]
+
+
 def test_chat_history_multiline_and_commands(mock_process: str, tmp_path: pathlib.Path) -> None:
     env = {"XDG_STATE_HOME": str(tmp_path / "state")}
     term = Terminal(mock_process, env=env)
