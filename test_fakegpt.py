@@ -3209,6 +3209,31 @@ def test_first_piece_arrives_before_the_server_pauses() -> None:
     assert total >= 1.5 and first < 1.0
 
 
+def test_a_reply_holds_one_read_of_its_body_at_a_time(provider: "type[FakeGpt]", monkeypatch: pytest.MonkeyPatch) -> None:
+    # A read is up to a megabyte: holding the last while the next is read doubles what a
+    # long reply takes, and made the allocator give pages back and fault them in again.
+    next_chunk = fakegpt._HTTPResponse.next_chunk
+    last: List[bytes] = []  # the last read given out, and a count of who else holds it
+    held: List[int] = []
+    reads: List[int] = []
+
+    async def watched(response: Any) -> Optional[bytes]:
+        if last:
+            held.append(sys.getrefcount(last.pop()) - 1)  # less the argument of this call
+        chunk = await next_chunk(response)
+        if chunk is None or not response.is_event_stream:  # (the login's answers are read whole)
+            return chunk
+        chunk = bytes(bytearray(chunk))  # an object of its own (short bytes may be shared)
+        last.append(chunk)
+        reads.append(len(chunk))
+        return chunk
+
+    monkeypatch.setattr(fakegpt._HTTPResponse, "next_chunk", watched)
+    prompt = "[[fault delay_events:0.002]] [[chars 300]] [[step 30]]"  # ten events, each read apart
+    assert "".join(pieces_of(provider, prompt)) == mock_server.default_reply(prompt)
+    assert len(reads) >= 10 and held and not any(held)  # every read let go before the next one
+
+
 def test_retry_after_as_seconds_or_as_an_http_date() -> None:
     import email.utils
 
