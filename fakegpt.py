@@ -2392,11 +2392,13 @@ def _detail_and_code(error: Any) -> Tuple[str, Optional[str]]:
 # Transport: URLs, connections, TLS, proxies, timeouts, cookies
 # ---------------------------------------------------------------------------------------
 
-# One read buffer per thread: each read lands in it, then in the parser. A megabyte: a read
-# costs the reader about 0.1 ms besides its bytes (the loop's turn, the parser's and the
-# reply's steps, a piece of text), and a long reply comes faster than that: a 48 MB reply
-# took 185 reads of 256 KiB and 55-60 ms of CPU here, and takes 50-90 reads and 35-40 ms.
-_READ_BUFFER_SIZE = 1024 * 1024
+# One read buffer per thread: each read lands in it, then in the parser. It starts at 256
+# KiB and grows to a megabyte once a read fills it: a read costs the reader about 0.1 ms
+# besides its bytes (the loop's turn, the parser's and the reply's steps, a piece of text),
+# and a long reply comes faster than that: a 48 MB reply took 185 reads of 256 KiB and
+# 55-60 ms of CPU here, and takes 50-90 reads and 35-40 ms. (A thread that reads no such
+# reply, one of many in a pool, say, keeps the smaller one.)
+_READ_BUFFER_SIZE, _READ_BUFFER_MOST = 256 * 1024, 1024 * 1024
 _PAUSE_READING_AT = 1024 * 1024  # bytes in the parser not yet parsed: more pauses the socket
 # Keep-alive: how long an idle connection is kept when the server does not say (common
 # servers close theirs after 5 s: Node, uvicorn, Apache), the most it is kept when it does
@@ -2887,12 +2889,13 @@ _PLAIN_HTTP_REASONS = frozenset({"WRONG_VERSION_NUMBER", "HTTP_REQUEST", "RECORD
 _read_buffers = threading.local()
 
 
-def _read_buffer() -> memoryview:
-    """This thread's read buffer. One is enough for all its connections: a socket is read
-    into it and copied out in the same callback, so no two reads ever share it."""
+def _read_buffer(size: int = _READ_BUFFER_SIZE) -> memoryview:
+    """This thread's read buffer, made `size` bytes long if it is shorter. One is enough
+    for all its connections: a socket is read into it and copied out in the same
+    callback, so no two reads ever share it."""
     view: Optional[memoryview] = getattr(_read_buffers, "view", None)
-    if view is None:
-        view = _read_buffers.view = memoryview(bytearray(_READ_BUFFER_SIZE))
+    if view is None or len(view) < size:
+        view = _read_buffers.view = memoryview(bytearray(size))
     return view
 
 
@@ -3105,6 +3108,7 @@ class _Connection(asyncio.BufferedProtocol):
             self._fileno = sock.fileno()
 
     def get_buffer(self, sizehint: int) -> memoryview:
+        self._view = _read_buffer()  # (another connection may have had it grow)
         return self._view
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -3114,6 +3118,8 @@ class _Connection(asyncio.BufferedProtocol):
             self.close()
             return
         parser.feed(self._view[:nbytes])  # copied: the buffer is the next read's
+        if nbytes == len(self._view) < _READ_BUFFER_MOST:  # more was waiting, most likely
+            _read_buffer(min(4 * nbytes, _READ_BUFFER_MOST))
         self._fresh = self.answered = True
         if parser.buffered > _PAUSE_READING_AT and not self._reading_paused:
             self._reading_paused = True

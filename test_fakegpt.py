@@ -3186,7 +3186,7 @@ def test_a_reader_that_falls_behind_pauses_the_socket_instead_of_buffering_the_r
 
     held, received = asyncio.run(run())
     assert received == body  # nothing lost or doubled on resuming
-    assert held <= fakegpt._PAUSE_READING_AT + fakegpt._READ_BUFFER_SIZE
+    assert held <= fakegpt._PAUSE_READING_AT + fakegpt._READ_BUFFER_MOST
 
 
 def test_first_piece_arrives_before_the_server_pauses() -> None:
@@ -3232,6 +3232,25 @@ def test_a_reply_holds_one_read_of_its_body_at_a_time(provider: "type[FakeGpt]",
     prompt = "[[fault delay_events:0.002]] [[chars 300]] [[step 30]]"  # ten events, each read apart
     assert "".join(pieces_of(provider, prompt)) == mock_server.default_reply(prompt)
     assert len(reads) >= 10 and held and not any(held)  # every read let go before the next one
+
+
+def test_a_thread_reads_into_a_larger_buffer_only_once_a_read_fills_the_first(provider: "type[FakeGpt]") -> None:
+    def buffer_after(prompt: str) -> int:  # in a thread of its own: a buffer of its own
+        sizes: List[int] = []
+
+        def run() -> None:
+            expected = mock_server.default_reply(prompt)
+            assert "".join(pieces_of(provider, prompt)) == expected
+            sizes.append(len(fakegpt._read_buffers.view))
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join()
+        assert sizes, "the thread failed"
+        return sizes[0]
+
+    assert buffer_after("Hello") <= 256 * 1024  # as before: a pool of threads keeps each as small
+    assert buffer_after("[[chars 3000000]] [[step 3000000]]") == 1024 * 1024  # one event of 3 MB
 
 
 def test_retry_after_as_seconds_or_as_an_http_date() -> None:

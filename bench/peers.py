@@ -182,7 +182,7 @@ class HttpxClient:
 class _Counted(asyncio.BufferedProtocol):
     """A response read into the process's one buffer, counted, its last 64 bytes kept."""
 
-    buffer = memoryview(bytearray(1024 * 1024))  # as large as fakegpt's; read into and looked at in one callback: one is enough
+    buffer = memoryview(bytearray(1024 * 1024))  # as fakegpt's grows to; read into and looked at in one callback: one is enough
 
     def __init__(self) -> None:
         self.size, self.tail = 0, b""
