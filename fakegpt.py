@@ -4080,7 +4080,7 @@ class _Session:
         self.access_token = access_token
         self.expires: Optional[float] = None  # seconds since the epoch
         self.given = access_token is not None
-        self.kept_token: Optional[str] = None  # the token last read from or written to the session file
+        self.kept_token: Optional[str] = None  # the token last read from or written to the session file (None after a login)
         self._login: Optional["asyncio.Task[str]"] = None
         self._login_timeouts = Timeouts()  # those the login runs by
 
@@ -4167,6 +4167,9 @@ class _Session:
                 + ("" if has_cookie else "; the login set no credential cookie") + ")"
             )
         self.access_token, self.expires = token, _expiry_time(session.get("expires"))
+        # Not in the session file yet, even if the token is the one it had: a shared
+        # account's login gives the account's token, with a new expiry and cookies.
+        self.kept_token = None
         return token
 
 

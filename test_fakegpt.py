@@ -6200,6 +6200,38 @@ def test_the_cli_keeps_its_session_between_commands(mock: mock_server.MockServer
     assert mock.count("GET", "/api/loads") == 5  # each used the kept session
 
 
+def test_a_login_after_a_refused_token_is_kept_even_when_it_gives_the_same_token(tmp_path: pathlib.Path) -> None:
+    # A shared account's token is the account's: a login after the upstream refused it
+    # (a token_expired sent by mistake, say) may give the same token back.
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache"), "FAKEGPT_NO_SESSION_CACHE": ""}
+    with mock_server.serve_in_thread(access_token="the-shared-accounts-token") as mock:
+        assert run_cli("--url", mock.url, "Hello", env=env).stdout == FULL_REPLY + "\n"
+        mock.expire_tokens()
+        assert run_cli("--url", mock.url, "Hello", env=env).stdout == FULL_REPLY + "\n"
+        assert mock.count("GET", "/api/loads") == 2  # refused, then a new login
+        [entry] = json.loads((tmp_path / "cache" / "fakegpt" / "sessions.json").read_text()).values()
+        assert entry["access_token"] == "the-shared-accounts-token"
+        assert run_cli("--url", mock.url, "Hello", env=env).stdout == FULL_REPLY + "\n"
+        assert mock.count("GET", "/api/loads") == 2  # the new login was kept
+
+
+def test_each_login_is_kept_with_its_own_expiry(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    kept = tmp_path / "fakegpt" / "sessions.json"
+    # Sessions that end within the minute the client allows: each call logs in again, and
+    # gets the same (the account's) token with a later expiry.
+    with mock_server.serve_in_thread(access_token="the-shared-accounts-token", session_lifetime=30) as mock:
+        provider = provider_for(mock.url)
+        expiries = []
+        for _ in range(2):
+            assert "".join(pieces_of(provider, session_cache=True)) == FULL_REPLY
+            [entry] = json.loads(kept.read_text()).values()
+            expiries.append(entry["expires"])
+            time.sleep(0.01)  # (the upstream says when to the millisecond)
+        assert mock.count("GET", "/api/loads") == 2
+    assert entry["access_token"] == "the-shared-accounts-token" and expiries[1] > expiries[0]
+
+
 def test_cli_continue_takes_up_the_last_conversation_and_system_begins_one(
         mock: mock_server.MockServer, tmp_path: pathlib.Path) -> None:
     env = {"XDG_STATE_HOME": str(tmp_path / "state")}
