@@ -67,7 +67,7 @@ from typing import (
     cast,
 )
 
-__version__ = "1.8.9"
+__version__ = "1.8.10"
 __all__ = [
     "AsyncResult",
     "AuthenticationError",
