@@ -4569,6 +4569,18 @@ def _refuse_media(kwargs: Dict[str, Any]) -> None:
         raise UsageError(f"{name}= holds an image, which cannot be sent: the upstream takes text only")
 
 
+def _flag(kwargs: Dict[str, Any], name: str, default: bool = False) -> bool:
+    """A keyword that says yes or no: True or False (None, or not given: `default`).
+    Anything else is an error rather than its truth: ``session_cache="false"`` would
+    otherwise turn it on."""
+    value = kwargs.get(name)
+    if value is None:
+        return default
+    if value is not True and value is not False:
+        raise UsageError(f"{name} must be True or False (given: {type(value).__name__})")
+    return value
+
+
 def _checked_options(
     url: Any, token: Any, model: Optional[str], proxy: Optional[str], kwargs: Dict[str, Any]
 ) -> _Options:
@@ -4600,24 +4612,25 @@ def _checked_options(
     retries = kwargs.get("retries", 0)
     if not isinstance(retries, int) or isinstance(retries, bool) or not 0 <= retries <= 100:
         raise UsageError(f"retries must be a whole number from 0 to 100, not {retries!r}")
+    _flag(kwargs, "return_conversation")  # (read where the reply is returned)
     return _Options(
         endpoint=endpoint,
         base_path=base_path,
         model=_upstream_model(model),
         proxy=_Proxy(proxy) if proxy else None,
-        trust_env=bool(kwargs.get("trust_env", False)),
+        trust_env=_flag(kwargs, "trust_env"),
         timeouts=Timeouts.coerce(kwargs.get("timeout")),
         limits=limits,
         ssl_context=context,
         conversation_id=kwargs.get("conversation_id") or continued[0],
         parent_message_id=kwargs.get("parent_message_id") or continued[1],
-        history_and_training_disabled=bool(kwargs.get("history_and_training_disabled", True)),
+        history_and_training_disabled=_flag(kwargs, "history_and_training_disabled", True),
         profile=profile,
         access_token=None if token is None else _Secret(token),
         account_id=account_id,
-        auto_continue=bool(kwargs.get("auto_continue", False)),
+        auto_continue=_flag(kwargs, "auto_continue"),
         retries=retries,
-        session_cache=bool(kwargs.get("session_cache", False)),
+        session_cache=_flag(kwargs, "session_cache"),
     )
 
 

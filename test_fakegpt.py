@@ -3568,6 +3568,21 @@ def test_the_library_reads_fakegpt_url_and_a_call_or_a_subclass_url_wins(mock: m
         FakeGpt.stream("", USER, url="")
 
 
+@pytest.mark.parametrize("name, default", [
+    ("session_cache", False), ("auto_continue", False), ("trust_env", False), ("history_and_training_disabled", True),
+    ("return_conversation", None),
+])
+def test_a_yes_or_no_keyword_takes_true_or_false_and_nothing_else(name: str, default: Optional[bool]) -> None:
+    url = "http://127.0.0.1:9"
+    for value in ("false", "no", 1, 0, "", []):  # true or false to bool(), but not a yes or no
+        with pytest.raises(fakegpt.UsageError, match=f"{name} must be True or False"):
+            FakeGpt.stream("", USER, url=url, **{name: value})
+    for value, meant in ((True, True), (False, False), (None, default)):
+        options = FakeGpt.stream("", USER, url=url, **{name: value})._options
+        if default is not None:
+            assert getattr(options, name) is meant
+
+
 def test_a_calls_options_are_those_its_own_arguments_and_environment_give(monkeypatch: pytest.MonkeyPatch) -> None:
     # Checked options are kept for calls with the same arguments; what differs must not get them.
     url = "http://127.0.0.1:9"
