@@ -4591,7 +4591,8 @@ def _checked_options(
     context = kwargs.get("ssl")
     if context is not None and not isinstance(context, ssl.SSLContext):
         raise UsageError("ssl must be an ssl.SSLContext")
-    limits = _checked_limits(kwargs.get("limits") or _DEFAULT_LIMITS)
+    limits = kwargs.get("limits")
+    limits = _checked_limits(_DEFAULT_LIMITS if limits is None else limits)  # (0 or "" is not None)
     continued = _conversation_keyword(kwargs.get("conversation"))
     for name in ("conversation_id", "parent_message_id", "chatgpt_account_id"):
         if kwargs.get(name) is not None and not isinstance(kwargs[name], str):

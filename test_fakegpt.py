@@ -3583,6 +3583,13 @@ def test_a_yes_or_no_keyword_takes_true_or_false_and_nothing_else(name: str, def
             assert getattr(options, name) is meant
 
 
+@pytest.mark.parametrize("value", [0, "", [], {}, False])
+def test_limits_that_are_not_limits_are_an_error_even_when_false(value: Any) -> None:
+    with pytest.raises(fakegpt.UsageError, match="limits must be a fakegpt.Limits"):
+        FakeGpt.stream("", USER, url="http://127.0.0.1:9", limits=value)
+    assert FakeGpt.stream("", USER, url="http://127.0.0.1:9", limits=None)._options.limits == Limits()
+
+
 def test_a_calls_options_are_those_its_own_arguments_and_environment_give(monkeypatch: pytest.MonkeyPatch) -> None:
     # Checked options are kept for calls with the same arguments; what differs must not get them.
     url = "http://127.0.0.1:9"
