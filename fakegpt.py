@@ -67,7 +67,7 @@ from typing import (
     cast,
 )
 
-__version__ = "1.8.10"
+__version__ = "1.8.11"
 __all__ = [
     "AsyncResult",
     "AuthenticationError",
